@@ -1,0 +1,196 @@
+"""A stage: a contiguous slice of a HF causal LM that materialises only the modules it owns.
+
+``build_stage(model_dir, start, end)`` builds the model class on the meta device (no memory),
+drops every module outside ``[start, end)`` and loads just the owned tensors from the
+checkpoint's safetensors. Module names stay those of the full model (layer ``j`` is still
+``model.layers.j``), so LoRA weights on any stage carry the full model's PEFT names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from models.families import Family, family_of, get_module, run_layer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_config(model_dir: str | Path) -> PretrainedConfig:
+    """The HF config of a local checkpoint folder, with an error that says what is missing."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} has no config.json: set model.path to a local Hugging Face "
+            "checkpoint folder (one written by save_pretrained)."
+        )
+    return AutoConfig.from_pretrained(path)
+
+
+def num_layers(config: PretrainedConfig) -> int:
+    return config.num_hidden_layers
+
+
+class CheckpointReader:
+    """Reads single tensors from a local checkpoint (safetensors, sharded or not) without loading the rest."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: self.dir / v for k, v in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self.files = {k: single for k in f.keys()}
+        else:
+            raise FileNotFoundError(
+                f"no model.safetensors or model.safetensors.index.json in {str(self.dir)!r}: save the "
+                "checkpoint with save_pretrained(..., safe_serialization=True) (or convert its .bin weights)."
+            )
+        self._open: dict[Path, object] = {}
+
+    def keys(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self.files[key]
+        if file not in self._open:
+            self._open[file] = safe_open(file, framework="pt")
+        return self._open[file].get_tensor(key)  # type: ignore[attr-defined]
+
+
+def _checkpoint_key(name: str, keys: set[str], prefix: str, tied: dict[str, str]) -> str | None:
+    """Maps a parameter name of the model to its key in the checkpoint (prefixless GPT-2 files, tied heads)."""
+    for candidate in (name, name.removeprefix(prefix + ".")):
+        if candidate in keys:
+            return candidate
+    if name in tied:
+        return _checkpoint_key(tied[name], keys, prefix, {})
+    return None
+
+
+class Stage(nn.Module):
+    """Layers ``[start, end)`` of a causal LM; the embeddings if ``start == 0``, the head if ``end == L``.
+
+    ``forward`` takes ``input_ids`` on a first stage and hidden states otherwise; it returns
+    hidden states, or logits on a last stage. ``self.hf`` is the pruned HF model: its
+    parameter names are the full model's names.
+    """
+
+    def __init__(self, hf: nn.Module, family: Family, config: PretrainedConfig, start: int, end: int):
+        super().__init__()
+        self.hf = hf
+        self.family = family
+        self.config = config
+        self.start, self.end = start, end
+        self.is_first = start == 0
+        self.is_last = end == config.num_hidden_layers
+
+    @property
+    def layers(self) -> nn.ModuleDict:
+        return get_module(self.hf, self.family.layers)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.is_first:
+            if input_ids is None:
+                raise ValueError("the first stage takes input_ids")
+            hidden = self.family.embed_fn(self.hf, input_ids, attention_mask)
+        elif hidden is None:
+            raise ValueError(f"a stage starting at layer {self.start} takes hidden states")
+        if self.end > self.start:
+            inputs = self.family.layer_inputs_fn(self.hf, self.config, hidden, attention_mask)
+            for index in range(self.start, self.end):
+                hidden = run_layer(self.layers[str(index)], index, hidden, inputs)
+        if self.is_last:
+            return self.family.head_fn(self.hf, hidden)
+        return hidden
+
+
+def validate_split(config: PretrainedConfig, start: int, end: int) -> None:
+    n = config.num_hidden_layers
+    if not 0 <= start <= end <= n:
+        raise ValueError(f"stage layers [{start}, {end}) are outside the model's {n} layers (0..{n})")
+
+
+def _set_path(model: nn.Module, path: str, value: nn.Module | None) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(get_module(model, parent) if parent else model, leaf, value)
+
+
+def build_stage(
+    model_dir: str | Path,
+    start: int,
+    end: int,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+) -> Stage:
+    """Builds layers ``[start, end)`` of the checkpoint in ``model_dir``, loading only their tensors."""
+    config = load_config(model_dir)
+    family = family_of(config)
+    validate_split(config, start, end)
+    torch_dtype = DTYPES[dtype]
+    # Parameters on meta (free); buffers real, so non-persistent ones such as rotary inv_freq are right.
+    # attn_implementation None lets transformers pick as from_pretrained does (sdpa where supported).
+    with init_empty_weights(include_buffers=False):
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
+    config = hf.config
+    layers = get_module(hf, family.layers)
+    owned = nn.ModuleDict({str(i): layers[i] for i in range(start, end)})
+    _set_path(hf, family.layers, owned)
+    for path in family.embed if start > 0 else ():
+        _set_path(hf, path, None)
+    for path in family.head if end < config.num_hidden_layers else ():
+        _set_path(hf, path, None)
+    # lm_head may be tied to the input embedding: untie so each stage holds its own copy.
+    if end == config.num_hidden_layers and start > 0:
+        hf.lm_head.weight = nn.Parameter(torch.empty_like(hf.lm_head.weight, device="meta"))
+    _load_owned(hf, model_dir, device, torch_dtype)
+    hf.requires_grad_(False)
+    hf.train()
+    return Stage(hf, family, config, start, end)
+
+
+def _load_owned(hf: nn.Module, model_dir: str | Path, device: str | torch.device, dtype: torch.dtype) -> None:
+    reader = CheckpointReader(model_dir)
+    keys = reader.keys()
+    tied = dict(getattr(hf, "_tied_weights_keys", None) or {})
+    prefix = getattr(hf, "base_model_prefix", "")
+    for name, _ in list(hf.named_parameters(remove_duplicate=False)):
+        key = _checkpoint_key(name, keys, prefix, tied)
+        if key is None:
+            raise KeyError(
+                f"checkpoint {str(model_dir)!r} has no tensor for parameter {name!r}: the folder does not "
+                "match its config.json (re-save it with save_pretrained)."
+            )
+        set_module_tensor_to_device(hf, name, device, value=reader.get(key), dtype=dtype)
+    for name, buf in list(hf.named_buffers()):
+        if buf.device != torch.device(device):
+            set_module_tensor_to_device(hf, name, device, value=buf)
+
+
+def stage_parameter_bytes(stage: Stage) -> int:
+    return sum(p.numel() * p.element_size() for p in stage.parameters())
+
+
+def full_model(model_dir: str | Path, dtype: str = "float32", attn_implementation: str | None = None) -> nn.Module:
+    """The unsplit HF model, loaded the ordinary way (the parity reference and the no-cut baseline)."""
+    load_config(model_dir)
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+    )
