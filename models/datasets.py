@@ -311,7 +311,8 @@ class BatchStream:
         out_of_range = [int(i) for i in indices if not 0 <= i < len(examples)]
         if out_of_range:
             raise ValueError(
-                f"BatchStream: sample indices {out_of_range[:5]} are outside the dataset of {len(examples)} examples"
+                f"BatchStream: sample indices {out_of_range[:5]} are outside the dataset of "
+                f"{len(examples)} examples"
             )
         self._examples = examples
         self._indices = tuple(int(i) for i in indices)

@@ -161,6 +161,8 @@ def build_stage(
     if end == config.num_hidden_layers and start > 0:
         hf.lm_head.weight = nn.Parameter(torch.empty_like(hf.lm_head.weight, device="meta"))
     _load_owned(hf, model_dir, device, torch_dtype)
+    # Each stage holds its own copy of a tied head (loaded above); tell PEFT nothing is tied.
+    hf.config.tie_word_embeddings = False
     hf.requires_grad_(False)
     hf.train()
     return Stage(hf, family, config, start, end)

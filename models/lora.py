@@ -1,0 +1,216 @@
+"""LoRA on a stage through PEFT, and the global adapter's flat layout.
+
+Every holder of a layer's adapter (a client below its cut, or the server's replica for that
+client above it) names the adapter as the full model does, so one *layout* over all layers
+describes the global adapter: per target module its global rank ``R`` (the largest rank any
+holder uses), ``A`` of shape ``(R, in)`` and ``B`` of shape ``(out, R)``. A holder of a smaller
+rank uses the leading rows of ``A`` and columns of ``B``. The scaling ``alpha / r`` is the same
+for every rank (``alpha`` grows with ``r``), so zero-padding keeps ``B @ A * scale`` exact.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from models.families import Family, family_of
+from models.stages import Stage
+
+ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The run's LoRA settings: rank ``r`` everywhere, ``r_cut`` on a client's last (cut) layer."""
+
+    r: int
+    alpha: float
+    r_cut: int
+    targets: tuple[str, ...]
+    dropout: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+def _layer_pattern(family: Family, layer: int) -> str:
+    return family.layers.replace(".", r"\.") + rf"\.{layer}\..*"
+
+
+def lora_config(spec: LoraSpec, family: Family, ranks: dict[int, int] | None = None) -> LoraConfig:
+    """A PEFT LoraConfig; ``ranks`` maps layer index -> rank for layers that differ from ``spec.r``."""
+    ranks = {j: r for j, r in (ranks or {}).items() if r != spec.r}
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets),
+        lora_dropout=spec.dropout,
+        bias="none",
+        rank_pattern={_layer_pattern(family, j): r for j, r in ranks.items()},
+        # Same alpha/r on every layer: zero-padding a small-rank copy then changes nothing.
+        alpha_pattern={_layer_pattern(family, j): spec.scale * r for j, r in ranks.items()},
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(stage: Stage, spec: LoraSpec, cut_rank: bool) -> None:
+    """Injects LoRA into the stage's decoder layers (``r_cut`` on its last layer if ``cut_rank``)."""
+    ranks = {stage.end - 1: spec.r_cut} if cut_rank and stage.end > stage.start else {}
+    inject_adapter_in_model(lora_config(spec, stage.family, ranks), stage.hf, adapter_name=ADAPTER)
+    for name, p in stage.hf.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    if not lora_modules(stage.hf) and stage.end > stage.start:
+        raise ValueError(
+            f"no LoRA target matched in layers [{stage.start}, {stage.end}): lora.targets={list(spec.targets)} "
+            f"(defaults for {stage.family.name}: {list(stage.family.lora_targets)})"
+        )
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoraLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".lora_" in n]
+
+
+def module_layer(name: str, family: Family) -> int:
+    """The decoder layer index of a module named ``<layers>.<j>.<...>``."""
+    return int(name[len(family.layers) + 1 :].split(".", 1)[0])
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str  # full-model module name, e.g. model.layers.3.self_attn.q_proj
+    layer: int
+    rank: int  # the global rank R of this module
+    in_features: int
+    out_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+
+class AdapterLayout:
+    """The global adapter as one flat vector: for each slot, ``A`` (R x in) then ``B`` (out x R)."""
+
+    def __init__(self, slots: list[Slot]):
+        self.slots = sorted(slots, key=lambda s: (s.layer, s.name))
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for s in self.slots:
+            self.offsets[s.name] = offset
+            offset += s.numel
+        self.numel = offset
+        self.by_name = {s.name: s for s in self.slots}
+
+    def views(self, flat: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        s, o = self.by_name[name], self.offsets[name]
+        a = flat[o : o + s.rank * s.in_features].view(s.rank, s.in_features)
+        b = flat[o + s.rank * s.in_features : o + s.numel].view(s.out_features, s.rank)
+        return a, b
+
+
+def target_shapes(config: PretrainedConfig, spec: LoraSpec) -> dict[str, tuple[int, int]]:
+    """(in, out) of every LoRA target module of the full model, found on the meta device (no memory)."""
+    family = family_of(config)
+    with init_empty_weights():
+        hf = AutoModelForCausalLM.from_config(config)
+        inject_adapter_in_model(lora_config(LoraSpec(1, 1.0, 1, spec.targets), family), hf)
+    shapes = {}
+    for name, m in lora_modules(hf).items():
+        if name.startswith(family.layers + "."):
+            a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
+            shapes[name] = (a.shape[1], b.shape[0])
+    return shapes
+
+
+def holder_rank(layer: int, cut: int, spec: LoraSpec, on_client: bool) -> int:
+    return spec.r_cut if on_client and layer == cut - 1 else spec.r
+
+
+def build_layout(config: PretrainedConfig, spec: LoraSpec, cut_layers: list[int]) -> AdapterLayout:
+    """The layout for clients cut at ``cut_layers``: each module's rank is the largest among its holders."""
+    family = family_of(config)
+    slots = []
+    for name, (n_in, n_out) in target_shapes(config, spec).items():
+        j = module_layer(name, family)
+        rank = max(holder_rank(j, k, spec, on_client=j < k) for k in cut_layers)
+        slots.append(Slot(name, j, rank, n_in, n_out))
+    return AdapterLayout(slots)
+
+
+def initial_adapter(layout: AdapterLayout, seed: int) -> torch.Tensor:
+    """The round-0 global adapter: PEFT's init (A kaiming-uniform, B zero), drawn per module from the seed.
+
+    Every holder must start from the same adapter, so A is drawn from a generator keyed by the
+    module's name rather than from each process's global RNG.
+    """
+    flat = torch.zeros(layout.numel)
+    for s in layout.slots:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(s.name.encode()))
+        a, _ = layout.views(flat, s.name)
+        bound = 1.0 / math.sqrt(s.in_features)  # kaiming_uniform_(a=sqrt(5)), as PEFT does
+        a.copy_(torch.rand(a.shape, generator=g) * 2 * bound - bound)
+    return flat
+
+
+def write_adapter(model: nn.Module, layout: AdapterLayout, flat: torch.Tensor) -> None:
+    """Loads the global adapter into the model's LoRA modules (each takes its leading rank)."""
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            a, b = layout.views(flat, name)
+            la, lb = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
+            r = la.shape[0]
+            la.copy_(a[:r])
+            lb.copy_(b[:, :r])
+
+
+def read_adapter(model: nn.Module, layout: AdapterLayout, flat: torch.Tensor, weight: float) -> None:
+    """Adds ``weight *`` the model's LoRA weights into ``flat`` (zero-padded to the global rank)."""
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            a, b = layout.views(flat, name)
+            la, lb = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
+            r = la.shape[0]
+            a[:r].add_(la.detach().to(flat.dtype).cpu(), alpha=weight)
+            b[:, :r].add_(lb.detach().to(flat.dtype).cpu(), alpha=weight)
+
+
+def export_peft_adapter(
+    layout: AdapterLayout, flat: torch.Tensor, spec: LoraSpec, config: PretrainedConfig, out_dir: str | Path,
+    base_model: str,
+) -> Path:
+    """Writes the global adapter in PEFT format; ``PeftModel.from_pretrained(base, out_dir)`` loads it."""
+    family = family_of(config)
+    ranks = {}
+    for s in layout.slots:
+        ranks.setdefault(s.layer, s.rank)
+    cfg = lora_config(spec, family, ranks)
+    cfg.base_model_name_or_path = base_model
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for s in layout.slots:
+        a, b = layout.views(flat, s.name)
+        tensors[f"base_model.model.{s.name}.lora_A.weight"] = a.contiguous().clone()
+        tensors[f"base_model.model.{s.name}.lora_B.weight"] = b.contiguous().clone()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(str(out))
+    return out
+
+
+def stage_lora_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in lora_parameters(model))
