@@ -174,8 +174,8 @@ def write_adapter(model: nn.Module, layout: AdapterLayout, flat: torch.Tensor) -
             a, b = layout.views(flat, name)
             la, lb = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
             r = la.shape[0]
-            la.copy_(a[:r])
-            lb.copy_(b[:, :r])
+            la.copy_(a[:r].to(la))
+            lb.copy_(b[:, :r].to(lb))
 
 
 def read_adapter(model: nn.Module, layout: AdapterLayout, flat: torch.Tensor, weight: float) -> None:
@@ -185,8 +185,8 @@ def read_adapter(model: nn.Module, layout: AdapterLayout, flat: torch.Tensor, we
             a, b = layout.views(flat, name)
             la, lb = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
             r = la.shape[0]
-            a[:r].add_(la.detach().to(flat.dtype).cpu(), alpha=weight)
-            b[:, :r].add_(lb.detach().to(flat.dtype).cpu(), alpha=weight)
+            a[:r].add_(la.detach().to(flat), alpha=weight)
+            b[:, :r].add_(lb.detach().to(flat), alpha=weight)
 
 
 def export_peft_adapter(

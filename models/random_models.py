@@ -20,6 +20,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from models.tiny import build_char_tokenizer
+
 
 def random_config(
     family: str, *, n_layers: int = 4, hidden: int = 64, heads: int = 4, vocab: int = 128, max_len: int = 256
@@ -55,9 +57,14 @@ def random_config(
 
 
 def save_random_model(family: str, out_dir: str | Path, *, seed: int = 0, **sizes: int) -> Path:
-    """Saves a random ``family`` model of the given sizes to ``out_dir`` (safetensors) and returns the path."""
+    """Saves a random ``family`` model (safetensors) and the built-in character tokenizer to ``out_dir``."""
+    tokenizer = build_char_tokenizer()
+    sizes.setdefault("vocab", len(tokenizer))
+    if sizes["vocab"] < len(tokenizer):
+        raise ValueError(f"vocab={sizes['vocab']} is smaller than the tokenizer's {len(tokenizer)} tokens")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(random_config(family, **sizes))
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
     return out

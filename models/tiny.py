@@ -61,6 +61,7 @@ MODEL_KWARGS: dict[str, int | float | bool] = {
 DEFAULT_PRETRAIN_STEPS = 600
 _PRETRAIN_BATCH = 32
 _PRETRAIN_LR = 3e-3
+_BUCKET_POOL_BATCHES = 16
 # Bump when the tokenizer, tasks or training recipe change so old caches are rebuilt.
 _BUILD_VERSION = 1
 _MODEL_MARKER = "build_info.json"
@@ -160,6 +161,21 @@ def _encode_batch(
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def _length_bucketed_batches(rng: random.Random) -> Iterator[list[dict[str, str]]]:
+    """Yield pretraining batches of similar-length examples.
+
+    Training is compute bound on CPU, and random batches would be padded to ~126
+    tokens when the mean is ~70; grouping a pool by length nearly halves the cost.
+    """
+    stream = _example_stream("pretrain", rng)
+    while True:
+        pool = sorted((next(stream) for _ in range(_PRETRAIN_BATCH * _BUCKET_POOL_BATCHES)),
+                      key=lambda r: len(r["prompt"]) + len(r["response"]))
+        batches = [pool[i : i + _PRETRAIN_BATCH] for i in range(0, len(pool), _PRETRAIN_BATCH)]
+        rng.shuffle(batches)
+        yield from batches
+
+
 def _pretrain(
     model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, *, steps: int, seed: int
 ) -> float:
@@ -175,19 +191,18 @@ def _pretrain(
         return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    stream = _example_stream("pretrain", random.Random(f"pretrain-run:{seed}"))
+    batches = _length_bucketed_batches(random.Random(f"pretrain-run:{seed}"))
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        batch = _encode_batch(tokenizer, [next(stream) for _ in range(_PRETRAIN_BATCH)])
-        loss = model(**batch).loss
+        loss = model(**_encode_batch(tokenizer, next(batches))).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def _read_marker(folder: Path, marker: str) -> dict | None:

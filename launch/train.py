@@ -1,0 +1,53 @@
+"""Split fine-tuning under torchrun: rank 0 is the server, ranks 1..N are clients.
+
+One node, four clients (the demo)::
+
+    torchrun --nproc_per_node=5 -m launch.train torchrun_configs/tiny_cpu.yaml
+
+Any config key can be overridden: ``train.rounds=3 split.cut_layers=[1,2,3,2]``.
+Two nodes (run on each; Slurm: launch/slurm_multinode.sbatch)::
+
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \\
+        -m launch.train torchrun_configs/gpt2_wikitext.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from runtime.config import Config, ConfigError, load_config, validate_for_world
+from runtime.job import model_config, resolve_data_paths, resolve_model_path
+
+
+def parse(argv: list[str]) -> Config:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if argv else 2)
+    path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
+    return load_config(path, overrides)
+
+
+def check(cfg: Config, world_size: int) -> None:
+    """Everything that can be checked before a process group exists: config, model folder, data files."""
+    model_path = resolve_model_path(cfg)
+    validate_for_world(cfg, world_size, model_config(model_path).num_hidden_layers)
+    resolve_data_paths(cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = parse(sys.argv[1:] if argv is None else argv)
+        check(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if rank == 0:
+            print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from runtime.split import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The client side of the split: embeddings + layers ``0..k-1`` with LoRA, its own data, its optimizer.
+
+One training step (DESIGN.md, "round protocol")::
+
+    with dist_autograd.context() as ctx:
+        h = stage(input_ids)                                   # layers 0..k-1 here
+        loss = replica.rpc_sync().train_forward(h, mask, labels)  # layers k..L-1 on the server
+        dist_autograd.backward(ctx, [loss])                    # dL/dh comes back over RPC
+        server step (async) + local step, both from get_gradients(ctx)
+
+Only hidden states, the padding mask and the labels cross the wire; ``input_ids`` never do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import torch
+import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
+
+from models.datasets import BatchStream, eval_batches
+from models.lora import LoraSpec, add_lora, lora_parameters
+from models.stages import build_stage
+from runtime.config import Config
+from runtime.dist import SERVER
+from runtime.job import ClientData, data_seed, make_optimizer
+from runtime.server import replica_for
+
+COMM_KEYS = ("activations_up", "gradients_down", "adapters_up", "adapters_down")
+
+
+def nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class _CountGrad(torch.autograd.Function):
+    """Identity whose backward counts the bytes of the gradient that arrived from the server."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, counter: Counter) -> torch.Tensor:
+        ctx.counter = counter
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.counter["gradients_down"] += nbytes(grad)
+        return grad, None
+
+
+def server_payload(batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> tuple:
+    """What one step sends up: hidden states, the padding mask (bool, None if no padding), labels (int32)."""
+    mask = batch["attention_mask"]
+    mask = None if bool(mask.all()) else mask.bool()
+    return hidden, mask, batch["labels"].to(torch.int32)
+
+
+class Client:
+    def __init__(self, rank: int, cut: int, cfg: Config, model_path, spec: LoraSpec, data: ClientData,
+                 device: torch.device, timeout_s: float):
+        self.rank, self.cut, self.cfg, self.device = rank, cut, cfg, device
+        self.timeout_s = timeout_s
+        self.stage = build_stage(model_path, 0, cut, device=device, dtype=cfg.model.dtype,
+                                 attn_implementation=cfg.model.attn_implementation)
+        add_lora(self.stage, spec, cut_rank=True)
+        self.params = lora_parameters(self.stage.hf)
+        self.n_samples = len(data.shard)
+        self.stream = BatchStream(data.examples, data.shard, cfg.train.batch_size,
+                                  data_seed(cfg, rank - 1), data.pad_id)
+        self.eval_set = eval_batches(data.eval_examples, data.eval_indices, cfg.train.eval_batch_size,
+                                     data.pad_id)
+        self.comm: Counter = Counter()
+        self.replica: rpc.RRef | None = None
+
+    def connect(self) -> None:
+        """Gets an RRef to this client's replica on the server (after the server has built them)."""
+        self.replica = rpc.remote(SERVER, replica_for, args=(self.rank,), timeout=self.timeout_s)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_round(self, steps: int) -> dict:
+        """Runs ``steps`` split steps; returns the round's loss, token and timing figures."""
+        optimizer = make_optimizer(self.params, self.cfg)
+        loss_sum = tokens = correct = input_tokens = 0.0
+        step_times = []
+        start = time.perf_counter()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            batch = self._to_device(self.stream.next())
+            input_tokens += float(batch["attention_mask"].sum())
+            with dist_autograd.context() as ctx:
+                hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                hidden = _CountGrad.apply(hidden, self.comm)
+                payload = server_payload(batch, hidden)
+                self.comm["activations_up"] += sum(nbytes(t) for t in payload)
+                loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload)
+                dist_autograd.backward(ctx, [loss])
+                server_step = self.replica.rpc_async(timeout=self.timeout_s).step(ctx)
+                grads = dist_autograd.get_gradients(ctx)
+                for p in self.params:
+                    p.grad = grads.get(p)
+                optimizer.step()
+                for p in self.params:
+                    p.grad = None
+                server_step.wait()
+            n = float(stats[0])
+            loss_sum += float(loss.detach()) * n
+            tokens += n
+            correct += float(stats[1])
+            step_times.append(time.perf_counter() - t0)
+        return {
+            "train_loss": loss_sum / max(tokens, 1.0),
+            "train_tokens": tokens,
+            "input_tokens": input_tokens,
+            "train_token_accuracy": correct / max(tokens, 1.0),
+            "train_time_s": time.perf_counter() - start,
+            "step_time_s": sorted(step_times)[len(step_times) // 2],
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> torch.Tensor:
+        """[loss_sum, tokens, correct] of the current model over this client's share of the held-out set."""
+        totals = torch.zeros(3, dtype=torch.float64)
+        self.stage.eval()
+        try:
+            for batch in self.eval_set:
+                batch = self._to_device(batch)
+                hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                payload = server_payload(batch, hidden)
+                self.comm["eval_activations_up"] += sum(nbytes(t) for t in payload)
+                totals += self.replica.rpc_sync(timeout=self.timeout_s).evaluate(*payload).cpu()
+        finally:
+            self.stage.train()
+        return totals
+
+    def take_comm(self) -> dict[str, int]:
+        """This round's byte counts (reset afterwards)."""
+        out = {k: int(self.comm.get(k, 0)) for k in (*COMM_KEYS, "eval_activations_up")}
+        self.comm.clear()
+        return out

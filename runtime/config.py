@@ -1,0 +1,271 @@
+"""The one run configuration: typed sections, read from YAML plus ``key=value`` overrides, validated once.
+
+Every error names the field and says how to fix it, and validation happens before any
+process group starts, so a bad config costs nothing on a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config field is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin:tiny"
+    """A local Hugging Face causal-LM folder (config.json + safetensors), or ``builtin:tiny``."""
+    dtype: str = "float32"
+    """Weights and activations: float32, bfloat16 or float16."""
+    attn_implementation: str | None = None
+    """Passed to transformers (``sdpa``, ``eager``); None lets transformers choose."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "builtin:sort"
+    """Training data: .txt (a sample per line), JSONL with ``text``, or JSONL with ``prompt``/``response``."""
+    eval_path: str = "builtin:sort"
+    """Held-out data in the same formats; evaluated on the global model every round."""
+    format: str = "auto"
+    """auto, text, jsonl_text or jsonl_prompt."""
+    max_seq_len: int = 128
+    """Longer samples are chunked (text) or truncated (prompt/response)."""
+    partition: str = "length_dirichlet"
+    """How the training set is split over clients: length_dirichlet (SplitFT) or iid."""
+    alpha: float = 1.0
+    """Dirichlet concentration: smaller means more skewed shards."""
+    n_buckets: int = 4
+    """Length categories K of the length-based Dirichlet split."""
+    min_samples: int = 8
+    """A client's shard must hold at least this many samples (else re-drawn, then an error)."""
+    max_eval_samples: int = 0
+    """Evaluate on at most this many held-out samples (0: all)."""
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    """LoRA rank on every target module."""
+    alpha: float = 16.0
+    """LoRA alpha; the scaling alpha/r is kept for every rank."""
+    r_cut: int = 4
+    """Reduced rank on each client's cut layer (its last layer), as in SplitFT."""
+    targets: list[str] | None = None
+    """Target module names inside a decoder layer; None uses the family's defaults."""
+    dropout: float = 0.0
+    """LoRA dropout (0 keeps split and unsplit runs bit-comparable)."""
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 5
+    """Federated rounds; each ends with aggregation, evaluation and a checkpoint."""
+    local_steps: int = 20
+    """Optimizer steps each client takes per round."""
+    batch_size: int = 8
+    """Per-client micro-batch size."""
+    eval_batch_size: int = 32
+    """Batch size of the held-out evaluation."""
+    lr: float = 1e-3
+    """AdamW learning rate (client and server side alike)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    aggregation: str = "fedavg"
+    """How client adapters are combined: fedavg (sample-weighted, zero-padded to the largest rank)."""
+
+
+@dataclass
+class SplitConfig:
+    cut_layers: int | list[int] = 2
+    """Each client's cut layer k (client runs layers 0..k-1): one int for all or one per client, in 1..L-1."""
+    clients: int | None = None
+    """Expected number of clients; if set, it must equal WORLD_SIZE - 1."""
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"
+    """auto (CUDA when every rank has a GPU, else CPU), cpu or cuda."""
+    timeout_s: float = 300.0
+    """Timeout of every collective, RPC and the shutdown."""
+    rpc_threads: int = 16
+    """TensorPipe worker threads on each rank."""
+    resume: bool = False
+    """Continue from output_dir/checkpoint if it exists."""
+    debug: bool = False
+    """Write every holder's pre-aggregation adapter each round and what the server received (tests)."""
+    intra_op_threads: int = 0
+    """torch intra-op threads per process (0: cores / processes on this node)."""
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/demo"
+    """Where metrics.jsonl, adapter/ and checkpoint/ go."""
+    seed: int = 0
+    """Seeds the partition, the LoRA init and every client's data order."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def cut_layers_for(self, n_clients: int) -> list[int]:
+        cuts = self.split.cut_layers
+        return list(cuts) if isinstance(cuts, list) else [cuts] * n_clients
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {value!r} is not a list")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: {value!r} is not a {tp.__name__}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}: valid keys here are {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _check_type(value, tp, key)
+    return cls(**kwargs)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Applies ``a.b.c=value`` (value parsed as YAML) to the nested dict ``data``."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not key=value (e.g. train.rounds=3)")
+    key, raw = override.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML config (or the defaults), applies overrides and validates the values."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (see torchrun_configs/ for examples)")
+        data = yaml.safe_load(p.read_text()) or {}
+    for o in overrides:
+        apply_override(data, o)
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that need no model or process group."""
+    t, d, lo, rt = cfg.train, cfg.data, cfg.lora, cfg.runtime
+    _require(cfg.model.dtype in ("float32", "bfloat16", "float16"),
+             f"model.dtype={cfg.model.dtype!r}: use float32, bfloat16 or float16")
+    _require(d.format in ("auto", "text", "jsonl_text", "jsonl_prompt"),
+             f"data.format={d.format!r}: use auto, text, jsonl_text or jsonl_prompt")
+    _require(d.max_seq_len >= 2, f"data.max_seq_len={d.max_seq_len}: must be at least 2")
+    _require(d.partition in ("length_dirichlet", "iid"),
+             f"data.partition={d.partition!r}: use length_dirichlet or iid")
+    _require(d.alpha > 0, f"data.alpha={d.alpha}: must be > 0 (e.g. 0.5 skewed, 100 near-IID)")
+    _require(d.n_buckets >= 1, f"data.n_buckets={d.n_buckets}: must be >= 1")
+    _require(d.min_samples >= 1, f"data.min_samples={d.min_samples}: must be >= 1")
+    _require(d.max_eval_samples >= 0, f"data.max_eval_samples={d.max_eval_samples}: must be >= 0 (0 = all)")
+    _require(lo.r >= 1, f"lora.r={lo.r}: must be >= 1")
+    _require(1 <= lo.r_cut <= lo.r, f"lora.r_cut={lo.r_cut}: must be in 1..lora.r ({lo.r})")
+    _require(lo.alpha > 0, f"lora.alpha={lo.alpha}: must be > 0")
+    _require(0 <= lo.dropout < 1, f"lora.dropout={lo.dropout}: must be in [0, 1)")
+    _require(lo.targets is None or len(lo.targets) > 0, "lora.targets: give at least one module name or null")
+    _require(t.rounds >= 1, f"train.rounds={t.rounds}: must be >= 1")
+    _require(t.local_steps >= 1, f"train.local_steps={t.local_steps}: must be >= 1")
+    _require(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
+    _require(t.eval_batch_size >= 1, f"train.eval_batch_size={t.eval_batch_size}: must be >= 1")
+    _require(t.lr > 0, f"train.lr={t.lr}: must be > 0")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
+    _require(t.aggregation == "fedavg", f"train.aggregation={t.aggregation!r}: only fedavg is available")
+    _require(rt.device in ("auto", "cpu", "cuda"), f"runtime.device={rt.device!r}: use auto, cpu or cuda")
+    _require(rt.timeout_s > 0, f"runtime.timeout_s={rt.timeout_s}: must be > 0")
+    _require(rt.rpc_threads >= 1, f"runtime.rpc_threads={rt.rpc_threads}: must be >= 1")
+    _require(rt.intra_op_threads >= 0, f"runtime.intra_op_threads={rt.intra_op_threads}: must be >= 0")
+    _require(cfg.split.clients is None or cfg.split.clients >= 1,
+             f"split.clients={cfg.split.clients}: must be >= 1 or null")
+
+
+def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]:
+    """Checks the config against the launch and the model; returns each client's cut layer."""
+    n_clients = world_size - 1
+    _require(n_clients >= 1, f"WORLD_SIZE={world_size}: need a server and at least one client "
+             "(torchrun --nproc_per_node=2 or more)")
+    if cfg.split.clients is not None:
+        _require(cfg.split.clients == n_clients,
+                 f"split.clients={cfg.split.clients} but torchrun started {n_clients} client ranks: "
+                 f"launch with --nproc_per_node={cfg.split.clients + 1} (or set split.clients={n_clients})")
+    cuts = cfg.cut_layers_for(n_clients)
+    _require(len(cuts) == n_clients,
+             f"split.cut_layers has {len(cuts)} entries for {n_clients} clients: give one per client "
+             f"or a single int (torchrun --nproc_per_node={len(cuts) + 1} matches this list)")
+    for i, k in enumerate(cuts):
+        _require(1 <= k <= n_layers - 1,
+                 f"split.cut_layers[{i}]={k}: the model has {n_layers} layers, so a cut must be in 1..{n_layers - 1}")
+    return cuts

@@ -1,0 +1,117 @@
+"""Process group and RPC: start-up, names, devices and a shutdown that cannot hang.
+
+Rank 0 is the RPC worker ``server``; rank r >= 1 is ``client{r}``. The default process group is
+gloo and carries control traffic (object gathers, barriers): CUDA RPC and an NCCL barrier are
+known to deadlock. When every rank drives a GPU, the adapter all-reduce runs on an NCCL group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed.rpc as rpc
+
+SERVER = "server"
+
+
+def worker_name(rank: int) -> str:
+    return SERVER if rank == 0 else f"client{rank}"
+
+
+@dataclass
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    aggregation: dist.ProcessGroup | None  # NCCL group on GPUs; None means the default (gloo) group
+    timeout_s: float
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def n_clients(self) -> int:
+        return self.world_size - 1
+
+
+def env_world() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun's environment."""
+    try:
+        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    except KeyError as e:
+        raise RuntimeError(
+            f"{e.args[0]} is not set: launch with torchrun, e.g. "
+            "torchrun --nproc_per_node=5 -m launch.train torchrun_configs/tiny_cpu.yaml"
+        ) from None
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda but this rank sees no CUDA device; use runtime.device=cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def start(device_request: str, timeout_s: float, rpc_threads: int) -> World:
+    """Initialises the process group and RPC on this rank (call once, on every rank)."""
+    rank, world_size, local_rank, local_world_size = env_world()
+    device = pick_device(device_request, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=timeout_s)
+    # NCCL only if every rank has a GPU: agree first over a gloo group.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+    flags = torch.tensor([1 if device.type == "cuda" else 0])
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    aggregation = None
+    if flags.item() == 1:
+        aggregation = dist.new_group(backend="nccl", timeout=timeout)
+    elif device.type == "cuda":
+        device = torch.device("cpu")  # a mixed GPU/CPU world computes on CPU everywhere
+    options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=rpc_threads, rpc_timeout=timeout_s)
+    if device.type == "cuda" and rank != 0:
+        # Activations go straight GPU to GPU; the reverse map for replies is implied.
+        options.set_device_map(SERVER, {device.index: _server_device_index()})
+    rpc.init_rpc(worker_name(rank), rank=rank, world_size=world_size, rpc_backend_options=options)
+    return World(rank, world_size, local_rank, local_world_size, device, aggregation, timeout_s)
+
+
+def _server_device_index() -> int:
+    # The server is rank 0, i.e. local rank 0 of the first node.
+    return 0
+
+
+def gather_objects(world: World, obj: object) -> list[object]:
+    out: list[object] = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(world: World, obj: object) -> object:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    dist.barrier()
+
+
+def stop(world: World | None, graceful: bool = True) -> None:
+    """Shuts RPC down with a timeout (the default waits forever on a dead peer), then the group."""
+    if world is not None:
+        try:
+            rpc.shutdown(graceful=graceful, timeout=world.timeout_s)
+        except Exception:  # a peer already gone: nothing left to wait for
+            rpc.shutdown(graceful=False)
+    if dist.is_initialized():
+        dist.destroy_process_group()

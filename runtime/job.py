@@ -1,0 +1,133 @@
+"""What every role needs that involves no process group: paths, data shards, LoRA settings, optimizers.
+
+Both the split run (``runtime.split``) and the unsplit reference (``runtime.local``) build their
+inputs here, so the two see the same data, order and LoRA initialisation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PretrainedConfig
+
+from models.datasets import Example, load_examples
+from models.families import family_of
+from models.lora import LoraSpec
+from models.stages import load_config
+from partition import iid_partition, length_dirichlet_partition
+from runtime.config import Config, ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+BUILTIN_MODEL = "builtin:tiny"
+BUILTIN_DATA = "builtin:sort"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPLITFT_CACHE", REPO / ".cache" / "splitft"))
+
+
+def resolve_model_path(cfg: Config) -> Path:
+    """The model folder; ``builtin:tiny`` is built once into the cache (file-locked, so ranks can race)."""
+    if cfg.model.path == BUILTIN_MODEL:
+        from models.tiny import build_tiny_model
+
+        return build_tiny_model(cache_dir() / "tiny-llama")
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.path={cfg.model.path!r}: no config.json there; point it at a local Hugging Face "
+            f"checkpoint folder (save_pretrained output) or use {BUILTIN_MODEL}"
+        )
+    return path
+
+
+def resolve_data_paths(cfg: Config) -> tuple[Path, Path]:
+    """(train, eval) data files; ``builtin:sort`` is the generated sort task in the cache."""
+    paths = []
+    for key, value in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
+        if value == BUILTIN_DATA:
+            from models.tiny import build_demo_data
+
+            train, evaluation = build_demo_data(cache_dir() / "data")
+            paths.append(train if key == "data.train_path" else evaluation)
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"{key}={value!r}: no such file; give a .txt or .jsonl file or {BUILTIN_DATA}")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def lora_spec(cfg: Config, model_config: PretrainedConfig) -> LoraSpec:
+    targets = tuple(cfg.lora.targets) if cfg.lora.targets else family_of(model_config).lora_targets
+    return LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, r_cut=cfg.lora.r_cut, targets=targets,
+                    dropout=cfg.lora.dropout)
+
+
+def model_config(model_path: Path) -> PretrainedConfig:
+    return load_config(model_path)
+
+
+@dataclass
+class ClientData:
+    """One client's view of the data: its training shard and its share of the held-out set."""
+
+    examples: list[Example]
+    shard: list[int]
+    eval_examples: list[Example]
+    eval_indices: list[int]
+    pad_id: int
+
+
+def load_tokenizer(model_path: Path):
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token_id is None:
+        # GPT-2 style tokenizers have no pad token; padded positions are masked out anyway.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def partition_shards(cfg: Config, examples: list[Example], n_clients: int) -> list[list[int]]:
+    """Every rank computes the same shards from the seed (no communication needed)."""
+    d = cfg.data
+    if d.partition == "iid":
+        return iid_partition(len(examples), n_clients, cfg.seed, min_samples=d.min_samples)
+    lengths = [len(e.input_ids) for e in examples]
+    return length_dirichlet_partition(
+        lengths, n_clients, d.alpha, min(d.n_buckets, len(examples)), cfg.seed, min_samples=d.min_samples
+    )
+
+
+def client_data(cfg: Config, model_path: Path, client_index: int, n_clients: int) -> ClientData:
+    """Loads the data and keeps what client ``client_index`` (0-based) owns."""
+    tok = load_tokenizer(model_path)
+    train_path, eval_path = resolve_data_paths(cfg)
+    examples = load_examples(train_path, tok, cfg.data.max_seq_len, cfg.data.format)
+    shards = partition_shards(cfg, examples, n_clients)
+    eval_examples = load_examples(eval_path, tok, cfg.data.max_seq_len, cfg.data.format)
+    if cfg.data.max_eval_samples:
+        eval_examples = eval_examples[: cfg.data.max_eval_samples]
+    return ClientData(
+        examples=examples,
+        shard=shards[client_index],
+        eval_examples=eval_examples,
+        eval_indices=list(range(client_index, len(eval_examples), n_clients)),
+        pad_id=tok.pad_token_id,
+    )
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    """AdamW, made afresh each round: the weights it tracked were replaced by the aggregate."""
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def data_seed(cfg: Config, client_index: int) -> int:
+    return cfg.seed * 1000 + client_index
+
+
+def default_threads(local_world_size: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))

@@ -1,0 +1,55 @@
+"""metrics.jsonl (one JSON object per round, the output contract) and the per-round table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+COLUMNS = ("round", "train_loss", "eval_loss", "eval_acc", "eval_ppl", "round_s", "tok/s", "up_MB", "down_MB")
+
+
+class MetricsWriter:
+    def __init__(self, path: Path, resume_round: int):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # On resume keep the rounds the checkpoint covers and drop any written after it.
+        kept = []
+        if resume_round > 0 and path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln)["round"] <= resume_round]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def header() -> str:
+    return " ".join(f"{c:>10}" for c in COLUMNS)
+
+
+def row(record: dict) -> str:
+    comm = record.get("comm_bytes", {})
+    up = sum(c["activations_up"] + c["adapters_up"] for c in comm.values()) / 1e6
+    down = sum(c["gradients_down"] + c["adapters_down"] for c in comm.values()) / 1e6
+    train = record.get("train_loss")
+    cells = [
+        f"{record['round']:>10d}",
+        f"{train:>10.4f}" if train is not None else f"{'-':>10}",
+        f"{record['eval_loss']:>10.4f}",
+        f"{record['eval_token_accuracy']:>10.4f}",
+        f"{record['eval_perplexity']:>10.2f}",
+        f"{record.get('round_time_s', 0.0):>10.2f}",
+        f"{record.get('tokens_per_s', 0.0):>10.0f}",
+        f"{up:>10.2f}",
+        f"{down:>10.2f}",
+    ]
+    return " ".join(cells)
