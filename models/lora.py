@@ -142,12 +142,15 @@ def holder_rank(layer: int, cut: int, spec: LoraSpec, on_client: bool) -> int:
 
 
 def build_layout(config: PretrainedConfig, spec: LoraSpec, cut_layers: list[int]) -> AdapterLayout:
-    """The layout for clients cut at ``cut_layers``: each module's rank is the largest among its holders."""
+    """The layout for clients cut at ``cut_layers``: each module's rank is the largest among its holders.
+
+    With no cut layers (the unsplit model) every module has rank ``spec.r``.
+    """
     family = family_of(config)
     slots = []
     for name, (n_in, n_out) in target_shapes(config, spec).items():
         j = module_layer(name, family)
-        rank = max(holder_rank(j, k, spec, on_client=j < k) for k in cut_layers)
+        rank = max((holder_rank(j, k, spec, on_client=j < k) for k in cut_layers), default=spec.r)
         slots.append(Slot(name, j, rank, n_in, n_out))
     return AdapterLayout(slots)
 

@@ -26,7 +26,7 @@ from models.stages import build_stage
 from runtime.config import Config
 from runtime.dist import SERVER
 from runtime.job import ClientData, data_seed, make_optimizer
-from runtime.server import replica_for
+from runtime.server import replica_rref
 
 COMM_KEYS = ("activations_up", "gradients_down", "adapters_up", "adapters_down")
 
@@ -75,7 +75,7 @@ class Client:
 
     def connect(self) -> None:
         """Gets an RRef to this client's replica on the server (after the server has built them)."""
-        self.replica = rpc.remote(SERVER, replica_for, args=(self.rank,), timeout=self.timeout_s)
+        self.replica = rpc.rpc_sync(SERVER, replica_rref, args=(self.rank,), timeout=self.timeout_s)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -84,7 +84,7 @@ class Client:
         """Runs ``steps`` split steps; returns the round's loss, token and timing figures."""
         optimizer = make_optimizer(self.params, self.cfg)
         loss_sum = tokens = correct = input_tokens = 0.0
-        step_times = []
+        step_times, step_losses = [], []
         start = time.perf_counter()
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -106,7 +106,8 @@ class Client:
                     p.grad = None
                 server_step.wait()
             n = float(stats[0])
-            loss_sum += float(loss.detach()) * n
+            step_losses.append(float(loss.detach()))
+            loss_sum += step_losses[-1] * n
             tokens += n
             correct += float(stats[1])
             step_times.append(time.perf_counter() - t0)
@@ -117,6 +118,7 @@ class Client:
             "train_token_accuracy": correct / max(tokens, 1.0),
             "train_time_s": time.perf_counter() - start,
             "step_time_s": sorted(step_times)[len(step_times) // 2],
+            "step_losses": step_losses,
         }
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ import threading
 
 import torch
 import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
 
 from models.lora import LoraSpec, add_lora, lora_parameters
 from models.loss import mean_loss, token_stats
@@ -92,7 +93,7 @@ class Server:
         self.replicas = {rank: ServerReplica(base, k, spec, device, cfg) for rank, k in cuts.items()}
 
 
-# The RPC entry point: clients call rpc.remote(SERVER, replica_for, (rank,)) and get an RRef to their replica.
+# The RPC entry point: clients call rpc_sync(SERVER, replica_rref, (rank,)) and get an RRef to their replica.
 _SERVER: Server | None = None
 
 
@@ -101,7 +102,8 @@ def install(server: Server) -> None:
     _SERVER = server
 
 
-def replica_for(rank: int) -> ServerReplica:
+def replica_rref(rank: int) -> rpc.RRef:
+    """An RRef, owned by the server, to the replica the server built for client ``rank``."""
     if _SERVER is None:
         raise RuntimeError("the server has not finished building its replicas")
-    return _SERVER.replicas[rank]
+    return rpc.RRef(_SERVER.replicas[rank])

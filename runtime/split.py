@@ -121,6 +121,8 @@ def _run(cfg: Config, world: dist.World) -> None:
         stats = client.train_round(cfg.train.local_steps) if client is not None else {}
         if cfg.runtime.debug:
             _dump_copies(out / "debug" / f"round{rnd}", world, server, client, weights)
+        # The server reads its replicas' adapters, so every client's last step must be done first.
+        dist.barrier(world)
         flat = aggregate(holders, layout, world.device, world.aggregation)
         if client is not None:
             client.comm["adapters_up"] += flat.numel() * flat.element_size()
@@ -176,6 +178,7 @@ def _record(rnd, elapsed, round_time, reports, eval_loss, eval_acc, eval_tokens,
                 "train_loss": c["stats"]["train_loss"],
                 "train_time_s": c["stats"]["train_time_s"],
                 "step_time_s": c["stats"]["step_time_s"],
+                "step_losses": c["stats"]["step_losses"],
             }
             for r, c in clients.items()
         },

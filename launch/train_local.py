@@ -1,0 +1,33 @@
+"""The unsplit reference run in one process (no torchrun): the papers' "no cut" baseline.
+
+    python -m launch.train_local torchrun_configs/tiny_cpu.yaml output_dir=runs/demo_local
+
+Same config file and overrides as ``launch.train``; ``split.*`` is ignored.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from launch.train import parse
+from runtime.config import ConfigError
+from runtime.job import model_config, resolve_data_paths, resolve_model_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse(sys.argv[1:] if argv is None else argv)
+        model_config(resolve_model_path(cfg))
+        resolve_data_paths(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from runtime.local import run_local
+    from runtime.split import setup_logging
+
+    setup_logging(0)
+    run_local(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The unsplit reference: the same model, LoRA, data and rounds in one process, with no cut.
+
+This is the papers' "no cut" baseline and the split run's parity reference: the model is the
+ordinary HF model from ``from_pretrained`` with PEFT's ``get_peft_model``, trained on what a
+single client would hold (the whole training set), batch for batch in the same order, with
+the same LoRA initialisation and an optimizer made afresh each round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from models.datasets import BatchStream, eval_batches
+from models.families import family_of
+from models.lora import (
+    build_layout,
+    export_peft_adapter,
+    initial_adapter,
+    lora_config,
+    lora_parameters,
+    read_adapter,
+    write_adapter,
+)
+from models.loss import mean_loss, token_stats
+from models.stages import full_model
+from runtime import checkpoint
+from runtime.config import Config
+from runtime.job import (
+    client_data,
+    data_seed,
+    default_threads,
+    lora_spec,
+    make_optimizer,
+    model_config,
+    resolve_model_path,
+)
+from runtime.metrics import MetricsWriter, header, perplexity, row
+
+log = logging.getLogger("splitft")
+
+
+def run_local(cfg: Config) -> list[dict]:
+    """Trains ``cfg.train.rounds`` rounds; writes metrics.jsonl and adapter/ and returns the records."""
+    torch.set_num_threads(cfg.runtime.intra_op_threads or default_threads(1))
+    torch.manual_seed(cfg.seed)
+    model_path = resolve_model_path(cfg)
+    mcfg = model_config(model_path)
+    spec = lora_spec(cfg, mcfg)
+    layout = build_layout(mcfg, spec, [])
+    data = client_data(cfg, model_path, 0, 1)
+    base = full_model(model_path, cfg.model.dtype, cfg.model.attn_implementation)
+    model = get_peft_model(base, lora_config(spec, family_of(mcfg)))
+    hf = model.base_model.model  # module names here are the full model's, as in the layout
+    write_adapter(hf, layout, initial_adapter(layout, cfg.seed))
+    params = lora_parameters(hf)
+    stream = BatchStream(data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, 0), data.pad_id)
+    evals = eval_batches(data.eval_examples, data.eval_indices, cfg.train.eval_batch_size, data.pad_id)
+    out = Path(cfg.output_dir)
+    writer = MetricsWriter(out / "metrics.jsonl", 0)
+
+    def evaluate() -> tuple[float, float, float]:
+        totals = torch.zeros(3, dtype=torch.float64)
+        model.eval()
+        with torch.no_grad():
+            for b in evals:
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                totals += torch.stack([t.double() for t in token_stats(logits, b["labels"])])
+        model.train()
+        loss_sum, tokens, correct = totals.tolist()
+        return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
+
+    base_loss, base_acc, _ = evaluate()
+    log.info("before training: eval_loss %.4f, token accuracy %.4f", base_loss, base_acc)
+    log.info(header())
+    records = []
+    t_start = time.perf_counter()
+    for rnd in range(1, cfg.train.rounds + 1):
+        t_round = time.perf_counter()
+        optimizer = make_optimizer(params, cfg)
+        losses, tokens, weighted, input_tokens = [], 0.0, 0.0, 0.0
+        for _ in range(cfg.train.local_steps):
+            b = stream.next()
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss, n_tokens, _ = mean_loss(logits, b["labels"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            tokens += float(n_tokens)
+            weighted += losses[-1] * float(n_tokens)
+            input_tokens += float(b["attention_mask"].sum())
+        eval_loss, eval_acc, eval_tokens = evaluate()
+        now = time.perf_counter()
+        record = {
+            "round": rnd,
+            "elapsed_s": round(now - t_start, 4),
+            "round_time_s": round(now - t_round, 4),
+            "train_loss": weighted / max(tokens, 1.0),
+            "eval_loss": eval_loss,
+            "eval_token_accuracy": eval_acc,
+            "eval_perplexity": perplexity(eval_loss),
+            "eval_tokens": int(eval_tokens),
+            "tokens_per_s": input_tokens / (now - t_round),
+            "cut_layers": {},
+            "comm_bytes": {},
+            "clients": {"local": {"weight": 1.0, "train_loss": weighted / max(tokens, 1.0), "step_losses": losses}},
+        }
+        writer.write(record)
+        records.append(record)
+        log.info(row(record))
+    flat = torch.zeros(layout.numel)
+    read_adapter(hf, layout, flat, 1.0)
+    tmp = out / "adapter.tmp"
+    export_peft_adapter(layout, flat, spec, mcfg, tmp, str(Path(model_path).resolve()))
+    checkpoint.replace_dir(tmp, out / "adapter")
+    return records
