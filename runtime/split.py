@@ -119,10 +119,10 @@ def _run(cfg: Config, world: dist.World) -> None:
     for rnd in range(start_round + 1, cfg.train.rounds + 1):
         t_round = time.perf_counter()
         stats = client.train_round(cfg.train.local_steps) if client is not None else {}
-        if cfg.runtime.debug:
-            _dump_copies(out / "debug" / f"round{rnd}", world, server, client, weights)
         # The server reads its replicas' adapters, so every client's last step must be done first.
         dist.barrier(world)
+        if cfg.runtime.debug:
+            _dump_copies(out / "debug" / f"round{rnd}", world, server, client, weights)
         flat = aggregate(holders, layout, world.device, world.aggregation)
         if client is not None:
             client.comm["adapters_up"] += flat.numel() * flat.element_size()
