@@ -26,7 +26,7 @@ import shutil
 import string
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -92,16 +92,20 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+# Each task maps the input digits to the answer digits; all share one text format.
+TASK_FUNCTIONS: dict[str, Callable[[list[int]], list[int]]] = {
+    "copy": list,
+    "reverse": lambda digits: digits[::-1],
+    "increment": lambda digits: [(d + 1) % 10 for d in digits],
+    "sort": sorted,
+}
+
+
 def _solve(task: str, digits: list[int]) -> list[int]:
-    if task == "copy":
-        return list(digits)
-    if task == "reverse":
-        return digits[::-1]
-    if task == "increment":
-        return [(d + 1) % 10 for d in digits]
-    if task == "sort":
-        return sorted(digits)
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    try:
+        return TASK_FUNCTIONS[task](digits)
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; expected one of {tuple(TASK_FUNCTIONS)}") from None
 
 
 def make_example(task: str, digits: list[int]) -> dict[str, str]:

@@ -13,6 +13,7 @@ Only hidden states, the padding mask and the labels cross the wire; ``input_ids`
 
 from __future__ import annotations
 
+import resource
 import time
 from collections import Counter
 
@@ -22,13 +23,18 @@ import torch.distributed.rpc as rpc
 
 from models.datasets import BatchStream, eval_batches
 from models.lora import LoraSpec, add_lora, lora_parameters
-from models.stages import build_stage
+from models.stages import build_stage, stage_parameter_bytes
 from runtime.config import Config
 from runtime.dist import SERVER
 from runtime.job import ClientData, data_seed, make_optimizer
 from runtime.server import replica_rref
 
 COMM_KEYS = ("activations_up", "gradients_down", "adapters_up", "adapters_down")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def nbytes(t: torch.Tensor | None) -> int:
@@ -119,6 +125,8 @@ class Client:
             "train_time_s": time.perf_counter() - start,
             "step_time_s": sorted(step_times)[len(step_times) // 2],
             "step_losses": step_losses,
+            "peak_rss_mb": peak_rss_mb(),
+            "stage_param_mb": stage_parameter_bytes(self.stage) / 2**20,
         }
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from models.lora import AdapterLayout, build_layout, export_peft_adapter, initial_adapter, lora_modules, write_adapter
 from runtime import checkpoint, dist
 from runtime.aggregate import aggregate
-from runtime.client import COMM_KEYS, Client
+from runtime.client import COMM_KEYS, Client, peak_rss_mb
 from runtime.config import Config, validate_for_world
 from runtime.job import (
     client_data,
@@ -132,6 +132,8 @@ def _run(cfg: Config, world: dist.World) -> None:
                 replica.new_round()
         dist.barrier(world)  # every holder has the global adapter before anyone evaluates
         eval_loss, eval_acc, eval_tokens = _evaluate(world, client)
+        if client is None:
+            stats = {"peak_rss_mb": peak_rss_mb()}
         report = {"stats": stats, "comm": client.take_comm() if client else {}}
         reports = dist.gather_objects(world, report)
         if world.is_server:
@@ -172,6 +174,7 @@ def _record(rnd, elapsed, round_time, reports, eval_loss, eval_acc, eval_tokens,
         "cut_layers": {str(r): k for r, k in cut_map.items()},
         "comm_bytes": {str(r): {k: c["comm"][k] for k in COMM_KEYS} for r, c in clients.items()},
         "eval_comm_bytes": {str(r): c["comm"]["eval_activations_up"] for r, c in clients.items()},
+        "server": {"peak_rss_mb": reports[0]["stats"]["peak_rss_mb"]},
         "clients": {
             str(r): {
                 "weight": weights[r],
@@ -179,6 +182,8 @@ def _record(rnd, elapsed, round_time, reports, eval_loss, eval_acc, eval_tokens,
                 "train_time_s": c["stats"]["train_time_s"],
                 "step_time_s": c["stats"]["step_time_s"],
                 "step_losses": c["stats"]["step_losses"],
+                "peak_rss_mb": c["stats"]["peak_rss_mb"],
+                "stage_param_mb": c["stats"]["stage_param_mb"],
             }
             for r, c in clients.items()
         },

@@ -117,11 +117,11 @@ def test_stage_materialises_only_what_it_owns(random_model, stage, family):
         for embed in fam.embed:
             assert not _owns(s_names, embed), f"server [{k},{N_LAYERS}) holds {embed}"
         assert _owns(c_names, fam.embed[0]) and _owns(s_names, "lm_head")
-        for stage in (client, server):
-            for name, t in [*stage.hf.named_parameters(), *stage.hf.named_buffers()]:
+        for part in (client, server):
+            for name, t in [*part.hf.named_parameters(), *part.hf.named_buffers()]:
                 assert t.device.type == "cpu", f"{name} left on {t.device}"
             # Loaded from the checkpoint, not left at init (the first owned layer's tensors).
-            for name, p in stage.hf.named_parameters():
+            for name, p in part.hf.named_parameters():
                 key = name if name in checkpoint else name.split(".", 1)[1]
                 if key in checkpoint:
                     assert torch.equal(p, checkpoint[key]), name

@@ -1,0 +1,180 @@
+"""The run configuration: defaults, YAML + overrides, and errors that name the field and the fix."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.tiny import MODEL_KWARGS
+from runtime.config import Config, ConfigError, load_config, validate_for_world
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_FILES = sorted((ROOT / "torchrun_configs").glob("*.yaml"))
+
+
+def test_defaults():
+    cfg = load_config(None, [])
+    assert cfg == Config()
+    assert cfg.train.rounds == 5 and cfg.lora.r == 8 and cfg.lora.r_cut == 4
+    assert cfg.model.path == "builtin:tiny" and cfg.split.cut_layers == 2 and cfg.split.clients is None
+    assert cfg.cut_layers_for(3) == [2, 2, 2]
+
+
+def test_yaml_file_plus_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "seed": 7, "train": {"rounds": 9, "lr": 0.01}, "lora": {"r": 16, "alpha": 32},
+    }))
+    overrides = ["train.rounds=3", "split.cut_layers=[1,2]", "train.lr=1", "lora.targets=[q_proj]"]
+    cfg = load_config(path, overrides)
+    assert cfg.seed == 7  # from the file
+    assert cfg.train.rounds == 3  # the override wins over the file
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # int accepted for a float
+    assert cfg.lora.r == 16 and cfg.lora.alpha == 32.0  # file values kept beside overrides
+    assert cfg.train.local_steps == 20  # untouched default
+    assert cfg.split.cut_layers == [1, 2] and cfg.cut_layers_for(2) == [1, 2]
+    assert cfg.lora.targets == ["q_proj"]
+    assert cfg.to_dict()["train"]["rounds"] == 3
+
+
+@pytest.mark.parametrize("override,field", [
+    ("roundz=3", "roundz"),
+    ("train.roundz=3", "train.roundz"),
+    ("runtime.debugg=true", "runtime.debugg"),
+])
+def test_unknown_key_is_named(override, field):
+    with pytest.raises(ConfigError, match=rf"unknown config key {re.escape(field)}\b.*valid keys"):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  rounds: 2\n  roundz: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.roundz.*'rounds'"):
+        load_config(path, [])
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.rounds=abc", "train.rounds"),
+    ("train.lr=[1]", "train.lr"),
+    ("train.rounds=true", "train.rounds"),  # a bool is not an int
+    ("train.rounds=2.5", "train.rounds"),
+    ("split.cut_layers=[1,x]", r"split.cut_layers"),
+    ("model.path=3", "model.path"),
+    ("train={a: 1}", "train.a"),
+    ("train=5", "train"),
+])
+def test_wrong_type_is_named(override, field):
+    with pytest.raises(ConfigError, match=rf"^(unknown config key )?{re.escape(field)}\b"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override,field", [
+    ("lora.r_cut=9", "lora.r_cut"),  # above lora.r (8)
+    ("lora.r_cut=0", "lora.r_cut"),
+    ("data.alpha=0", "data.alpha"),
+    ("train.local_steps=0", "train.local_steps"),
+    ("train.rounds=0", "train.rounds"),
+    ("train.lr=-1", "train.lr"),
+    ("model.dtype=float64", "model.dtype"),
+    ("data.partition=label", "data.partition"),
+    ("split.clients=0", "split.clients"),
+])
+def test_out_of_range_is_named(override, field):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}="):
+        load_config(None, [override])
+
+
+def test_r_cut_equal_to_r_is_allowed():
+    assert load_config(None, ["lora.r=4", "lora.r_cut=4"]).lora.r_cut == 4
+
+
+def test_missing_config_file_is_named(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=re.escape(str(missing))):
+        load_config(missing, [])
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.rounds"])
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# ---------------------------------------------------------------- validate_for_world
+
+
+def test_validate_for_world_returns_cuts():
+    assert validate_for_world(load_config(None, ["split.cut_layers=3"]), 4, 6) == [3, 3, 3]
+    assert validate_for_world(load_config(None, ["split.cut_layers=[1,5]"]), 3, 6) == [1, 5]
+    assert validate_for_world(load_config(None, ["split.clients=2"]), 3, 4) == [2, 2]
+
+
+@pytest.mark.parametrize("cuts,bad_index,bad", [([0, 2], 0, 0), ([2, 4], 1, 4), ([1, 7], 1, 7)])
+def test_cut_out_of_range_names_the_entry_and_range(cuts, bad_index, bad):
+    cfg = load_config(None, [f"split.cut_layers={cuts}"])
+    with pytest.raises(ConfigError, match=rf"split\.cut_layers\[{bad_index}\]={bad}\b.*4 layers.*1\.\.3"):
+        validate_for_world(cfg, 3, 4)
+
+
+def test_single_int_cut_out_of_range():
+    cfg = load_config(None, ["split.cut_layers=4"])
+    with pytest.raises(ConfigError, match=r"split\.cut_layers\[0\]=4.*1\.\.3"):
+        validate_for_world(cfg, 2, 4)
+
+
+def test_cut_list_length_must_match_clients():
+    cfg = load_config(None, ["split.cut_layers=[1,2]"])
+    with pytest.raises(ConfigError, match=r"2 entries for 3 clients.*--nproc_per_node=3"):
+        validate_for_world(cfg, 4, 4)
+
+
+def test_clients_must_match_world_size():
+    cfg = load_config(None, ["split.clients=2"])
+    with pytest.raises(ConfigError, match=r"split\.clients=2.*3 client ranks.*--nproc_per_node=3"):
+        validate_for_world(cfg, 4, 4)
+
+
+def test_world_size_one_is_rejected():
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=1.*--nproc_per_node=2"):
+        validate_for_world(load_config(None, []), 1, 4)
+
+
+# ---------------------------------------------------------------- shipped configs
+
+
+def test_there_are_shipped_configs():
+    assert CONFIG_FILES, "torchrun_configs/ has no YAML file"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_shipped_config_loads_and_validates(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), f"{path.name}: first line should be a comment with the launch command"
+    assert "torchrun" in first or "python -m launch" in first, first
+    words = first.lstrip("#").split()
+    named = [w for w in words if re.fullmatch(r"\S+\.ya?ml", w)]
+    assert [Path(n).name for n in named] == [path.name], f"{path.name}: the comment launches {named}"
+    # The command's own overrides (key=value after the file) are part of what it runs.
+    overrides = [w for w in words[words.index(named[0]) + 1 :] if "=" in w and not w.startswith("-")]
+    cfg = load_config(path, overrides)
+    if "torchrun" not in first:
+        return  # a single-process launch (python -m launch.train_local) ignores split.*
+    nproc = re.search(r"--nproc_per_node[= ](\d+)", first)
+    nnodes = re.search(r"--nnodes[= ](\d+)", first)
+    assert nproc, f"{path.name}: the torchrun command should say --nproc_per_node"
+    world = int(nproc.group(1)) * (int(nnodes.group(1)) if nnodes else 1)
+    if cfg.model.path == "builtin:tiny":
+        n_layers = int(MODEL_KWARGS["num_hidden_layers"])
+    elif (model_config := Path(cfg.model.path) / "config.json").is_file():
+        n_layers = int(yaml.safe_load(model_config.read_text())["num_hidden_layers"])
+    else:
+        n_layers = 10**6  # model not here: check the client count and list length, not the cut range
+    cuts = validate_for_world(cfg, world, n_layers)
+    assert len(cuts) == world - 1
