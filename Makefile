@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=5 -m launch.train torchrun_configs/tiny_cpu.yaml
 	$(BIN)/python -m launch.report runs/demo
 

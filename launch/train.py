@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from runtime.config import Config, ConfigError, load_config, validate_for_world
-from runtime.job import model_config, resolve_data_paths, resolve_model_path
+from models.lora import build_layout
+from runtime.job import lora_spec, model_config, resolve_data_paths, resolve_model_path
 
 
 def parse(argv: list[str]) -> Config:
@@ -28,10 +30,23 @@ def parse(argv: list[str]) -> Config:
     return load_config(path, overrides)
 
 
+def check_output_dir(cfg: Config) -> None:
+    """Refuses to start over a finished or interrupted run: its checkpoint would be overwritten."""
+    state = Path(cfg.output_dir) / "checkpoint" / "state.json"
+    if state.is_file() and not cfg.runtime.resume:
+        raise ConfigError(
+            f"output_dir={cfg.output_dir!r} holds a checkpoint of an earlier run: set runtime.resume=true to "
+            "continue it, or choose another output_dir (or delete that one) to start over"
+        )
+
+
 def check(cfg: Config, world_size: int) -> None:
     """Everything that can be checked before a process group exists: config, model folder, data files."""
+    check_output_dir(cfg)
     model_path = resolve_model_path(cfg)
-    validate_for_world(cfg, world_size, model_config(model_path).num_hidden_layers)
+    mcfg = model_config(model_path)
+    cuts = validate_for_world(cfg, world_size, mcfg.num_hidden_layers)
+    build_layout(mcfg, lora_spec(cfg, mcfg), cuts)  # unknown lora.targets fail here, on the meta device
     resolve_data_paths(cfg)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from launch.train import parse
+from launch.train import check_output_dir, parse
 from runtime.config import ConfigError
 from runtime.job import model_config, resolve_data_paths, resolve_model_path
 
@@ -17,6 +17,7 @@ from runtime.job import model_config, resolve_data_paths, resolve_model_path
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse(sys.argv[1:] if argv is None else argv)
+        check_output_dir(cfg)
         model_config(resolve_model_path(cfg))
         resolve_data_paths(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:

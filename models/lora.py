@@ -67,14 +67,22 @@ def lora_config(spec: LoraSpec, family: Family, ranks: dict[int, int] | None = N
 def add_lora(stage: Stage, spec: LoraSpec, cut_rank: bool) -> None:
     """Injects LoRA into the stage's decoder layers (``r_cut`` on its last layer if ``cut_rank``)."""
     ranks = {stage.end - 1: spec.r_cut} if cut_rank and stage.end > stage.start else {}
-    inject_adapter_in_model(lora_config(spec, stage.family, ranks), stage.hf, adapter_name=ADAPTER)
+    _inject(lora_config(spec, stage.family, ranks), stage.hf, stage.family)
     for name, p in stage.hf.named_parameters():
         p.requires_grad_(".lora_" in name)
-    if not lora_modules(stage.hf) and stage.end > stage.start:
+
+
+def _inject(config: LoraConfig, model: nn.Module, family: Family) -> None:
+    try:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    except ValueError as e:
+        if "not found" not in str(e):
+            raise
         raise ValueError(
-            f"no LoRA target matched in layers [{stage.start}, {stage.end}): lora.targets={list(spec.targets)} "
-            f"(defaults for {stage.family.name}: {list(stage.family.lora_targets)})"
-        )
+            f"lora.targets={sorted(config.target_modules)} match no module of this {family.name} model; "
+            f"use names of a decoder layer's linear layers (defaults for {family.name}: "
+            f"{list(family.lora_targets)}) or lora.targets=null"
+        ) from e
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLayer]:
@@ -128,7 +136,7 @@ def target_shapes(config: PretrainedConfig, spec: LoraSpec) -> dict[str, tuple[i
     family = family_of(config)
     with init_empty_weights():
         hf = AutoModelForCausalLM.from_config(config)
-        inject_adapter_in_model(lora_config(LoraSpec(1, 1.0, 1, spec.targets), family), hf)
+        _inject(lora_config(LoraSpec(1, 1.0, 1, spec.targets), family), hf, family)
     shapes = {}
     for name, m in lora_modules(hf).items():
         if name.startswith(family.layers + "."):

@@ -118,6 +118,7 @@ class Client:
             correct += float(stats[1])
             step_times.append(time.perf_counter() - t0)
         return {
+            "steps": steps,
             "train_loss": loss_sum / max(tokens, 1.0),
             "train_tokens": tokens,
             "input_tokens": input_tokens,

@@ -95,7 +95,9 @@ def _run(cfg: Config, world: dist.World) -> None:
     ckpt_dir = out / "checkpoint"
     if world.is_server and cfg.runtime.resume:
         loaded = checkpoint.load(ckpt_dir, _fingerprint(cfg, model_path, cut_map, layout))
-        if loaded is not None:
+        if loaded is None:
+            log.info("runtime.resume: no checkpoint in %s yet, starting at round 1", ckpt_dir)
+        else:
             state, flat = loaded
             start_round, elapsed0 = state["round"], state["elapsed_s"]
             log.info("resuming after round %d from %s", start_round, ckpt_dir)
@@ -178,6 +180,7 @@ def _record(rnd, elapsed, round_time, reports, eval_loss, eval_acc, eval_tokens,
         "clients": {
             str(r): {
                 "weight": weights[r],
+                "steps": c["stats"]["steps"],
                 "train_loss": c["stats"]["train_loss"],
                 "train_time_s": c["stats"]["train_time_s"],
                 "step_time_s": c["stats"]["step_time_s"],

@@ -1,0 +1,135 @@
+"""Split vs unsplit throughput, bytes per step against the floor, and client memory against its share.
+
+    .venv/bin/python -m benchmarks.split_overhead            # writes benchmarks/results/split_overhead.json
+
+1. tokens/s of a one-client split run (torchrun, 2 processes) over launch.train_local on the
+   same random 8-layer Llama (hidden 512, seq 256, batch 8), alternated 2x so that machine noise
+   hits both; goal >= 0.85.
+2. bytes moved per training step (hidden states + mask + labels up, gradients down, as
+   counted from the tensors sent) over the floor 2 x batch x seq x hidden x itemsize; goal <= 1.1.
+   The loopback interface's byte counter over the whole run is recorded beside it, as an
+   independent check of what the counters miss (RPC framing, control traffic, aggregation).
+3. peak RSS of clients cut at 1, 4 and 7 of 8 layers, against the parameter bytes of their
+   stage and of the full model; goal: grows with k and stays well under the full model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from models.random_models import save_random_model
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "benchmarks" / "results"
+HIDDEN, LAYERS, SEQ, BATCH = 512, 8, 256, 8
+
+
+def write_text_data(path: Path, n_lines: int) -> None:
+    import random
+
+    rng = random.Random(0)
+    lines = [" ".join(str(rng.randint(0, 999)) for _ in range(90)) for _ in range(n_lines)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def overrides(model: Path, data: Path, out: Path, **extra: str) -> list[str]:
+    args = {
+        "model.path": str(model), "data.train_path": str(data), "data.eval_path": str(data),
+        "data.max_seq_len": str(SEQ), "data.partition": "iid", "data.min_samples": "1",
+        "data.max_eval_samples": "8", "train.batch_size": str(BATCH), "train.eval_batch_size": "8",
+        "train.rounds": "2", "train.local_steps": "6", "lora.r_cut": "8", "runtime.intra_op_threads": "2",
+        "output_dir": str(out), **extra,
+    }
+    return ["torchrun_configs/tiny_cpu.yaml", *(f"{k}={v}" for k, v in args.items())]
+
+
+def run(cmd: list[str]) -> float:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def torchrun(n: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            "-m", "launch.train", *args]
+
+
+def last_round(out: Path) -> dict:
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="splitft-bench-"))
+    model = save_random_model("llama", tmp / "model", n_layers=LAYERS, hidden=HIDDEN, heads=8, max_len=SEQ)
+    data = tmp / "train.txt"
+    write_text_data(data, 400)
+
+    # 1 + 2: throughput and bytes, split and local alternated; round 2 only (round 1 warms up).
+    split_tps, local_tps, per_step, lo_ratio = [], [], [], []
+    for i in range(2):
+        out_l = tmp / f"local{i}"
+        run([sys.executable, "-m", "launch.train_local", *overrides(model, data, out_l)])
+        local_tps.append(last_round(out_l)["tokens_per_s"])
+        out_s = tmp / f"split{i}"
+        lo_before = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
+        run(torchrun(2, overrides(model, data, out_s, **{"split.cut_layers": "4"})))
+        lo_bytes = psutil.net_io_counters(pernic=True)["lo"].bytes_sent - lo_before
+        rec = last_round(out_s)
+        split_tps.append(rec["tokens_per_s"])
+        c = rec["comm_bytes"]["1"]
+        per_step.append((c["activations_up"] + c["gradients_down"]) / rec["clients"]["1"]["steps"])
+        records = [json.loads(line) for line in (out_s / "metrics.jsonl").read_text().splitlines()]
+        counted = sum(sum(sum(v.values()) for v in r["comm_bytes"].values()) + sum(r["eval_comm_bytes"].values())
+                      for r in records)
+        lo_ratio.append(lo_bytes / counted)
+    floor = 2 * BATCH * SEQ * HIDDEN * 4
+
+    # 3: memory of clients cut at 1, 4, 7.
+    out_m = tmp / "memory"
+    run(torchrun(4, overrides(model, data, out_m, **{"split.cut_layers": "[1,4,7]", "train.rounds": "1",
+                                                     "train.local_steps": "2"})))
+    rec = last_round(out_m)
+    full_mb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
+    baseline_rss = json.loads(subprocess.run(
+        [sys.executable, "-c", "import json, resource, runtime.split, runtime.local; "
+         "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True).stdout)
+    memory = {rank: {"cut": rec["cut_layers"][rank], "peak_rss_mb": c["peak_rss_mb"],
+                     "stage_param_mb": c["stage_param_mb"]} for rank, c in rec["clients"].items()}
+
+    result = {
+        "command": ".venv/bin/python -m benchmarks.split_overhead",
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {platform.python_version()}",
+        "model": f"random Llama, {LAYERS} layers, hidden {HIDDEN}, seq {SEQ}, batch {BATCH}, float32, CPU",
+        "throughput": {
+            "local_tokens_per_s": local_tps, "split_tokens_per_s": split_tps,
+            "ratio_split_over_local": statistics.median(s / l for s, l in zip(split_tps, local_tps)),
+        },
+        "bytes_per_step": {
+            "floor": floor, "measured": per_step, "ratio_over_floor": statistics.median(per_step) / floor,
+            "loopback_bytes_over_counted_bytes": lo_ratio,
+        },
+        "memory": {"full_model_mb": full_mb, "import_only_rss_mb": baseline_rss, "clients": memory},
+        "benchmark_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "split_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
