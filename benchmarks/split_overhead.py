@@ -45,11 +45,21 @@ def write_text_data(path: Path, n_lines: int) -> None:
 
 def overrides(model: Path, data: Path, out: Path, **extra: str) -> list[str]:
     args = {
-        "model.path": str(model), "data.train_path": str(data), "data.eval_path": str(data),
-        "data.max_seq_len": str(SEQ), "data.partition": "iid", "data.min_samples": "1",
-        "data.max_eval_samples": "8", "train.batch_size": str(BATCH), "train.eval_batch_size": "8",
-        "train.rounds": "2", "train.local_steps": "6", "lora.r_cut": "8", "runtime.intra_op_threads": "2",
-        "output_dir": str(out), **extra,
+        "model.path": str(model),
+        "data.train_path": str(data),
+        "data.eval_path": str(data),
+        "data.max_seq_len": str(SEQ),
+        "data.partition": "iid",
+        "data.min_samples": "1",
+        "data.max_eval_samples": "8",
+        "train.batch_size": str(BATCH),
+        "train.eval_batch_size": "8",
+        "train.rounds": "2",
+        "train.local_steps": "6",
+        "lora.r_cut": "8",
+        "runtime.intra_op_threads": "2",
+        "output_dir": str(out),
+        **extra,
     }
     return ["torchrun_configs/tiny_cpu.yaml", *(f"{k}={v}" for k, v in args.items())]
 
@@ -64,8 +74,16 @@ def run(cmd: list[str]) -> float:
 
 
 def torchrun(n: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-            "-m", "launch.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        "-m",
+        "launch.train",
+        *args,
+    ]
 
 
 def last_round(out: Path) -> dict:
@@ -93,34 +111,64 @@ def main() -> None:
         c = rec["comm_bytes"]["1"]
         per_step.append((c["activations_up"] + c["gradients_down"]) / rec["clients"]["1"]["steps"])
         records = [json.loads(line) for line in (out_s / "metrics.jsonl").read_text().splitlines()]
-        counted = sum(sum(sum(v.values()) for v in r["comm_bytes"].values()) + sum(r["eval_comm_bytes"].values())
-                      for r in records)
+        counted = sum(
+            sum(sum(v.values()) for v in r["comm_bytes"].values()) + sum(r["eval_comm_bytes"].values())
+            for r in records
+        )
         lo_ratio.append(lo_bytes / counted)
     floor = 2 * BATCH * SEQ * HIDDEN * 4
 
     # 3: memory of clients cut at 1, 4, 7.
     out_m = tmp / "memory"
-    run(torchrun(4, overrides(model, data, out_m, **{"split.cut_layers": "[1,4,7]", "train.rounds": "1",
-                                                     "train.local_steps": "2"})))
+    run(
+        torchrun(
+            4,
+            overrides(
+                model,
+                data,
+                out_m,
+                **{"split.cut_layers": "[1,4,7]", "train.rounds": "1", "train.local_steps": "2"},
+            ),
+        )
+    )
     rec = last_round(out_m)
     full_mb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
-    baseline_rss = json.loads(subprocess.run(
-        [sys.executable, "-c", "import json, resource, runtime.split, runtime.local; "
-         "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True).stdout)
-    memory = {rank: {"cut": rec["cut_layers"][rank], "peak_rss_mb": c["peak_rss_mb"],
-                     "stage_param_mb": c["stage_param_mb"]} for rank, c in rec["clients"].items()}
+    baseline_rss = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json, resource, runtime.split, runtime.local; "
+                "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))",
+            ],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    memory = {
+        rank: {
+            "cut": rec["cut_layers"][rank],
+            "peak_rss_mb": c["peak_rss_mb"],
+            "stage_param_mb": c["stage_param_mb"],
+        }
+        for rank, c in rec["clients"].items()
+    }
 
     result = {
         "command": ".venv/bin/python -m benchmarks.split_overhead",
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {platform.python_version()}",
         "model": f"random Llama, {LAYERS} layers, hidden {HIDDEN}, seq {SEQ}, batch {BATCH}, float32, CPU",
         "throughput": {
-            "local_tokens_per_s": local_tps, "split_tokens_per_s": split_tps,
+            "local_tokens_per_s": local_tps,
+            "split_tokens_per_s": split_tps,
             "ratio_split_over_local": statistics.median(s / l for s, l in zip(split_tps, local_tps)),
         },
         "bytes_per_step": {
-            "floor": floor, "measured": per_step, "ratio_over_floor": statistics.median(per_step) / floor,
+            "floor": floor,
+            "measured": per_step,
+            "ratio_over_floor": statistics.median(per_step) / floor,
             "loopback_bytes_over_counted_bytes": lo_ratio,
         },
         "memory": {"full_model_mb": full_mb, "import_only_rss_mb": baseline_rss, "clients": memory},

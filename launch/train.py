@@ -17,8 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from runtime.config import Config, ConfigError, load_config, validate_for_world
 from models.lora import build_layout
+from runtime.config import Config, ConfigError, load_config, validate_for_world
 from runtime.job import lora_spec, model_config, resolve_data_paths, resolve_model_path
 
 

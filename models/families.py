@@ -9,8 +9,9 @@ mask builders so a slice computes exactly what the full model computes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,9 @@ class Family:
     shared: tuple[str, ...]  # parameter-free modules every stage needs (rotary embedding)
     lora_targets: tuple[str, ...]  # default LoRA target module names inside a decoder layer
     embed_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-    layer_inputs_fn: Callable[[nn.Module, PretrainedConfig, torch.Tensor, torch.Tensor | None], dict[str, Any]]
+    layer_inputs_fn: Callable[
+        [nn.Module, PretrainedConfig, torch.Tensor, torch.Tensor | None], dict[str, Any]
+    ]
     head_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
     def layer_index_prefix(self) -> str:
@@ -61,7 +64,9 @@ def _layer_types(config: PretrainedConfig) -> list[str]:
     return [kind] * config.num_hidden_layers
 
 
-def _llama_embed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _llama_embed(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     return model.model.embed_tokens(input_ids)
 
 
@@ -70,7 +75,10 @@ def _llama_layer_inputs(
 ) -> dict[str, Any]:
     position_ids = _positions(attention_mask, hidden.shape[1], hidden.device)
     mask_kwargs = dict(
-        config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
+        config=config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        past_key_values=None,
         position_ids=position_ids,
     )
     masks = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -91,7 +99,9 @@ def _llama_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 # ---- GPT-2 and GPT-Neo: learned positions added at the input, LayerNorm head ----
 
 
-def _gpt2_embed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _gpt2_embed(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     t = model.transformer
     position_ids = _positions(attention_mask, input_ids.shape[1], input_ids.device)
     return t.drop(t.wte(input_ids) + t.wpe(position_ids))
@@ -102,7 +112,10 @@ def _plain_layer_inputs(
 ) -> dict[str, Any]:
     position_ids = _positions(attention_mask, hidden.shape[1], hidden.device)
     mask = create_causal_mask(
-        config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
+        config=config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        past_key_values=None,
         position_ids=position_ids,
     )
     return {"masks": {"full_attention": mask}, "position_ids": position_ids}
@@ -115,7 +128,9 @@ def _gpt2_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 # ---- OPT: learned positions with an offset, optional in/out projections ----
 
 
-def _opt_embed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _opt_embed(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     d = model.model.decoder
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -141,26 +156,48 @@ _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 FAMILIES: dict[str, Family] = {}
 for _name in ("llama", "qwen2", "mistral"):
     FAMILIES[_name] = Family(
-        name=_name, layers="model.layers", embed=("model.embed_tokens",), head=("model.norm", "lm_head"),
-        shared=("model.rotary_emb",), lora_targets=_LLAMA_TARGETS,
-        embed_fn=_llama_embed, layer_inputs_fn=_llama_layer_inputs, head_fn=_llama_head,
+        name=_name,
+        layers="model.layers",
+        embed=("model.embed_tokens",),
+        head=("model.norm", "lm_head"),
+        shared=("model.rotary_emb",),
+        lora_targets=_LLAMA_TARGETS,
+        embed_fn=_llama_embed,
+        layer_inputs_fn=_llama_layer_inputs,
+        head_fn=_llama_head,
     )
 FAMILIES["gpt2"] = Family(
-    name="gpt2", layers="transformer.h", embed=("transformer.wte", "transformer.wpe"),
-    head=("transformer.ln_f", "lm_head"), shared=(), lora_targets=("c_attn", "c_proj", "c_fc"),
-    embed_fn=_gpt2_embed, layer_inputs_fn=_plain_layer_inputs, head_fn=_gpt2_head,
+    name="gpt2",
+    layers="transformer.h",
+    embed=("transformer.wte", "transformer.wpe"),
+    head=("transformer.ln_f", "lm_head"),
+    shared=(),
+    lora_targets=("c_attn", "c_proj", "c_fc"),
+    embed_fn=_gpt2_embed,
+    layer_inputs_fn=_plain_layer_inputs,
+    head_fn=_gpt2_head,
 )
 FAMILIES["gpt_neo"] = Family(
-    name="gpt_neo", layers="transformer.h", embed=("transformer.wte", "transformer.wpe"),
-    head=("transformer.ln_f", "lm_head"), shared=(), lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"),
-    embed_fn=_gpt2_embed, layer_inputs_fn=_plain_layer_inputs, head_fn=_gpt2_head,
+    name="gpt_neo",
+    layers="transformer.h",
+    embed=("transformer.wte", "transformer.wpe"),
+    head=("transformer.ln_f", "lm_head"),
+    shared=(),
+    lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"),
+    embed_fn=_gpt2_embed,
+    layer_inputs_fn=_plain_layer_inputs,
+    head_fn=_gpt2_head,
 )
 FAMILIES["opt"] = Family(
-    name="opt", layers="model.decoder.layers",
+    name="opt",
+    layers="model.decoder.layers",
     embed=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
-    head=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"), shared=(),
+    head=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+    shared=(),
     lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-    embed_fn=_opt_embed, layer_inputs_fn=_plain_layer_inputs, head_fn=_opt_head,
+    embed_fn=_opt_embed,
+    layer_inputs_fn=_plain_layer_inputs,
+    head_fn=_opt_head,
 )
 
 

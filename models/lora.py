@@ -201,7 +201,11 @@ def read_adapter(model: nn.Module, layout: AdapterLayout, flat: torch.Tensor, we
 
 
 def export_peft_adapter(
-    layout: AdapterLayout, flat: torch.Tensor, spec: LoraSpec, config: PretrainedConfig, out_dir: str | Path,
+    layout: AdapterLayout,
+    flat: torch.Tensor,
+    spec: LoraSpec,
+    config: PretrainedConfig,
+    out_dir: str | Path,
     base_model: str,
 ) -> Path:
     """Writes the global adapter in PEFT format; ``PeftModel.from_pretrained(base, out_dir)`` loads it."""

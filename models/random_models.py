@@ -31,27 +31,63 @@ def random_config(
         cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
         extra = {"sliding_window": None} if family == "mistral" else {}
         return cls(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=n_layers,
-            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_len,
-            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=max_len,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **extra,
         )
     if family == "gpt2":
         return GPT2Config(
-            vocab_size=vocab, n_embd=hidden, n_layer=n_layers, n_head=heads, n_positions=max_len,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_layer=n_layers,
+            n_head=heads,
+            n_positions=max_len,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     if family == "gpt_neo":
         return GPTNeoConfig(
-            vocab_size=vocab, hidden_size=hidden, num_layers=n_layers, num_heads=heads,
-            attention_types=[[["global", "local"], max(1, n_layers // 2)]] if n_layers % 2 == 0 else
-            [[["global"], n_layers]], window_size=16, max_position_embeddings=max_len,
-            resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_layers=n_layers,
+            num_heads=heads,
+            attention_types=[[["global", "local"], max(1, n_layers // 2)]]
+            if n_layers % 2 == 0
+            else [[["global"], n_layers]],
+            window_size=16,
+            max_position_embeddings=max_len,
+            resid_dropout=0.0,
+            embed_dropout=0.0,
+            attention_dropout=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     if family == "opt":
         return OPTConfig(
-            vocab_size=vocab, hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=n_layers,
-            num_attention_heads=heads, max_position_embeddings=max_len, dropout=0.0, attention_dropout=0.0,
-            word_embed_proj_dim=hidden, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            ffn_dim=hidden * 2,
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            max_position_embeddings=max_len,
+            dropout=0.0,
+            attention_dropout=0.0,
+            word_embed_proj_dim=hidden,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     raise ValueError(f"unknown family {family!r}")
 

@@ -148,7 +148,9 @@ def build_stage(
     # Parameters on meta (free); buffers real, so non-persistent ones such as rotary inv_freq are right.
     # attn_implementation None lets transformers pick as from_pretrained does (sdpa where supported).
     with init_empty_weights(include_buffers=False):
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
+        hf = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
     config = hf.config
     layers = get_module(hf, family.layers)
     owned = nn.ModuleDict({str(i): layers[i] for i in range(start, end)})
@@ -190,7 +192,9 @@ def stage_parameter_bytes(stage: Stage) -> int:
     return sum(p.numel() * p.element_size() for p in stage.parameters())
 
 
-def full_model(model_dir: str | Path, dtype: str = "float32", attn_implementation: str | None = None) -> nn.Module:
+def full_model(
+    model_dir: str | Path, dtype: str = "float32", attn_implementation: str | None = None
+) -> nn.Module:
     """The unsplit HF model, loaded the ordinary way (the parity reference and the no-cut baseline)."""
     load_config(model_dir)
     return AutoModelForCausalLM.from_pretrained(

@@ -101,16 +101,15 @@ TASK_FUNCTIONS: dict[str, Callable[[list[int]], list[int]]] = {
 }
 
 
-def _solve(task: str, digits: list[int]) -> list[int]:
-    try:
-        return TASK_FUNCTIONS[task](digits)
-    except KeyError:
-        raise ValueError(f"unknown task {task!r}; expected one of {tuple(TASK_FUNCTIONS)}") from None
+def _check_task(task: str) -> None:
+    if task not in TASK_FUNCTIONS:
+        raise ValueError(f"unknown task {task!r}; expected one of {tuple(TASK_FUNCTIONS)}")
 
 
 def make_example(task: str, digits: list[int]) -> dict[str, str]:
     """Format one example, e.g. ``{"prompt": "sort: 8 3 1 =", "response": " 1 3 8"}``."""
-    answer = _solve(task, digits)
+    _check_task(task)
+    answer = TASK_FUNCTIONS[task](digits)
     return {
         "prompt": f"{task}: {' '.join(map(str, digits))} =",
         "response": "".join(f" {d}" for d in answer),
@@ -119,7 +118,8 @@ def make_example(task: str, digits: list[int]) -> dict[str, str]:
 
 def _example_stream(task: str, rng: random.Random) -> Iterator[dict[str, str]]:
     tasks = PRETRAIN_TASKS if task == "pretrain" else (task,)
-    _solve(tasks[0], [])  # fail fast on an unknown task name
+    for name in tasks:
+        _check_task(name)  # fail at the call, not at the first next()
     while True:
         # Uniform length gives texts from ~11 to ~126 characters.
         n_items = rng.randint(MIN_ITEMS, MAX_ITEMS)

@@ -16,16 +16,21 @@ from torch import nn
 from models.lora import AdapterLayout, read_adapter, write_adapter
 
 
-def local_contribution(holders: list[tuple[nn.Module, float]], layout: AdapterLayout,
-                       device: torch.device) -> torch.Tensor:
+def local_contribution(
+    holders: list[tuple[nn.Module, float]], layout: AdapterLayout, device: torch.device
+) -> torch.Tensor:
     flat = torch.zeros(layout.numel, dtype=torch.float32, device=device)
     for model, weight in holders:
         read_adapter(model, layout, flat, weight)
     return flat
 
 
-def aggregate(holders: list[tuple[nn.Module, float]], layout: AdapterLayout, device: torch.device,
-              group: dist.ProcessGroup | None) -> torch.Tensor:
+def aggregate(
+    holders: list[tuple[nn.Module, float]],
+    layout: AdapterLayout,
+    device: torch.device,
+    group: dist.ProcessGroup | None,
+) -> torch.Tensor:
     """All-reduces the weighted copies, loads the result into every holder and returns it."""
     flat = local_contribution(holders, layout, device)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)

@@ -63,19 +63,36 @@ def server_payload(batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> tupl
 
 
 class Client:
-    def __init__(self, rank: int, cut: int, cfg: Config, model_path, spec: LoraSpec, data: ClientData,
-                 device: torch.device, timeout_s: float):
+    def __init__(
+        self,
+        rank: int,
+        cut: int,
+        cfg: Config,
+        model_path,
+        spec: LoraSpec,
+        data: ClientData,
+        device: torch.device,
+        timeout_s: float,
+    ):
         self.rank, self.cut, self.cfg, self.device = rank, cut, cfg, device
         self.timeout_s = timeout_s
-        self.stage = build_stage(model_path, 0, cut, device=device, dtype=cfg.model.dtype,
-                                 attn_implementation=cfg.model.attn_implementation)
+        self.stage = build_stage(
+            model_path,
+            0,
+            cut,
+            device=device,
+            dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation,
+        )
         add_lora(self.stage, spec, cut_rank=True)
         self.params = lora_parameters(self.stage.hf)
         self.n_samples = len(data.shard)
-        self.stream = BatchStream(data.examples, data.shard, cfg.train.batch_size,
-                                  data_seed(cfg, rank - 1), data.pad_id)
-        self.eval_set = eval_batches(data.eval_examples, data.eval_indices, cfg.train.eval_batch_size,
-                                     data.pad_id)
+        self.stream = BatchStream(
+            data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, rank - 1), data.pad_id
+        )
+        self.eval_set = eval_batches(
+            data.eval_examples, data.eval_indices, cfg.train.eval_batch_size, data.pad_id
+        )
         self.comm: Counter = Counter()
         self.replica: rpc.RRef | None = None
 

@@ -150,7 +150,9 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+    if tp in (int, float, str, bool) and (
+        not isinstance(value, tp) or (tp is int and isinstance(value, bool))
+    ):
         raise ConfigError(f"{where}: {value!r} is not a {tp.__name__}")
     return value
 
@@ -170,9 +172,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}: valid keys here are {sorted(names)}"
-        )
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}: valid keys here are {sorted(names)}")
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
@@ -221,13 +221,19 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Range checks that need no model or process group."""
     t, d, lo, rt = cfg.train, cfg.data, cfg.lora, cfg.runtime
-    _require(cfg.model.dtype in ("float32", "bfloat16", "float16"),
-             f"model.dtype={cfg.model.dtype!r}: use float32, bfloat16 or float16")
-    _require(d.format in ("auto", "text", "jsonl_text", "jsonl_prompt"),
-             f"data.format={d.format!r}: use auto, text, jsonl_text or jsonl_prompt")
+    _require(
+        cfg.model.dtype in ("float32", "bfloat16", "float16"),
+        f"model.dtype={cfg.model.dtype!r}: use float32, bfloat16 or float16",
+    )
+    _require(
+        d.format in ("auto", "text", "jsonl_text", "jsonl_prompt"),
+        f"data.format={d.format!r}: use auto, text, jsonl_text or jsonl_prompt",
+    )
     _require(d.max_seq_len >= 2, f"data.max_seq_len={d.max_seq_len}: must be at least 2")
-    _require(d.partition in ("length_dirichlet", "iid"),
-             f"data.partition={d.partition!r}: use length_dirichlet or iid")
+    _require(
+        d.partition in ("length_dirichlet", "iid"),
+        f"data.partition={d.partition!r}: use length_dirichlet or iid",
+    )
     _require(d.alpha > 0, f"data.alpha={d.alpha}: must be > 0 (e.g. 0.5 skewed, 100 near-IID)")
     _require(d.n_buckets >= 1, f"data.n_buckets={d.n_buckets}: must be >= 1")
     _require(d.min_samples >= 1, f"data.min_samples={d.min_samples}: must be >= 1")
@@ -248,24 +254,35 @@ def validate(cfg: Config) -> None:
     _require(rt.timeout_s > 0, f"runtime.timeout_s={rt.timeout_s}: must be > 0")
     _require(rt.rpc_threads >= 1, f"runtime.rpc_threads={rt.rpc_threads}: must be >= 1")
     _require(rt.intra_op_threads >= 0, f"runtime.intra_op_threads={rt.intra_op_threads}: must be >= 0")
-    _require(cfg.split.clients is None or cfg.split.clients >= 1,
-             f"split.clients={cfg.split.clients}: must be >= 1 or null")
+    _require(
+        cfg.split.clients is None or cfg.split.clients >= 1,
+        f"split.clients={cfg.split.clients}: must be >= 1 or null",
+    )
 
 
 def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]:
     """Checks the config against the launch and the model; returns each client's cut layer."""
     n_clients = world_size - 1
-    _require(n_clients >= 1, f"WORLD_SIZE={world_size}: need a server and at least one client "
-             "(torchrun --nproc_per_node=2 or more)")
+    _require(
+        n_clients >= 1,
+        f"WORLD_SIZE={world_size}: need a server and at least one client "
+        "(torchrun --nproc_per_node=2 or more)",
+    )
     if cfg.split.clients is not None:
-        _require(cfg.split.clients == n_clients,
-                 f"split.clients={cfg.split.clients} but torchrun started {n_clients} client ranks: "
-                 f"launch with --nproc_per_node={cfg.split.clients + 1} (or set split.clients={n_clients})")
+        _require(
+            cfg.split.clients == n_clients,
+            f"split.clients={cfg.split.clients} but torchrun started {n_clients} client ranks: "
+            f"launch with --nproc_per_node={cfg.split.clients + 1} (or set split.clients={n_clients})",
+        )
     cuts = cfg.cut_layers_for(n_clients)
-    _require(len(cuts) == n_clients,
-             f"split.cut_layers has {len(cuts)} entries for {n_clients} clients: give one per client "
-             f"or a single int (torchrun --nproc_per_node={len(cuts) + 1} matches this list)")
+    _require(
+        len(cuts) == n_clients,
+        f"split.cut_layers has {len(cuts)} entries for {n_clients} clients: give one per client "
+        f"or a single int (torchrun --nproc_per_node={len(cuts) + 1} matches this list)",
+    )
     for i, k in enumerate(cuts):
-        _require(1 <= k <= n_layers - 1,
-                 f"split.cut_layers[{i}]={k}: the model has {n_layers} layers, so a cut must be in 1..{n_layers - 1}")
+        _require(
+            1 <= k <= n_layers - 1,
+            f"split.cut_layers[{i}]={k}: the model has {n_layers} layers, so a cut must be in 1..{n_layers - 1}",
+        )
     return cuts

@@ -44,8 +44,12 @@ class World:
 def env_world() -> tuple[int, int, int, int]:
     """(rank, world_size, local_rank, local_world_size) from torchrun's environment."""
     try:
-        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        return (
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        )
     except KeyError as e:
         raise RuntimeError(
             f"{e.args[0]} is not set: launch with torchrun, e.g. "

@@ -63,8 +63,9 @@ def resolve_data_paths(cfg: Config) -> tuple[Path, Path]:
 
 def lora_spec(cfg: Config, model_config: PretrainedConfig) -> LoraSpec:
     targets = tuple(cfg.lora.targets) if cfg.lora.targets else family_of(model_config).lora_targets
-    return LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, r_cut=cfg.lora.r_cut, targets=targets,
-                    dropout=cfg.lora.dropout)
+    return LoraSpec(
+        r=cfg.lora.r, alpha=cfg.lora.alpha, r_cut=cfg.lora.r_cut, targets=targets, dropout=cfg.lora.dropout
+    )
 
 
 def model_config(model_path: Path) -> PretrainedConfig:

@@ -108,7 +108,9 @@ def run_local(cfg: Config) -> list[dict]:
             "tokens_per_s": input_tokens / (now - t_round),
             "cut_layers": {},
             "comm_bytes": {},
-            "clients": {"local": {"weight": 1.0, "train_loss": weighted / max(tokens, 1.0), "step_losses": losses}},
+            "clients": {
+                "local": {"weight": 1.0, "train_loss": weighted / max(tokens, 1.0), "step_losses": losses}
+            },
         }
         writer.write(record)
         records.append(record)

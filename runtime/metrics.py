@@ -17,8 +17,11 @@ class MetricsWriter:
         # On resume keep the rounds the checkpoint covers and drop any written after it.
         kept = []
         if resume_round > 0 and path.is_file():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln)["round"] <= resume_round]
+            kept = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["round"] <= resume_round
+            ]
         path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, record: dict) -> None:

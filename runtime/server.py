@@ -87,8 +87,14 @@ class Server:
 
     def __init__(self, model_path, cuts: dict[int, int], spec: LoraSpec, device: torch.device, cfg: Config):
         n_layers = load_config(model_path).num_hidden_layers
-        base = build_stage(model_path, min(cuts.values()), n_layers, device=device,
-                           dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
+        base = build_stage(
+            model_path,
+            min(cuts.values()),
+            n_layers,
+            device=device,
+            dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation,
+        )
         self.base = base
         self.replicas = {rank: ServerReplica(base, k, spec, device, cfg) for rank, k in cuts.items()}
 

@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.lora import AdapterLayout, build_layout, export_peft_adapter, initial_adapter, lora_modules, write_adapter
+from models.lora import (
+    AdapterLayout,
+    build_layout,
+    export_peft_adapter,
+    initial_adapter,
+    lora_modules,
+    write_adapter,
+)
 from runtime import checkpoint, dist
 from runtime.aggregate import aggregate
 from runtime.client import COMM_KEYS, Client, peak_rss_mb
@@ -35,8 +42,12 @@ log = logging.getLogger("splitft")
 
 def setup_logging(rank: int) -> None:
     role = "server" if rank == 0 else f"client{rank}"
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank} {role}] %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s [rank {rank} {role}] %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -74,16 +85,23 @@ def _run(cfg: Config, world: dist.World) -> None:
         n_local = 0
     else:
         data = client_data(cfg, model_path, world.rank - 1, world.n_clients)
-        client = Client(world.rank, cut_map[world.rank], cfg, model_path, spec, data, world.device,
-                        cfg.runtime.timeout_s)
+        client = Client(
+            world.rank, cut_map[world.rank], cfg, model_path, spec, data, world.device, cfg.runtime.timeout_s
+        )
         n_local = client.n_samples
     counts = dist.gather_objects(world, n_local)
     total = sum(counts)
     weights = {rank: counts[rank] / total for rank in range(1, world.world_size)}
     if world.is_server:
         holders = [(server.replicas[r].stage.hf, weights[r]) for r in sorted(server.replicas)]
-        log.info("model %s, %d layers; cuts %s; samples %s; adapter %d params",
-                 model_path, mcfg.num_hidden_layers, cut_map, counts[1:], layout.numel)
+        log.info(
+            "model %s, %d layers; cuts %s; samples %s; adapter %d params",
+            model_path,
+            mcfg.num_hidden_layers,
+            cut_map,
+            counts[1:],
+            layout.numel,
+        )
     else:
         holders = [(client.stage.hf, weights[world.rank])]
     dist.barrier(world)  # replicas exist before any client asks for its RRef
@@ -113,8 +131,11 @@ def _run(cfg: Config, world: dist.World) -> None:
         baseline = _evaluate(world, client)
         if world.is_server:
             log.info("before training: eval_loss %.4f, token accuracy %.4f", baseline[0], baseline[1])
-            (out / "baseline.json").write_text(json.dumps(
-                {"eval_loss": baseline[0], "eval_token_accuracy": baseline[1], "eval_tokens": baseline[2]}))
+            (out / "baseline.json").write_text(
+                json.dumps(
+                    {"eval_loss": baseline[0], "eval_token_accuracy": baseline[1], "eval_tokens": baseline[2]}
+                )
+            )
             log.info(header())
 
     t_start = time.perf_counter() - elapsed0
@@ -140,14 +161,16 @@ def _run(cfg: Config, world: dist.World) -> None:
         reports = dist.gather_objects(world, report)
         if world.is_server:
             now = time.perf_counter()
-            record = _record(rnd, now - t_start, now - t_round, reports, eval_loss, eval_acc, eval_tokens,
-                             cut_map, weights)
+            record = _record(
+                rnd, now - t_start, now - t_round, reports, eval_loss, eval_acc, eval_tokens, cut_map, weights
+            )
             writer.write(record)
             log.info(row(record))
             _save(out, flat, layout, spec, mcfg, model_path, cfg, cut_map, rnd, now - t_start)
     if world.is_server and cfg.runtime.debug:
-        (out / "debug" / "wire.json").write_text(json.dumps(
-            {r: sorted(rep.received) for r, rep in server.replicas.items()}, indent=1))
+        (out / "debug" / "wire.json").write_text(
+            json.dumps({r: sorted(rep.received) for r, rep in server.replicas.items()}, indent=1)
+        )
     dist.barrier(world)
 
 
@@ -211,12 +234,16 @@ def _save(out, flat, layout, spec, mcfg, model_path, cfg, cut_map, rnd, elapsed)
     checkpoint.save(out / "checkpoint", flat, state)
 
 
-def _dump_copies(folder: Path, world: dist.World, server: Server | None, client: Client | None,
-                 weights: dict[int, float]) -> None:
+def _dump_copies(
+    folder: Path, world: dist.World, server: Server | None, client: Client | None, weights: dict[int, float]
+) -> None:
     """Writes every holder's pre-aggregation LoRA weights (runtime.debug; used by the tests)."""
     folder.mkdir(parents=True, exist_ok=True)
-    copies = {f"client{world.rank}": client.stage.hf} if client else {
-        f"server_for{r}": rep.stage.hf for r, rep in server.replicas.items()}
+    copies = (
+        {f"client{world.rank}": client.stage.hf}
+        if client
+        else {f"server_for{r}": rep.stage.hf for r, rep in server.replicas.items()}
+    )
     for name, model in copies.items():
         tensors = {}
         for module, m in lora_modules(model).items():

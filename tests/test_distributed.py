@@ -31,25 +31,49 @@ def setup(tmp_path_factory) -> dict[str, str]:
     model = save_random_model("llama", root / "model", n_layers=4, hidden=64)
     write_jsonl(generate_examples("sort", 240, 0), root / "train.jsonl")
     write_jsonl(generate_examples("sort", 48, 1), root / "eval.jsonl")
-    return {"model": str(model), "train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"),
-            "root": str(root)}
+    return {
+        "model": str(model),
+        "train": str(root / "train.jsonl"),
+        "eval": str(root / "eval.jsonl"),
+        "root": str(root),
+    }
 
 
 def common_args(setup: dict[str, str], out: Path) -> list[str]:
     return [
         "torchrun_configs/tiny_cpu.yaml",
-        f"model.path={setup['model']}", f"data.train_path={setup['train']}", f"data.eval_path={setup['eval']}",
-        f"output_dir={out}", "data.min_samples=8", "data.max_eval_samples=48", "train.eval_batch_size=16",
+        f"model.path={setup['model']}",
+        f"data.train_path={setup['train']}",
+        f"data.eval_path={setup['eval']}",
+        f"output_dir={out}",
+        "data.min_samples=8",
+        "data.max_eval_samples=48",
+        "train.eval_batch_size=16",
         "runtime.timeout_s=120",
     ]
 
 
 def torchrun(n_procs: int, args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_procs}",
-           "-m", "launch.train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n_procs}",
+        "-m",
+        "launch.train",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -71,8 +95,11 @@ def test_one_client_split_matches_unsplit_step_for_step(setup, tmp_path):
     settings = ["train.rounds=2", "train.local_steps=10", "lora.r_cut=8", "split.cut_layers=2"]
     split = torchrun(2, [*common_args(setup, tmp_path / "split"), *settings])
     assert split.returncode == 0, split.stdout[-4000:]
-    local = run_local(load_config("torchrun_configs/tiny_cpu.yaml",
-                                  [*common_args(setup, tmp_path / "local")[1:], *settings]))
+    local = run_local(
+        load_config(
+            "torchrun_configs/tiny_cpu.yaml", [*common_args(setup, tmp_path / "local")[1:], *settings]
+        )
+    )
 
     split_losses = [x for r in metrics(tmp_path / "split") for x in r["clients"]["1"]["step_losses"]]
     local_losses = [x for r in local for x in r["clients"]["local"]["step_losses"]]
@@ -91,16 +118,35 @@ def test_one_client_split_matches_unsplit_step_for_step(setup, tmp_path):
 def test_three_clients_with_different_cuts_train_concurrently(setup, tmp_path):
     """Concurrency: 3 clients cut at 1, 2, 3 take 32 steps each at once; aggregation is the weighted average."""
     out = tmp_path / "run"
-    res = torchrun(4, [*common_args(setup, out), "split.cut_layers=[1,2,3]", "train.rounds=2",
-                       "train.local_steps=16", "lora.r=8", "lora.r_cut=4", "runtime.debug=true"])
+    res = torchrun(
+        4,
+        [
+            *common_args(setup, out),
+            "split.cut_layers=[1,2,3]",
+            "train.rounds=2",
+            "train.local_steps=16",
+            "lora.r=8",
+            "lora.r_cut=4",
+            "runtime.debug=true",
+        ],
+    )
     assert res.returncode == 0, res.stdout[-4000:]
     assert "inplace operation" not in res.stdout
 
     records = metrics(out)
     assert [r["round"] for r in records] == [1, 2]
     for r in records:
-        for key in ("round", "elapsed_s", "round_time_s", "train_loss", "eval_loss", "eval_token_accuracy",
-                    "eval_perplexity", "cut_layers", "comm_bytes"):
+        for key in (
+            "round",
+            "elapsed_s",
+            "round_time_s",
+            "train_loss",
+            "eval_loss",
+            "eval_token_accuracy",
+            "eval_perplexity",
+            "cut_layers",
+            "comm_bytes",
+        ):
             assert key in r
         assert r["cut_layers"] == {"1": 1, "2": 2, "3": 3}
         for rank in ("1", "2", "3"):
@@ -143,8 +189,18 @@ def test_three_clients_with_different_cuts_train_concurrently(setup, tmp_path):
         assert not any(k.startswith("torch.int64") for k in kinds), kinds
 
     # Resume: a third round continues from the checkpoint and the metrics are appended, not restarted.
-    res = torchrun(4, [*common_args(setup, out), "split.cut_layers=[1,2,3]", "train.rounds=3",
-                       "train.local_steps=16", "lora.r=8", "lora.r_cut=4", "runtime.resume=true"])
+    res = torchrun(
+        4,
+        [
+            *common_args(setup, out),
+            "split.cut_layers=[1,2,3]",
+            "train.rounds=3",
+            "train.local_steps=16",
+            "lora.r=8",
+            "lora.r_cut=4",
+            "runtime.resume=true",
+        ],
+    )
     assert res.returncode == 0, res.stdout[-4000:]
     assert "resuming after round 2" in res.stdout
     resumed = metrics(out)
