@@ -163,7 +163,7 @@ def main() -> None:
         "throughput": {
             "local_tokens_per_s": local_tps,
             "split_tokens_per_s": split_tps,
-            "ratio_split_over_local": statistics.median(s / l for s, l in zip(split_tps, local_tps)),
+            "ratio_split_over_local": statistics.median(s / u for s, u in zip(split_tps, local_tps)),
         },
         "bytes_per_step": {
             "floor": floor,

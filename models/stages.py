@@ -69,7 +69,7 @@ class CheckpointReader:
 
 
 def _checkpoint_key(name: str, keys: set[str], prefix: str, tied: dict[str, str]) -> str | None:
-    """Maps a parameter name of the model to its key in the checkpoint (prefixless GPT-2 files, tied heads)."""
+    """A parameter's key in the checkpoint (handles prefixless GPT-2 files and tied heads)."""
     for candidate in (name, name.removeprefix(prefix + ".")):
         if candidate in keys:
             return candidate

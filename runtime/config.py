@@ -283,6 +283,7 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
     for i, k in enumerate(cuts):
         _require(
             1 <= k <= n_layers - 1,
-            f"split.cut_layers[{i}]={k}: the model has {n_layers} layers, so a cut must be in 1..{n_layers - 1}",
+            f"split.cut_layers[{i}]={k}: the model has {n_layers} layers, "
+            f"so a cut must be in 1..{n_layers - 1}",
         )
     return cuts

@@ -116,7 +116,7 @@ def test_one_client_split_matches_unsplit_step_for_step(setup, tmp_path):
 
 
 def test_three_clients_with_different_cuts_train_concurrently(setup, tmp_path):
-    """Concurrency: 3 clients cut at 1, 2, 3 take 32 steps each at once; aggregation is the weighted average."""
+    """3 clients cut at 1, 2, 3 take 32 steps each at once; the aggregate is the weighted average."""
     out = tmp_path / "run"
     res = torchrun(
         4,
@@ -184,7 +184,7 @@ def test_three_clients_with_different_cuts_train_concurrently(setup, tmp_path):
 
     # What crossed the wire: float hidden states, a bool mask, int32 labels; never int64 token ids.
     wire = json.loads((out / "debug" / "wire.json").read_text())
-    for rank, kinds in wire.items():
+    for kinds in wire.values():
         assert "torch.float32:3d:last=64" in kinds
         assert not any(k.startswith("torch.int64") for k in kinds), kinds
 
