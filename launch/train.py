@@ -19,7 +19,7 @@ from pathlib import Path
 
 from models.lora import build_layout
 from runtime.config import Config, ConfigError, load_config, validate_for_world
-from runtime.job import lora_spec, model_config, resolve_data_paths, resolve_model_path
+from runtime.job import ClientData, client_data, lora_spec, model_config, resolve_model_path
 
 
 def parse(argv: list[str]) -> Config:
@@ -41,27 +41,43 @@ def check_output_dir(cfg: Config) -> None:
 
 
 def check(cfg: Config, world_size: int) -> None:
-    """Everything that can be checked before a process group exists: config, model folder, data files."""
+    """What every rank can check before a process group exists: config, output_dir, model, LoRA targets."""
     check_output_dir(cfg)
     model_path = resolve_model_path(cfg)
     mcfg = model_config(model_path)
     cuts = validate_for_world(cfg, world_size, mcfg.num_hidden_layers)
     build_layout(mcfg, lora_spec(cfg, mcfg), cuts)  # unknown lora.targets fail here, on the meta device
-    resolve_data_paths(cfg)
+
+
+def load_client_data(cfg: Config, rank: int, world_size: int) -> ClientData:
+    """A client's data, read and partitioned before the process group starts so bad lines stop the run early.
+
+    Only clients read data: the server never needs the data files.
+    """
+    return client_data(cfg, resolve_model_path(cfg), rank - 1, world_size - 1)
 
 
 def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = parse(sys.argv[1:] if argv is None else argv)
-        check(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        check(cfg, world_size)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        if rank == 0:
+        if rank == 0:  # every rank sees the same error: say it once
             print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    data = None
+    if rank > 0:
+        try:
+            data = load_client_data(cfg, rank, world_size)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            if rank == 1:  # clients read the same files and compute the same partition
+                print(f"data error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     from runtime.split import run
 
-    run(cfg)
+    run(cfg, data)
 
 
 if __name__ == "__main__":

@@ -11,23 +11,24 @@ import sys
 
 from launch.train import check_output_dir, parse
 from runtime.config import ConfigError
-from runtime.job import model_config, resolve_data_paths, resolve_model_path
+from runtime.job import client_data, model_config, resolve_model_path
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse(sys.argv[1:] if argv is None else argv)
         check_output_dir(cfg)
-        model_config(resolve_model_path(cfg))
-        resolve_data_paths(cfg)
+        model_path = resolve_model_path(cfg)
+        model_config(model_path)
+        data = client_data(cfg, model_path, 0, 1)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     from runtime.local import run_local
     from runtime.split import setup_logging
 
     setup_logging(0)
-    run_local(cfg)
+    run_local(cfg, data)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from models.stages import full_model
 from runtime import checkpoint
 from runtime.config import Config
 from runtime.job import (
+    ClientData,
     client_data,
     data_seed,
     default_threads,
@@ -44,7 +45,7 @@ from runtime.metrics import MetricsWriter, header, perplexity, row
 log = logging.getLogger("splitft")
 
 
-def run_local(cfg: Config) -> list[dict]:
+def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     """Trains ``cfg.train.rounds`` rounds; writes metrics.jsonl and adapter/ and returns the records."""
     torch.set_num_threads(cfg.runtime.intra_op_threads or default_threads(1))
     torch.manual_seed(cfg.seed)
@@ -52,7 +53,8 @@ def run_local(cfg: Config) -> list[dict]:
     mcfg = model_config(model_path)
     spec = lora_spec(cfg, mcfg)
     layout = build_layout(mcfg, spec, [])
-    data = client_data(cfg, model_path, 0, 1)
+    if data is None:
+        data = client_data(cfg, model_path, 0, 1)
     base = full_model(model_path, cfg.model.dtype, cfg.model.attn_implementation)
     model = get_peft_model(base, lora_config(spec, family_of(mcfg)))
     hf = model.base_model.model  # module names here are the full model's, as in the layout

@@ -28,6 +28,7 @@ from runtime.aggregate import aggregate
 from runtime.client import COMM_KEYS, Client, peak_rss_mb
 from runtime.config import Config, validate_for_world
 from runtime.job import (
+    ClientData,
     client_data,
     default_threads,
     lora_spec,
@@ -54,13 +55,14 @@ def setup_logging(rank: int) -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config, data: ClientData | None = None) -> None:
+    """Runs this rank's role to the end; ``data`` is a client's already-loaded data (loaded here if None)."""
     world = None
     try:
         world = dist.start(cfg.runtime.device, cfg.runtime.timeout_s, cfg.runtime.rpc_threads)
         setup_logging(world.rank)
         torch.set_num_threads(cfg.runtime.intra_op_threads or default_threads(world.local_world_size))
-        _run(cfg, world)
+        _run(cfg, world, data)
         dist.stop(world)
     except BaseException:
         log.exception("run failed")
@@ -68,7 +70,7 @@ def run(cfg: Config) -> None:
         raise
 
 
-def _run(cfg: Config, world: dist.World) -> None:
+def _run(cfg: Config, world: dist.World, data: ClientData | None) -> None:
     torch.manual_seed(cfg.seed)
     model_path = resolve_model_path(cfg)
     mcfg = model_config(model_path)
@@ -84,7 +86,8 @@ def _run(cfg: Config, world: dist.World) -> None:
         install(server)
         n_local = 0
     else:
-        data = client_data(cfg, model_path, world.rank - 1, world.n_clients)
+        if data is None:
+            data = client_data(cfg, model_path, world.rank - 1, world.n_clients)
         client = Client(
             world.rank, cut_map[world.rank], cfg, model_path, spec, data, world.device, cfg.runtime.timeout_s
         )
