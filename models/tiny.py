@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -62,7 +63,8 @@ DEFAULT_PRETRAIN_STEPS = 260
 _PRETRAIN_BATCH = 32
 _PRETRAIN_LR = 3e-3
 _BUCKET_POOL_BATCHES = 16
-# Bump when the tokenizer, tasks or training recipe change so old caches are rebuilt.
+# Bump when the tokenizer or training recipe change in a way the cache parameters
+# below do not capture, so stale cached builds are redone.
 _BUILD_VERSION = 1
 _MODEL_MARKER = "build_info.json"
 _DATA_MARKER = "data_info.json"
@@ -88,7 +90,7 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         eos_token=EOS_TOKEN,
         unk_token=UNK_TOKEN,
         clean_up_tokenization_spaces=False,
-        model_max_length=MAX_TEXT_TOKENS,
+        model_max_length=int(MODEL_KWARGS["max_position_embeddings"]),
     )
 
 
@@ -125,18 +127,18 @@ def make_example(task: str, digits: list[int]) -> dict[str, str]:
 
 def _example_stream(task: str, rng: random.Random) -> Iterator[dict[str, str]]:
     tasks = PRETRAIN_TASKS if task == "pretrain" else (task,)
-    for name in tasks:
-        _check_task(name)  # fail at the call, not at the first next()
     while True:
-        # Uniform length gives texts from ~11 to ~126 characters.
+        # Uniform length gives texts from 10 to 124 characters.
         n_items = rng.randint(MIN_ITEMS, MAX_ITEMS)
         yield make_example(rng.choice(tasks), [rng.randrange(10) for _ in range(n_items)])
 
 
 def generate_examples(task: str, n: int, seed: int) -> list[dict[str, str]]:
-    """Return ``n`` deterministic examples of ``task`` (or of the ``"pretrain"`` mixture).
+    """Return ``n`` deterministic examples of ``task``.
 
-    The stream is keyed by task and seed, so the same call always gives the same list.
+    ``task`` is one of ``TASKS``, or ``"pretrain"`` for the uniform mixture of
+    ``PRETRAIN_TASKS``. The stream is keyed by task and seed, so the same call always
+    gives the same list and different tasks never share digit sequences by accident.
     """
     stream = _example_stream(task, random.Random(f"{task}:{seed}"))
     return [next(stream) for _ in range(n)]
@@ -146,10 +148,13 @@ def write_jsonl(records: list[dict[str, str]], path: str | Path) -> None:
     """Write one JSON object per line, atomically (temp file + rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _encode_batch(
@@ -180,16 +185,16 @@ def _length_bucketed_batches(rng: random.Random) -> Iterator[list[dict[str, str]
     """
     stream = _example_stream("pretrain", rng)
     while True:
-        pool = sorted((next(stream) for _ in range(_PRETRAIN_BATCH * _BUCKET_POOL_BATCHES)),
-                      key=lambda r: len(r["prompt"]) + len(r["response"]))
+        pool = sorted(
+            (next(stream) for _ in range(_PRETRAIN_BATCH * _BUCKET_POOL_BATCHES)),
+            key=lambda r: len(r["prompt"]) + len(r["response"]),
+        )
         batches = [pool[i : i + _PRETRAIN_BATCH] for i in range(0, len(pool), _PRETRAIN_BATCH)]
         rng.shuffle(batches)
         yield from batches
 
 
-def _pretrain(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, *, steps: int, seed: int
-) -> float:
+def _pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, *, steps: int, seed: int) -> float:
     """Full fine-tune on fresh pretraining examples each step; return the last loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=_PRETRAIN_LR, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -216,7 +221,16 @@ def _pretrain(
     return loss.item()
 
 
-def _read_marker(folder: Path, marker: str) -> dict | None:
+def _data_params() -> dict[str, Any]:
+    """What shapes the generated text; part of every cache key so task edits invalidate caches."""
+    return {
+        "pretrain_tasks": list(PRETRAIN_TASKS),
+        "finetune_task": FINETUNE_TASK,
+        "items": [MIN_ITEMS, MAX_ITEMS],
+    }
+
+
+def _read_marker(folder: Path, marker: str) -> dict[str, Any] | None:
     try:
         return json.loads((folder / marker).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -262,6 +276,8 @@ def build_tiny_model(
     written last, and the folder is renamed into place, replacing ``out_dir``
     entirely; so a killed build never leaves a folder that looks complete.
     ``out_dir`` therefore belongs to this function: keep nothing else in it.
+    Concurrent callers (every torchrun rank) are serialised by a sibling
+    ``.<name>.lock`` file, so exactly one builds and the others reuse its result.
     """
     out_dir = Path(out_dir).resolve()
     params = {
@@ -269,6 +285,7 @@ def build_tiny_model(
         "seed": seed,
         "pretrain_steps": pretrain_steps,
         "model": MODEL_KWARGS,
+        **_data_params(),
     }
     with _build_lock(out_dir):
         info = _read_marker(out_dir, _MODEL_MARKER)
@@ -276,6 +293,7 @@ def build_tiny_model(
             return out_dir
         _remove_stale_temps(out_dir)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp_dir.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
         try:
             info = _build_into(tmp_dir, seed=seed, pretrain_steps=pretrain_steps)
             info["params"] = params
@@ -286,7 +304,7 @@ def build_tiny_model(
     return out_dir
 
 
-def _build_into(folder: Path, *, seed: int, pretrain_steps: int) -> dict[str, float]:
+def _build_into(folder: Path, *, seed: int, pretrain_steps: int) -> dict[str, Any]:
     started = time.monotonic()
     tokenizer = build_char_tokenizer()
     config = LlamaConfig(
@@ -306,7 +324,6 @@ def _build_into(folder: Path, *, seed: int, pretrain_steps: int) -> dict[str, fl
             final_loss = _pretrain(model, tokenizer, steps=pretrain_steps, seed=seed)
     finally:
         torch.set_num_threads(previous_threads)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)  # safetensors is the only format in transformers 5
     tokenizer.save_pretrained(folder)
     return {"final_pretrain_loss": final_loss, "build_seconds": round(time.monotonic() - started, 1)}
@@ -321,8 +338,7 @@ def build_demo_data(
     """
     out_dir = Path(out_dir)
     train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
-    params = {"version": _BUILD_VERSION, "task": FINETUNE_TASK, "seed": seed,
-              "n_train": n_train, "n_eval": n_eval}
+    params = {"version": _BUILD_VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval, **_data_params()}
     with _build_lock(out_dir):
         info = _read_marker(out_dir, _DATA_MARKER)
         if info == params and train_path.exists() and eval_path.exists():
@@ -340,6 +356,5 @@ def build_demo_data(
                 evaluation.append(record)
         write_jsonl(train, train_path)
         write_jsonl(evaluation, eval_path)
-        write_jsonl_marker = out_dir / _DATA_MARKER
-        write_jsonl_marker.write_text(json.dumps(params), encoding="utf-8")
+        (out_dir / _DATA_MARKER).write_text(json.dumps(params), encoding="utf-8")
     return train_path, eval_path

@@ -96,7 +96,9 @@ def test_lengths_vary_widely_and_fit_the_context(task: str) -> None:
     # +2 for the <s> and </s> the data loader adds.
     assert max(lengths) + 2 <= MAX_TEXT_TOKENS
     record = generate_examples(task, 1, seed=1)[0]
-    assert len(tok.encode(record["prompt"] + record["response"])) == len(record["prompt"] + record["response"])
+    assert len(tok.encode(record["prompt"] + record["response"])) == len(
+        record["prompt"] + record["response"]
+    )
 
 
 def test_write_jsonl_round_trips(tmp_path: Path) -> None:
