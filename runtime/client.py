@@ -13,7 +13,6 @@ Only hidden states, the padding mask and the labels cross the wire; ``input_ids`
 
 from __future__ import annotations
 
-import resource
 import time
 from collections import Counter
 
@@ -27,14 +26,10 @@ from models.stages import build_stage, stage_parameter_bytes
 from runtime.config import Config
 from runtime.dist import SERVER
 from runtime.job import ClientData, data_seed, make_optimizer
+from runtime.metrics import peak_rss_mb
 from runtime.server import replica_rref
 
 COMM_KEYS = ("activations_up", "gradients_down", "adapters_up", "adapters_down")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def nbytes(t: torch.Tensor | None) -> int:

@@ -100,6 +100,10 @@ class RuntimeConfig:
     """Timeout of every collective, RPC and the shutdown."""
     rpc_threads: int = 16
     """TensorPipe worker threads on each rank."""
+    rpc_transports: list[str] = field(default_factory=lambda: ["uv"])
+    """TensorPipe transports. ``uv`` (TCP, event-driven) by default: the same-host ``shm`` transport
+    busy-polls a core in every process, which halved split throughput on a 2-core host. Use
+    ``[shm, uv]`` where every process has a spare core."""
     resume: bool = False
     """Continue from output_dir/checkpoint if it exists."""
     debug: bool = False
@@ -253,6 +257,10 @@ def validate(cfg: Config) -> None:
     _require(rt.device in ("auto", "cpu", "cuda"), f"runtime.device={rt.device!r}: use auto, cpu or cuda")
     _require(rt.timeout_s > 0, f"runtime.timeout_s={rt.timeout_s}: must be > 0")
     _require(rt.rpc_threads >= 1, f"runtime.rpc_threads={rt.rpc_threads}: must be >= 1")
+    _require(
+        bool(rt.rpc_transports) and set(rt.rpc_transports) <= {"uv", "shm", "ibv"},
+        f"runtime.rpc_transports={rt.rpc_transports}: use a non-empty list of uv, shm, ibv",
+    )
     _require(rt.intra_op_threads >= 0, f"runtime.intra_op_threads={rt.intra_op_threads}: must be >= 0")
     _require(
         cfg.split.clients is None or cfg.split.clients >= 1,

@@ -65,7 +65,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def start(device_request: str, timeout_s: float, rpc_threads: int) -> World:
+def start(device_request: str, timeout_s: float, rpc_threads: int, transports: list[str]) -> World:
     """Initialises the process group and RPC on this rank (call once, on every rank)."""
     rank, world_size, local_rank, local_world_size = env_world()
     device = pick_device(device_request, local_rank)
@@ -81,7 +81,9 @@ def start(device_request: str, timeout_s: float, rpc_threads: int) -> World:
         aggregation = dist.new_group(backend="nccl", timeout=timeout)
     elif device.type == "cuda":
         device = torch.device("cpu")  # a mixed GPU/CPU world computes on CPU everywhere
-    options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=rpc_threads, rpc_timeout=timeout_s)
+    options = rpc.TensorPipeRpcBackendOptions(
+        num_worker_threads=rpc_threads, rpc_timeout=timeout_s, _transports=transports
+    )
     if device.type == "cuda" and rank != 0:
         # Activations go straight GPU to GPU; the reverse map for replies is implied.
         options.set_device_map(SERVER, {device.index: _server_device_index()})

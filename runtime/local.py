@@ -40,7 +40,7 @@ from runtime.job import (
     model_config,
     resolve_model_path,
 )
-from runtime.metrics import MetricsWriter, header, perplexity, row
+from runtime.metrics import MetricsWriter, header, peak_rss_mb, perplexity, row
 
 log = logging.getLogger("splitft")
 
@@ -111,7 +111,12 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
             "cut_layers": {},
             "comm_bytes": {},
             "clients": {
-                "local": {"weight": 1.0, "train_loss": weighted / max(tokens, 1.0), "step_losses": losses}
+                "local": {
+                    "weight": 1.0,
+                    "train_loss": weighted / max(tokens, 1.0),
+                    "step_losses": losses,
+                    "peak_rss_mb": peak_rss_mb(),
+                }
             },
         }
         writer.write(record)

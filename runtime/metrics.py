@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 from pathlib import Path
 
 COLUMNS = ("round", "train_loss", "eval_loss", "eval_acc", "eval_ppl", "round_s", "tok/s", "up_MB", "down_MB")
@@ -29,6 +30,11 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def perplexity(loss: float) -> float:

@@ -25,7 +25,7 @@ from models.lora import (
 )
 from runtime import checkpoint, dist
 from runtime.aggregate import aggregate
-from runtime.client import COMM_KEYS, Client, peak_rss_mb
+from runtime.client import COMM_KEYS, Client
 from runtime.config import Config, validate_for_world
 from runtime.job import (
     ClientData,
@@ -35,7 +35,7 @@ from runtime.job import (
     model_config,
     resolve_model_path,
 )
-from runtime.metrics import MetricsWriter, header, perplexity, row
+from runtime.metrics import MetricsWriter, header, peak_rss_mb, perplexity, row
 from runtime.server import Server, install
 
 log = logging.getLogger("splitft")
@@ -59,7 +59,8 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
     """Runs this rank's role to the end; ``data`` is a client's already-loaded data (loaded here if None)."""
     world = None
     try:
-        world = dist.start(cfg.runtime.device, cfg.runtime.timeout_s, cfg.runtime.rpc_threads)
+        rt = cfg.runtime
+        world = dist.start(rt.device, rt.timeout_s, rt.rpc_threads, rt.rpc_transports)
         setup_logging(world.rank)
         torch.set_num_threads(cfg.runtime.intra_op_threads or default_threads(world.local_world_size))
         _run(cfg, world, data)
