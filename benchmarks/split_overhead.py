@@ -7,9 +7,6 @@
    hits both; goal >= 0.85.
 2. bytes moved per training step (hidden states + mask + labels up, gradients down, as
    counted from the tensors sent) over the floor 2 x batch x seq x hidden x itemsize; goal <= 1.1.
-   The loopback interface's byte counter over the whole run (RPC goes over TCP, transport
-   ``uv``) is recorded against everything the run counted (training, eval and adapter traffic),
-   as an independent check of what the counters miss (framing, control messages).
 3. peak RSS of clients cut at 1, 4 and 7 of 8 layers, against the parameter bytes of their
    stage and against the peak RSS of the unsplit process training the full model at the
    same batch; goal: grows with k and stays well under the full model.
@@ -99,26 +96,18 @@ def main() -> None:
     write_text_data(data, 400)
 
     # 1 + 2: throughput and bytes, split and local alternated; round 2 only (round 1 warms up).
-    split_tps, local_tps, per_step, lo_ratio, local_rss = [], [], [], [], []
+    split_tps, local_tps, per_step, local_rss = [], [], [], []
     for i in range(2):
         out_l = tmp / f"local{i}"
         run([sys.executable, "-m", "launch.train_local", *overrides(model, data, out_l)])
         local_tps.append(last_round(out_l)["tokens_per_s"])
         local_rss.append(last_round(out_l)["clients"]["local"]["peak_rss_mb"])
         out_s = tmp / f"split{i}"
-        lo_before = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
         run(torchrun(2, overrides(model, data, out_s, **{"split.cut_layers": "4"})))
-        lo_bytes = psutil.net_io_counters(pernic=True)["lo"].bytes_sent - lo_before
         rec = last_round(out_s)
         split_tps.append(rec["tokens_per_s"])
         c = rec["comm_bytes"]["1"]
         per_step.append((c["activations_up"] + c["gradients_down"]) / rec["clients"]["1"]["steps"])
-        records = [json.loads(line) for line in (out_s / "metrics.jsonl").read_text().splitlines()]
-        counted = sum(
-            sum(sum(v.values()) for v in r["comm_bytes"].values()) + sum(r["eval_comm_bytes"].values())
-            for r in records
-        )
-        lo_ratio.append(lo_bytes / counted)
     floor = 2 * BATCH * SEQ * HIDDEN * 4
 
     # 3: memory of clients cut at 1, 4, 7.
@@ -172,7 +161,6 @@ def main() -> None:
             "floor": floor,
             "measured": per_step,
             "ratio_over_floor": statistics.median(per_step) / floor,
-            "loopback_bytes_over_counted_bytes": lo_ratio,
         },
         "memory": {
             "full_model_param_mb": full_mb,

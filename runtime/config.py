@@ -108,6 +108,11 @@ class RuntimeConfig:
     """Continue from output_dir/checkpoint if it exists."""
     debug: bool = False
     """Write every holder's pre-aggregation adapter each round and what the server received (tests)."""
+    malloc_arenas: int = 2
+    """glibc malloc arenas per process (0: glibc's default, 8 per core). RPC requests run on a pool of
+    threads, each with its own arena by default, so activation memory freed by one is not reused by
+    the next and every step page-faults it in again: capping arenas made the server's forward 1.7x
+    faster and lowers peak RSS."""
     intra_op_threads: int = 0
     """torch intra-op threads per process (0: cores / processes on this node)."""
 
@@ -261,6 +266,7 @@ def validate(cfg: Config) -> None:
         bool(rt.rpc_transports) and set(rt.rpc_transports) <= {"uv", "shm", "ibv"},
         f"runtime.rpc_transports={rt.rpc_transports}: use a non-empty list of uv, shm, ibv",
     )
+    _require(rt.malloc_arenas >= 0, f"runtime.malloc_arenas={rt.malloc_arenas}: must be >= 0 (0 = default)")
     _require(rt.intra_op_threads >= 0, f"runtime.intra_op_threads={rt.intra_op_threads}: must be >= 0")
     _require(
         cfg.split.clients is None or cfg.split.clients >= 1,

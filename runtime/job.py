@@ -6,6 +6,7 @@ inputs here, so the two see the same data, order and LoRA initialisation.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,21 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim
 
 def data_seed(cfg: Config, client_index: int) -> int:
     return cfg.seed * 1000 + client_index
+
+
+def limit_malloc_arenas(n: int) -> None:
+    """Caps glibc's malloc arenas (``mallopt(M_ARENA_MAX, n)``) before the RPC thread pool starts.
+
+    A no-op for ``n == 0`` or where libc is not glibc.
+    """
+    if n <= 0:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_arena_max = -8  # from malloc.h
+    libc.mallopt(m_arena_max, n)
 
 
 def default_threads(local_world_size: int) -> int:

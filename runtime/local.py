@@ -35,6 +35,7 @@ from runtime.job import (
     client_data,
     data_seed,
     default_threads,
+    limit_malloc_arenas,
     lora_spec,
     make_optimizer,
     model_config,
@@ -47,6 +48,7 @@ log = logging.getLogger("splitft")
 
 def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     """Trains ``cfg.train.rounds`` rounds; writes metrics.jsonl and adapter/ and returns the records."""
+    limit_malloc_arenas(cfg.runtime.malloc_arenas)
     torch.set_num_threads(cfg.runtime.intra_op_threads or default_threads(1))
     torch.manual_seed(cfg.seed)
     model_path = resolve_model_path(cfg)

@@ -31,6 +31,7 @@ from runtime.job import (
     ClientData,
     client_data,
     default_threads,
+    limit_malloc_arenas,
     lora_spec,
     model_config,
     resolve_model_path,
@@ -60,6 +61,7 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
     world = None
     try:
         rt = cfg.runtime
+        limit_malloc_arenas(rt.malloc_arenas)
         world = dist.start(rt.device, rt.timeout_s, rt.rpc_threads, rt.rpc_transports)
         setup_logging(world.rank)
         torch.set_num_threads(cfg.runtime.intra_op_threads or default_threads(world.local_world_size))
