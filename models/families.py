@@ -73,23 +73,15 @@ def _llama_embed(
 def _llama_layer_inputs(
     model: nn.Module, config: PretrainedConfig, hidden: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> dict[str, Any]:
-    position_ids = _positions(attention_mask, hidden.shape[1], hidden.device)
-    mask_kwargs = dict(
-        config=config,
-        inputs_embeds=hidden,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=position_ids,
-    )
-    masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-    if "sliding_attention" in _layer_types(config):
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-    return {
-        "masks": masks,
-        "layer_types": _layer_types(config),
-        "position_ids": position_ids,
-        "position_embeddings": model.model.rotary_emb(hidden, position_ids),
-    }
+    inputs = _plain_layer_inputs(model, config, hidden, attention_mask)
+    types = _layer_types(config)
+    if "sliding_attention" in types:
+        inputs["masks"]["sliding_attention"] = create_sliding_window_causal_mask(
+            **_mask_kwargs(config, hidden, attention_mask, inputs["position_ids"])
+        )
+    inputs["layer_types"] = types
+    inputs["position_embeddings"] = model.model.rotary_emb(hidden, inputs["position_ids"])
+    return inputs
 
 
 def _llama_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -107,17 +99,27 @@ def _gpt2_embed(
     return t.drop(t.wte(input_ids) + t.wpe(position_ids))
 
 
+def _mask_kwargs(
+    config: PretrainedConfig,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+) -> dict[str, Any]:
+    return {
+        "config": config,
+        "inputs_embeds": hidden,
+        "attention_mask": attention_mask,
+        "past_key_values": None,
+        "position_ids": position_ids,
+    }
+
+
 def _plain_layer_inputs(
     model: nn.Module, config: PretrainedConfig, hidden: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> dict[str, Any]:
+    """Causal mask and positions, built by transformers' own mask builder as the full model does."""
     position_ids = _positions(attention_mask, hidden.shape[1], hidden.device)
-    mask = create_causal_mask(
-        config=config,
-        inputs_embeds=hidden,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=position_ids,
-    )
+    mask = create_causal_mask(**_mask_kwargs(config, hidden, attention_mask, position_ids))
     return {"masks": {"full_attention": mask}, "position_ids": position_ids}
 
 
