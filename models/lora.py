@@ -225,7 +225,3 @@ def export_peft_adapter(
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg.save_pretrained(str(out))
     return out
-
-
-def stage_lora_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in lora_parameters(model))

@@ -34,10 +34,6 @@ def load_config(model_dir: str | Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path)
 
 
-def num_layers(config: PretrainedConfig) -> int:
-    return config.num_hidden_layers
-
-
 class CheckpointReader:
     """Reads single tensors from a local checkpoint (safetensors, sharded or not) without loading the rest."""
 
