@@ -8,6 +8,7 @@ the same LoRA initialisation and an optimizer made afresh each round.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -78,8 +79,11 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
         loss_sum, tokens, correct = totals.tolist()
         return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
 
-    base_loss, base_acc, _ = evaluate()
+    base_loss, base_acc, base_tokens = evaluate()
     log.info("before training: eval_loss %.4f, token accuracy %.4f", base_loss, base_acc)
+    (out / "baseline.json").write_text(
+        json.dumps({"eval_loss": base_loss, "eval_token_accuracy": base_acc, "eval_tokens": base_tokens})
+    )
     log.info(header())
     records = []
     t_start = time.perf_counter()
