@@ -85,15 +85,11 @@ def start(device_request: str, timeout_s: float, rpc_threads: int, transports: l
         num_worker_threads=rpc_threads, rpc_timeout=timeout_s, _transports=transports
     )
     if device.type == "cuda" and rank != 0:
-        # Activations go straight GPU to GPU; the reverse map for replies is implied.
-        options.set_device_map(SERVER, {device.index: _server_device_index()})
+        # Activations go straight GPU to GPU (the server, rank 0, is on cuda:0 of the first node);
+        # replies use the reverse map.
+        options.set_device_map(SERVER, {device.index: 0})
     rpc.init_rpc(worker_name(rank), rank=rank, world_size=world_size, rpc_backend_options=options)
     return World(rank, world_size, local_rank, local_world_size, device, aggregation, timeout_s)
-
-
-def _server_device_index() -> int:
-    # The server is rank 0, i.e. local rank 0 of the first node.
-    return 0
 
 
 def gather_objects(world: World, obj: object) -> list[object]:
