@@ -1,6 +1,9 @@
 """Split vs unsplit throughput, bytes per step against the floor, and client memory against its share.
 
     .venv/bin/python -m benchmarks.split_overhead            # writes benchmarks/results/split_overhead.json
+    .venv/bin/python -m benchmarks.split_overhead runtime.rpc_transports=[shm,uv] runtime.malloc_arenas=0
+                                                             # any overrides: applied to every run,
+                                                             # written to split_overhead_variant.json
 
 1. tokens/s of a one-client split run (torchrun, 2 processes) over launch.train_local on the
    same random 8-layer Llama (hidden 512, seq 256, batch 8), alternated 2x so that machine noise
@@ -60,7 +63,7 @@ def overrides(model: Path, data: Path, out: Path, **extra: str) -> list[str]:
         "output_dir": str(out),
         **extra,
     }
-    return ["torchrun_configs/tiny_cpu.yaml", *(f"{k}={v}" for k, v in args.items())]
+    return ["torchrun_configs/tiny_cpu.yaml", *(f"{k}={v}" for k, v in args.items()), *sys.argv[1:]]
 
 
 def run(cmd: list[str]) -> float:
@@ -149,7 +152,7 @@ def main() -> None:
     }
 
     result = {
-        "command": ".venv/bin/python -m benchmarks.split_overhead",
+        "command": " ".join([".venv/bin/python -m benchmarks.split_overhead", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {platform.python_version()}",
         "model": f"random Llama, {LAYERS} layers, hidden {HIDDEN}, seq {SEQ}, batch {BATCH}, float32, CPU",
         "throughput": {
@@ -171,7 +174,8 @@ def main() -> None:
         "benchmark_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "split_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "split_overhead_variant.json" if sys.argv[1:] else "split_overhead.json"
+    (OUT / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
