@@ -19,7 +19,7 @@ from pathlib import Path
 
 from models.lora import build_layout
 from runtime.config import Config, ConfigError, load_config, validate_for_world
-from runtime.job import ClientData, client_data, lora_spec, model_config, resolve_model_path
+from runtime.job import client_data, lora_spec, model_config, resolve_model_path
 
 
 def parse(argv: list[str]) -> Config:
@@ -40,21 +40,17 @@ def check_output_dir(cfg: Config) -> None:
         )
 
 
-def check(cfg: Config, world_size: int) -> None:
-    """What every rank can check before a process group exists: config, output_dir, model, LoRA targets."""
+def check(cfg: Config, world_size: int) -> Path:
+    """What every rank can check before a process group exists: config, output_dir, model, LoRA targets.
+
+    Returns the model folder (``builtin:tiny`` built if needed).
+    """
     check_output_dir(cfg)
     model_path = resolve_model_path(cfg)
     mcfg = model_config(model_path)
     cuts = validate_for_world(cfg, world_size, mcfg.num_hidden_layers)
     build_layout(mcfg, lora_spec(cfg, mcfg), cuts)  # unknown lora.targets fail here, on the meta device
-
-
-def load_client_data(cfg: Config, rank: int, world_size: int) -> ClientData:
-    """A client's data, read and partitioned before the process group starts so bad lines stop the run early.
-
-    Only clients read data: the server never needs the data files.
-    """
-    return client_data(cfg, resolve_model_path(cfg), rank - 1, world_size - 1)
+    return model_path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,15 +58,17 @@ def main(argv: list[str] | None = None) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = parse(sys.argv[1:] if argv is None else argv)
-        check(cfg, world_size)
+        model_path = check(cfg, world_size)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         if rank == 0:  # every rank sees the same error: say it once
             print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     data = None
     if rank > 0:
+        # Only clients read data (the server never needs the files); reading and partitioning it
+        # before the process group starts makes a bad line stop the run at once.
         try:
-            data = load_client_data(cfg, rank, world_size)
+            data = client_data(cfg, model_path, rank - 1, world_size - 1)
         except (ConfigError, FileNotFoundError, ValueError) as e:
             if rank == 1:  # clients read the same files and compute the same partition
                 print(f"data error: {e}", file=sys.stderr)

@@ -35,11 +35,8 @@ class Family:
     ]
     head_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
-    def layer_index_prefix(self) -> str:
-        return self.layers + "."
-
-
-def _get(model: nn.Module, path: str) -> Any:
+def get_module(model: nn.Module, path: str) -> Any:
+    """The submodule at a dotted path (``model.layers``), as the family table names them."""
     obj: Any = model
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -228,6 +225,3 @@ def run_layer(layer: nn.Module, index: int, hidden: torch.Tensor, inputs: dict[s
     # Some families still return a tuple (hidden, attn weights, ...).
     return out[0] if isinstance(out, tuple) else out
 
-
-def get_module(model: nn.Module, path: str) -> Any:
-    return _get(model, path)

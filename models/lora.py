@@ -145,8 +145,9 @@ def target_shapes(config: PretrainedConfig, spec: LoraSpec) -> dict[str, tuple[i
     return shapes
 
 
-def holder_rank(layer: int, cut: int, spec: LoraSpec, on_client: bool) -> int:
-    return spec.r_cut if on_client and layer == cut - 1 else spec.r
+def holder_rank(layer: int, cut: int, spec: LoraSpec) -> int:
+    """Rank of layer ``layer``'s copy for a client cut at ``cut`` (on the client or its server replica)."""
+    return spec.r_cut if layer == cut - 1 else spec.r
 
 
 def build_layout(config: PretrainedConfig, spec: LoraSpec, cut_layers: list[int]) -> AdapterLayout:
@@ -158,7 +159,7 @@ def build_layout(config: PretrainedConfig, spec: LoraSpec, cut_layers: list[int]
     slots = []
     for name, (n_in, n_out) in target_shapes(config, spec).items():
         j = module_layer(name, family)
-        rank = max((holder_rank(j, k, spec, on_client=j < k) for k in cut_layers), default=spec.r)
+        rank = max((holder_rank(j, k, spec) for k in cut_layers), default=spec.r)
         slots.append(Slot(name, j, rank, n_in, n_out))
     return AdapterLayout(slots)
 

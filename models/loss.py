@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from models.datasets import IGNORE_INDEX
 
 
 def token_stats(

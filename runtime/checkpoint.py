@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.lora import export_peft_adapter
+
 ADAPTER_FILE = "global_adapter.safetensors"
 STATE_FILE = "state.json"
 
@@ -53,6 +55,13 @@ def load(ckpt_dir: Path, expect: dict) -> tuple[dict, torch.Tensor] | None:
             )
     flat = load_file(str(ckpt_dir / ADAPTER_FILE))["flat"]
     return state, flat
+
+
+def export_adapter(out: Path, layout, flat: torch.Tensor, spec, model_config, model_path: Path) -> None:
+    """Writes ``out/adapter`` (PEFT format) via a temporary folder, so a crash keeps the last one."""
+    tmp = out / "adapter.tmp"
+    export_peft_adapter(layout, flat.cpu(), spec, model_config, tmp, str(Path(model_path).resolve()))
+    replace_dir(tmp, out / "adapter")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

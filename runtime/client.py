@@ -106,8 +106,9 @@ class Client:
         start = time.perf_counter()
         for _ in range(steps):
             t0 = time.perf_counter()
-            batch = self._to_device(self.stream.next())
-            input_tokens += float(batch["attention_mask"].sum())
+            cpu_batch = self.stream.next()
+            input_tokens += float(cpu_batch["attention_mask"].sum())  # on CPU: no device sync
+            batch = self._to_device(cpu_batch)
             with dist_autograd.context() as ctx:
                 hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 hidden = _CountGrad.apply(hidden, self.comm)

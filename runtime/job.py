@@ -47,13 +47,17 @@ def resolve_model_path(cfg: Config) -> Path:
 
 def resolve_data_paths(cfg: Config) -> tuple[Path, Path]:
     """(train, eval) data files; ``builtin:sort`` is the generated sort task in the cache."""
-    paths = []
-    for key, value in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
-        if value == BUILTIN_DATA:
-            from models.tiny import build_demo_data
+    builtin: tuple[Path, Path] | None = None
+    if BUILTIN_DATA in (cfg.data.train_path, cfg.data.eval_path):
+        from models.tiny import build_demo_data
 
-            train, evaluation = build_demo_data(cache_dir() / "data")
-            paths.append(train if key == "data.train_path" else evaluation)
+        builtin = build_demo_data(cache_dir() / "data")
+    paths = []
+    for i, (key, value) in enumerate(
+        (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path))
+    ):
+        if value == BUILTIN_DATA:
+            paths.append(builtin[i])
             continue
         path = Path(value)
         if not path.is_file():

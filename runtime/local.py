@@ -20,7 +20,6 @@ from models.datasets import BatchStream, eval_batches
 from models.families import family_of
 from models.lora import (
     build_layout,
-    export_peft_adapter,
     initial_adapter,
     lora_config,
     lora_parameters,
@@ -42,7 +41,7 @@ from runtime.job import (
     model_config,
     resolve_model_path,
 )
-from runtime.metrics import MetricsWriter, header, peak_rss_mb, perplexity, row
+from runtime.metrics import MetricsWriter, header, peak_rss_mb, round_record, row
 
 log = logging.getLogger("splitft")
 
@@ -102,35 +101,31 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
             tokens += float(n_tokens)
             weighted += losses[-1] * float(n_tokens)
             input_tokens += float(b["attention_mask"].sum())
-        eval_loss, eval_acc, eval_tokens = evaluate()
+        evaluation = evaluate()
         now = time.perf_counter()
-        record = {
-            "round": rnd,
-            "elapsed_s": round(now - t_start, 4),
-            "round_time_s": round(now - t_round, 4),
-            "train_loss": weighted / max(tokens, 1.0),
-            "eval_loss": eval_loss,
-            "eval_token_accuracy": eval_acc,
-            "eval_perplexity": perplexity(eval_loss),
-            "eval_tokens": int(eval_tokens),
-            "tokens_per_s": input_tokens / (now - t_round),
-            "cut_layers": {},
-            "comm_bytes": {},
-            "clients": {
+        train_loss = weighted / max(tokens, 1.0)
+        record = round_record(
+            rnd,
+            now - t_start,
+            now - t_round,
+            train_loss,
+            evaluation,
+            input_tokens,
+            cut_layers={},
+            comm_bytes={},
+            clients={
                 "local": {
                     "weight": 1.0,
-                    "train_loss": weighted / max(tokens, 1.0),
+                    "train_loss": train_loss,
                     "step_losses": losses,
                     "peak_rss_mb": peak_rss_mb(),
                 }
             },
-        }
+        )
         writer.write(record)
         records.append(record)
         log.info(row(record))
     flat = torch.zeros(layout.numel)
     read_adapter(hf, layout, flat, 1.0)
-    tmp = out / "adapter.tmp"
-    export_peft_adapter(layout, flat, spec, mcfg, tmp, str(Path(model_path).resolve()))
-    checkpoint.replace_dir(tmp, out / "adapter")
+    checkpoint.export_adapter(out, layout, flat, spec, mcfg, model_path)
     return records

@@ -37,6 +37,35 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def round_record(
+    rnd: int,
+    elapsed: float,
+    round_time: float,
+    train_loss: float,
+    evaluation: tuple[float, float, float],
+    input_tokens: float,
+    cut_layers: dict,
+    comm_bytes: dict,
+    **extra: object,
+) -> dict:
+    """One line of metrics.jsonl: the output contract's fields (DESIGN.md), then ``extra``."""
+    eval_loss, eval_acc, eval_tokens = evaluation
+    return {
+        "round": rnd,
+        "elapsed_s": round(elapsed, 4),
+        "round_time_s": round(round_time, 4),
+        "train_loss": train_loss,
+        "eval_loss": eval_loss,
+        "eval_token_accuracy": eval_acc,
+        "eval_perplexity": perplexity(eval_loss),
+        "eval_tokens": int(eval_tokens),
+        "tokens_per_s": input_tokens / round_time,
+        "cut_layers": cut_layers,
+        "comm_bytes": comm_bytes,
+        **extra,
+    }
+
+
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))
 

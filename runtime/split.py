@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 from models.lora import (
     AdapterLayout,
     build_layout,
-    export_peft_adapter,
     initial_adapter,
     lora_modules,
     write_adapter,
@@ -36,7 +35,7 @@ from runtime.job import (
     model_config,
     resolve_model_path,
 )
-from runtime.metrics import MetricsWriter, header, peak_rss_mb, perplexity, row
+from runtime.metrics import MetricsWriter, header, peak_rss_mb, round_record, row
 from runtime.server import Server, install
 
 log = logging.getLogger("splitft")
@@ -160,16 +159,14 @@ def _run(cfg: Config, world: dist.World, data: ClientData | None) -> None:
             for replica in server.replicas.values():
                 replica.new_round()
         dist.barrier(world)  # every holder has the global adapter before anyone evaluates
-        eval_loss, eval_acc, eval_tokens = _evaluate(world, client)
+        evaluation = _evaluate(world, client)
         if client is None:
             stats = {"peak_rss_mb": peak_rss_mb()}
         report = {"stats": stats, "comm": client.take_comm() if client else {}}
         reports = dist.gather_objects(world, report)
         if world.is_server:
             now = time.perf_counter()
-            record = _record(
-                rnd, now - t_start, now - t_round, reports, eval_loss, eval_acc, eval_tokens, cut_map, weights
-            )
+            record = _record(rnd, now - t_start, now - t_round, reports, evaluation, cut_map, weights)
             writer.write(record)
             log.info(row(record))
             _save(out, flat, layout, spec, mcfg, model_path, cfg, cut_map, rnd, now - t_start)
@@ -187,39 +184,40 @@ def _evaluate(world: dist.World, client: Client | None) -> tuple[float, float, f
     return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
 
 
-def _record(rnd, elapsed, round_time, reports, eval_loss, eval_acc, eval_tokens, cut_map, weights) -> dict:
-    clients = {rank: reports[rank] for rank in cut_map}
-    tokens = sum(c["stats"]["train_tokens"] for c in clients.values())
-    input_tokens = sum(c["stats"]["input_tokens"] for c in clients.values())
-    train_loss = sum(c["stats"]["train_loss"] * c["stats"]["train_tokens"] for c in clients.values())
-    return {
-        "round": rnd,
-        "elapsed_s": round(elapsed, 4),
-        "round_time_s": round(round_time, 4),
-        "train_loss": train_loss / max(tokens, 1.0),
-        "eval_loss": eval_loss,
-        "eval_token_accuracy": eval_acc,
-        "eval_perplexity": perplexity(eval_loss),
-        "eval_tokens": int(eval_tokens),
-        "tokens_per_s": input_tokens / round_time,
-        "cut_layers": {str(r): k for r, k in cut_map.items()},
-        "comm_bytes": {str(r): {k: c["comm"][k] for k in COMM_KEYS} for r, c in clients.items()},
-        "eval_comm_bytes": {str(r): c["comm"]["eval_activations_up"] for r, c in clients.items()},
-        "server": {"peak_rss_mb": reports[0]["stats"]["peak_rss_mb"]},
-        "clients": {
+def _record(rnd, elapsed, round_time, reports, evaluation, cut_map, weights) -> dict:
+    clients = {rank: reports[rank]["stats"] for rank in cut_map}
+    comm = {rank: reports[rank]["comm"] for rank in cut_map}
+    tokens = sum(c["train_tokens"] for c in clients.values())
+    return round_record(
+        rnd,
+        elapsed,
+        round_time,
+        sum(c["train_loss"] * c["train_tokens"] for c in clients.values()) / max(tokens, 1.0),
+        evaluation,
+        sum(c["input_tokens"] for c in clients.values()),
+        cut_layers={str(r): k for r, k in cut_map.items()},
+        comm_bytes={str(r): {k: c[k] for k in COMM_KEYS} for r, c in comm.items()},
+        eval_comm_bytes={str(r): c["eval_activations_up"] for r, c in comm.items()},
+        server={"peak_rss_mb": reports[0]["stats"]["peak_rss_mb"]},
+        clients={
             str(r): {
                 "weight": weights[r],
-                "steps": c["stats"]["steps"],
-                "train_loss": c["stats"]["train_loss"],
-                "train_time_s": c["stats"]["train_time_s"],
-                "step_time_s": c["stats"]["step_time_s"],
-                "step_losses": c["stats"]["step_losses"],
-                "peak_rss_mb": c["stats"]["peak_rss_mb"],
-                "stage_param_mb": c["stats"]["stage_param_mb"],
+                **{
+                    k: c[k]
+                    for k in (
+                        "steps",
+                        "train_loss",
+                        "train_time_s",
+                        "step_time_s",
+                        "step_losses",
+                        "peak_rss_mb",
+                        "stage_param_mb",
+                    )
+                },
             }
             for r, c in clients.items()
         },
-    }
+    )
 
 
 def _fingerprint(cfg: Config, model_path: Path, cut_map: dict[int, int], layout: AdapterLayout) -> dict:
@@ -233,9 +231,7 @@ def _fingerprint(cfg: Config, model_path: Path, cut_map: dict[int, int], layout:
 
 
 def _save(out, flat, layout, spec, mcfg, model_path, cfg, cut_map, rnd, elapsed) -> None:
-    tmp = out / "adapter.tmp"
-    export_peft_adapter(layout, flat.cpu(), spec, mcfg, tmp, str(Path(model_path).resolve()))
-    checkpoint.replace_dir(tmp, out / "adapter")
+    checkpoint.export_adapter(out, layout, flat, spec, mcfg, model_path)
     state = {"round": rnd, "elapsed_s": elapsed, **_fingerprint(cfg, model_path, cut_map, layout)}
     checkpoint.save(out / "checkpoint", flat, state)
 
