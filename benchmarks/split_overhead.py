@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.split_overhead            # writes benchmarks/results/split_overhead.json
     .venv/bin/python -m benchmarks.split_overhead runtime.rpc_transports=[shm,uv] runtime.malloc_arenas=0
                                                              # any overrides: applied to every run,
-                                                             # written to split_overhead_variant.json
+                                                             # written to split_overhead__<overrides>.json
 
 1. tokens/s of a one-client split run (torchrun, 2 processes) over launch.train_local on the
    same random 8-layer Llama (hidden 512, seq 256, batch 8), alternated 2x so that machine noise
@@ -174,7 +174,8 @@ def main() -> None:
         "benchmark_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    name = "split_overhead_variant.json" if sys.argv[1:] else "split_overhead.json"
+    slug = "".join(c if c.isalnum() else "_" for c in "__".join(sys.argv[1:]))
+    name = f"split_overhead__{slug}.json" if slug else "split_overhead.json"
     (OUT / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

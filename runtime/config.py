@@ -111,8 +111,7 @@ class RuntimeConfig:
     malloc_arenas: int = 2
     """glibc malloc arenas per process (0: glibc's default, 8 per core). RPC requests run on a pool of
     threads, each with its own arena by default, so activation memory freed by one is not reused by
-    the next and every step page-faults it in again: capping arenas made the server's forward 1.7x
-    faster and lowers peak RSS."""
+    the next and every step page-faults it in again (benchmarks/RESULTS.md)."""
     intra_op_threads: int = 0
     """torch intra-op threads per process (0: cores / processes on this node)."""
 
