@@ -66,10 +66,52 @@ def lora_config(spec: LoraSpec, family: Family, ranks: dict[int, int] | None = N
 
 def add_lora(stage: Stage, spec: LoraSpec, cut_rank: bool) -> None:
     """Injects LoRA into the stage's decoder layers (``r_cut`` on its last layer if ``cut_rank``)."""
-    ranks = {stage.end - 1: spec.r_cut} if cut_rank and stage.end > stage.start else {}
-    _inject(lora_config(spec, stage.family, ranks), stage.hf, stage.family)
-    for name, p in stage.hf.named_parameters():
-        p.requires_grad_(".lora_" in name)
+    ranks = {j: spec.r for j in range(stage.start, stage.end)}
+    if cut_rank and stage.end > stage.start:
+        ranks[stage.end - 1] = spec.r_cut
+    inject_layers(stage, spec, ranks)
+
+
+def inject_layers(stage: Stage, spec: LoraSpec, ranks: dict[int, int]) -> None:
+    """Injects LoRA of the given rank into each listed layer of the stage (layers without LoRA yet).
+
+    PEFT sees a bare container that holds just those layers under their full-model path, so the
+    stage's other (already adapted) layers are untouched and module names stay the full model's.
+    """
+    if not ranks:
+        return
+    root = nn.Module()
+    node = root
+    *parents, leaf = stage.family.layers.split(".")
+    for part in parents:
+        setattr(node, part, nn.Module())
+        node = getattr(node, part)
+    setattr(node, leaf, nn.ModuleDict({str(j): stage.layers[str(j)] for j in sorted(ranks)}))
+    _inject(lora_config(spec, stage.family, ranks), root, stage.family)
+    for j in ranks:
+        for name, p in stage.layers[str(j)].named_parameters():
+            p.requires_grad_(".lora_" in name)
+
+
+def strip_layers(stage: Stage, layers: list[int]) -> None:
+    """Removes LoRA from the listed layers (each adapted module goes back to its base layer)."""
+    for j in layers:
+        layer = stage.layers[str(j)]
+        for name, m in list(lora_modules(layer).items()):
+            parent, _, leaf = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, leaf, m.get_base_layer())
+
+
+def layer_rank(stage: Stage, layer: int) -> int:
+    """The LoRA rank the stage holds at ``layer``."""
+    return next(iter(lora_modules(stage.layers[str(layer)]).values())).r[ADAPTER]
+
+
+def set_layer_rank(stage: Stage, spec: LoraSpec, layer: int, rank: int) -> None:
+    """Re-creates layer ``layer``'s LoRA at ``rank`` (values are then loaded with ``write_adapter``)."""
+    if layer_rank(stage, layer) != rank:
+        strip_layers(stage, [layer])
+        inject_layers(stage, spec, {layer: rank})
 
 
 def _inject(config: LoraConfig, model: nn.Module, family: Family) -> None:
@@ -164,6 +206,12 @@ def build_layout(config: PretrainedConfig, spec: LoraSpec, cut_layers: list[int]
     return AdapterLayout(slots)
 
 
+def _initial_a(s: Slot, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(s.name.encode()))
+    bound = 1.0 / math.sqrt(s.in_features)  # kaiming_uniform_(a=sqrt(5)), as PEFT does
+    return torch.rand((s.rank, s.in_features), generator=g) * 2 * bound - bound
+
+
 def initial_adapter(layout: AdapterLayout, seed: int) -> torch.Tensor:
     """The round-0 global adapter: PEFT's init (A kaiming-uniform, B zero), drawn per module from the seed.
 
@@ -172,11 +220,39 @@ def initial_adapter(layout: AdapterLayout, seed: int) -> torch.Tensor:
     """
     flat = torch.zeros(layout.numel)
     for s in layout.slots:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(s.name.encode()))
-        a, _ = layout.views(flat, s.name)
-        bound = 1.0 / math.sqrt(s.in_features)  # kaiming_uniform_(a=sqrt(5)), as PEFT does
-        a.copy_(torch.rand(a.shape, generator=g) * 2 * bound - bound)
+        layout.views(flat, s.name)[0].copy_(_initial_a(s, seed))
     return flat
+
+
+def reducible(layout: AdapterLayout, flat: torch.Tensor, layer: int, rank: int) -> bool:
+    """Whether a holder of rank ``rank`` at ``layer`` computes exactly what the global adapter does there.
+
+    True when no component past ``rank`` is live (``B[:, rank:] == 0`` in every module of the layer):
+    then truncating to ``rank`` changes nothing.
+    """
+    return all(
+        not bool(layout.views(flat, s.name)[1][:, rank:].any()) for s in layout.slots if s.layer == layer
+    )
+
+
+def grow_layers(
+    model: nn.Module, layout: AdapterLayout, flat: torch.Tensor, layers: set[int], old_rank: int, seed: int
+) -> None:
+    """After ``write_adapter``: makes layers that grew from ``old_rank`` compute what they did before.
+
+    Their new components get ``B = 0`` (so the function is unchanged) and the global ``A`` rows, or
+    the seeded initial ``A`` where those rows are all zero (so the new components can still learn).
+    """
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            s = layout.by_name[name]
+            if s.layer not in layers:
+                continue
+            la, lb = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
+            lb[:, old_rank:].zero_()
+            a = layout.views(flat, name)[0][old_rank : la.shape[0]]
+            if not bool(a.any()):
+                la[old_rank:].copy_(_initial_a(s, seed)[old_rank : la.shape[0]].to(la))
 
 
 def write_adapter(model: nn.Module, layout: AdapterLayout, flat: torch.Tensor) -> None:

@@ -88,12 +88,56 @@ class Stage(nn.Module):
         self.family = family
         self.config = config
         self.start, self.end = start, end
-        self.is_first = start == 0
-        self.is_last = end == config.num_hidden_layers
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.config.num_hidden_layers
 
     @property
     def layers(self) -> nn.ModuleDict:
         return get_module(self.hf, self.family.layers)
+
+    def add_layers(self, layers: dict[int, nn.Module]) -> None:
+        """Adds a block of decoder layers adjacent to the stage (below ``start`` or from ``end`` up)."""
+        if not layers:
+            return
+        lo, hi = min(layers), max(layers) + 1
+        if sorted(layers) != list(range(lo, hi)) or not (hi == self.start or lo == self.end):
+            raise ValueError(
+                f"layers {sorted(layers)} are not a contiguous block next to [{self.start}, {self.end})"
+            )
+        if lo == 0 and self.start > 0 or hi == self.config.num_hidden_layers and self.end < hi:
+            raise ValueError("a stage cannot gain the embeddings or the head by adding layers")
+        for index, module in layers.items():
+            self.layers[str(index)] = module
+        self.start, self.end = min(self.start, lo), max(self.end, hi)
+
+    def drop_layers(self, indices: list[int]) -> dict[int, nn.Module]:
+        """Removes a block of layers at either end of the stage and returns them."""
+        if not indices:
+            return {}
+        lo, hi = min(indices), max(indices) + 1
+        if (
+            sorted(indices) != list(range(lo, hi))
+            or not (lo == self.start or hi == self.end)
+            or hi - lo >= len(self.layers)
+        ):
+            raise ValueError(
+                f"cannot drop layers {sorted(indices)} from [{self.start}, {self.end}): "
+                "drop a block at one end and keep at least one layer"
+            )
+        dropped = {j: self.layers[str(j)] for j in indices}
+        for j in indices:
+            del self.layers[str(j)]
+        if lo == self.start:
+            self.start = hi
+        else:
+            self.end = lo
+        return dropped
 
     def forward(
         self,
@@ -182,6 +226,25 @@ def _load_owned(hf: nn.Module, model_dir: str | Path, device: str | torch.device
     for name, buf in list(hf.named_buffers()):
         if buf.device != torch.device(device):
             set_module_tensor_to_device(hf, name, device, value=buf)
+
+
+def build_layers(
+    model_dir: str | Path,
+    start: int,
+    end: int,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+) -> dict[int, nn.Module]:
+    """Decoder layers ``[start, end)`` alone (only their tensors are read), for ``Stage.add_layers``."""
+    n = load_config(model_dir).num_hidden_layers
+    if not 0 < start < end < n:
+        raise ValueError(f"build_layers needs inner layers 0 < start < end < {n}, got [{start}, {end})")
+    stage = build_stage(
+        model_dir, start, end, device=device, dtype=dtype, attn_implementation=attn_implementation
+    )
+    return {j: stage.layers[str(j)] for j in range(start, end)}
 
 
 def stage_parameter_bytes(stage: Stage) -> int:
