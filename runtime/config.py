@@ -84,12 +84,48 @@ class TrainConfig:
     """How client adapters are combined: fedavg (sample-weighted, zero-padded to the largest rank)."""
 
 
+POLICIES = ("fixed", "manual", "resource", "adaptive")
+
+
 @dataclass
 class SplitConfig:
+    policy: str | None = None
+    """How cut layers are chosen: fixed (one k for all, the papers' baseline), manual (one k per client),
+    resource (minimise the predicted round time under every client's measured memory) or adaptive
+    (resource, then re-planned from measured step times and the loss trend). None: fixed for an int
+    cut_layers, manual for a list."""
     cut_layers: int | list[int] = 2
-    """Each client's cut layer k (client runs layers 0..k-1): one int for all or one per client, in 1..L-1."""
+    """fixed/manual: each client's cut k (it runs layers 0..k-1), one int or one per client, in 1..L-1."""
     clients: int | None = None
     """Expected number of clients; if set, it must equal WORLD_SIZE - 1."""
+    replan_every: int = 2
+    """adaptive: re-plan after every this many rounds."""
+    hysteresis: float = 0.1
+    """adaptive: move layers only if the predicted round time drops by more than this fraction."""
+    smoothing: float = 0.5
+    """adaptive: weight of the newest measurement in the running estimates (1: newest only)."""
+    memory_headroom: float = 0.1
+    """A cut fits a client when its predicted memory times (1 + this) is below what the client has."""
+    schedule: dict[int, list[int]] | None = None
+    """Forced moves, e.g. {2: [3, 1]}: after round 2 switch to these cuts (experiments and tests)."""
+
+
+@dataclass
+class SimulateConfig:
+    """Simulated heterogeneity for clients that share one machine. Each knob acts on the running client
+    (its probe and its training both see it): one value for every client or a list, one per client."""
+
+    slowdown: float | list[float] = 1.0
+    """The client's layer compute really takes this many times longer (>= 1)."""
+    memory_limit_gb: float | list[float | None] | None = None
+    """The client has only this much memory (CPU: RLIMIT_DATA; CUDA: per-process memory fraction)."""
+    bandwidth_mbps: float | list[float | None] | None = None
+    """The client's link to the server: every send (activations, gradients, adapters) takes size/bandwidth."""
+
+    def for_client(self, index: int) -> tuple[float, float | None, float | None]:
+        """(slowdown, memory_limit_gb, bandwidth_mbps) of client ``index`` (0-based)."""
+        pick = lambda v: v[index] if isinstance(v, list) else v
+        return pick(self.slowdown), pick(self.memory_limit_gb), pick(self.bandwidth_mbps)
 
 
 @dataclass
@@ -127,11 +163,23 @@ class Config:
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def cut_layers_for(self, n_clients: int) -> list[int]:
         cuts = self.split.cut_layers
         return list(cuts) if isinstance(cuts, list) else [cuts] * n_clients
+
+    @property
+    def policy(self) -> str:
+        if self.split.policy is not None:
+            return self.split.policy
+        return "manual" if isinstance(self.split.cut_layers, list) else "fixed"
+
+    @property
+    def moves_cuts(self) -> bool:
+        """Whether cut layers may change during the run (adaptive, or a schedule of forced moves)."""
+        return self.policy == "adaptive" or bool(self.split.schedule)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,6 +199,13 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if value is None:
             return None
         raise ConfigError(f"{where}: expected null")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {value!r} is not a mapping")
+        kt, vt = typing.get_args(tp)
+        return {
+            _check_type(k, kt, f"{where} key"): _check_type(v, vt, f"{where}[{k}]") for k, v in value.items()
+        }
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {value!r} is not a list")
@@ -267,14 +322,46 @@ def validate(cfg: Config) -> None:
     )
     _require(rt.malloc_arenas >= 0, f"runtime.malloc_arenas={rt.malloc_arenas}: must be >= 0 (0 = default)")
     _require(rt.intra_op_threads >= 0, f"runtime.intra_op_threads={rt.intra_op_threads}: must be >= 0")
+    sp, sim = cfg.split, cfg.simulate
     _require(
-        cfg.split.clients is None or cfg.split.clients >= 1,
-        f"split.clients={cfg.split.clients}: must be >= 1 or null",
+        sp.clients is None or sp.clients >= 1,
+        f"split.clients={sp.clients}: must be >= 1 or null",
     )
+    _require(
+        sp.policy is None or sp.policy in POLICIES, f"split.policy={sp.policy!r}: use one of {list(POLICIES)}"
+    )
+    _require(
+        cfg.policy != "fixed" or isinstance(sp.cut_layers, int),
+        f"split.policy=fixed takes one int split.cut_layers, got {sp.cut_layers}: use policy manual",
+    )
+    _require(
+        cfg.policy != "manual" or isinstance(sp.cut_layers, list),
+        f"split.policy=manual takes a list split.cut_layers (one per client), got {sp.cut_layers}",
+    )
+    _require(sp.replan_every >= 1, f"split.replan_every={sp.replan_every}: must be >= 1")
+    _require(0 <= sp.hysteresis < 1, f"split.hysteresis={sp.hysteresis}: must be in [0, 1)")
+    _require(0 < sp.smoothing <= 1, f"split.smoothing={sp.smoothing}: must be in (0, 1]")
+    _require(sp.memory_headroom >= 0, f"split.memory_headroom={sp.memory_headroom}: must be >= 0")
+    _require(
+        not sp.schedule or cfg.policy in ("fixed", "manual"),
+        f"split.schedule forces moves under policy fixed or manual, not {cfg.policy} (adaptive moves itself)",
+    )
+    for rnd in sp.schedule or {}:
+        _require(
+            1 <= rnd < t.rounds, f"split.schedule round {rnd}: must be in 1..train.rounds-1 ({t.rounds - 1})"
+        )
+    for name, value, ok, rule in (
+        ("slowdown", sim.slowdown, lambda v: v >= 1, ">= 1"),
+        ("memory_limit_gb", sim.memory_limit_gb, lambda v: v is None or v > 0, "> 0 or null"),
+        ("bandwidth_mbps", sim.bandwidth_mbps, lambda v: v is None or v > 0, "> 0 or null"),
+    ):
+        for v in value if isinstance(value, list) else [value]:
+            _require(ok(v), f"simulate.{name}={value}: every value must be {rule}")
 
 
-def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]:
-    """Checks the config against the launch and the model; returns each client's cut layer."""
+def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int] | None:
+    """Checks the config against the launch and the model; returns each client's cut layer (None when
+    the resource or adaptive policy will choose them)."""
     n_clients = world_size - 1
     _require(
         n_clients >= 1,
@@ -287,16 +374,31 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
             f"split.clients={cfg.split.clients} but torchrun started {n_clients} client ranks: "
             f"launch with --nproc_per_node={cfg.split.clients + 1} (or set split.clients={n_clients})",
         )
+    _require(n_layers >= 2, f"the model has {n_layers} decoder layer(s): a split needs at least 2")
+    for name in ("slowdown", "memory_limit_gb", "bandwidth_mbps"):
+        value = getattr(cfg.simulate, name)
+        _require(
+            not isinstance(value, list) or len(value) == n_clients,
+            f"simulate.{name} has {len(value) if isinstance(value, list) else 0} entries for {n_clients} "
+            "clients: give one per client or a single value",
+        )
+    for rnd, cuts in (cfg.split.schedule or {}).items():
+        _check_cuts(cuts, n_clients, n_layers, f"split.schedule[{rnd}]")
+    if cfg.policy in ("resource", "adaptive"):
+        return None
     cuts = cfg.cut_layers_for(n_clients)
+    _check_cuts(cuts, n_clients, n_layers, "split.cut_layers")
+    return cuts
+
+
+def _check_cuts(cuts: list[int], n_clients: int, n_layers: int, where: str) -> None:
     _require(
         len(cuts) == n_clients,
-        f"split.cut_layers has {len(cuts)} entries for {n_clients} clients: give one per client "
+        f"{where} has {len(cuts)} entries for {n_clients} clients: give one per client "
         f"or a single int (torchrun --nproc_per_node={len(cuts) + 1} matches this list)",
     )
     for i, k in enumerate(cuts):
         _require(
             1 <= k <= n_layers - 1,
-            f"split.cut_layers[{i}]={k}: the model has {n_layers} layers, "
-            f"so a cut must be in 1..{n_layers - 1}",
+            f"{where}[{i}]={k}: the model has {n_layers} layers, so a cut must be in 1..{n_layers - 1}",
         )
-    return cuts

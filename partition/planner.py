@@ -1,0 +1,458 @@
+"""Cut-layer planner for federated split fine-tuning: which decoder layers each client runs.
+
+Client i at cut k runs the embeddings and layers 0..k-1; the server runs layers k..L-1 and the head.
+Per round of ``steps`` optimizer steps the cost model predicts, with c_i/s the client/server layer time:
+
+* memory_need(k) = embed + k * (layer + 4 * lora + activation) + payload + gradient
+* link_i = payload / bw_i + gradient / bw_i + 2 * rtt_i (per step)
+* crit_i(k) = steps * (k*c_i + link_i + (L-k)*s + head + overhead_i) + 2 * adapter / bw_i: client i's
+  critical path if the server were idle
+* server_load = steps * sum_j ((L-k_j)*s + head) / parallel: the server's busy time
+* host_load[h] = steps * (host CPU seconds of every stage on host h) / cores[h]
+* client_time_i = max(crit_i, server_load, host_load[host_i], host_load[server host]); round = max_i
+
+Policies: ``fixed``/``manual`` (checked against memory), ``resource`` (minimise the predicted round time
+under every client's memory) and ``adaptive`` (``resource``, then re-planned from measurements).
+Pure: stdlib and numpy only, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+__all__ = [
+    "AdaptivePlanner",
+    "ClientCosts",
+    "Measured",
+    "ModelCosts",
+    "PlanError",
+    "Prediction",
+    "ServerCosts",
+    "check_memory",
+    "max_cut",
+    "memory_need",
+    "plan",
+    "plan_resource",
+    "predict",
+]
+
+GB = 1e9
+EXHAUSTIVE_LIMIT = 20_000  # largest number of plans searched exhaustively
+REL_TOL = 1e-9  # round times within this relative tolerance count as equal
+LOSS_RISE = 0.01  # an eval-loss rise above 1% after a move reverts it
+_MAX_PASSES = 1000  # coordinate-descent guard (it converges in a handful of passes)
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; the message names the client (1-based, rank = index + 1) and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    n_layers: int  # L; a cut k in 1..L-1 puts layers 0..k-1 on the client
+    steps: int  # optimizer steps per client per round
+    layer_param_bytes: float  # frozen weights of one decoder layer
+    embed_param_bytes: float  # embeddings, always on the client
+    lora_param_bytes: float  # LoRA weights of one layer; training state = 4x this
+    activation_bytes: float  # bytes one layer keeps for backward at the run's batch x seq
+    payload_bytes: float  # sent up per step (hidden, mask, labels)
+    gradient_bytes: float  # sent down per step
+    adapter_bytes: float  # global adapter; each client sends and receives it once per round
+
+
+@dataclass(frozen=True)
+class ClientCosts:
+    layer_time_s: float  # wall s of one decoder layer forward+backward on this client
+    layer_cpu_s: float  # host CPU seconds of that (all threads); ~0 on a GPU
+    memory_bytes: float  # memory the client can still use for its stage
+    bandwidth_Bps: float  # bytes/s to the server (math.inf allowed)
+    rtt_s: float  # round trip of a small message
+    host: str  # processes on one host share its cores
+    overhead_s: float = 0.0  # fixed per-step cost
+
+
+@dataclass(frozen=True)
+class ServerCosts:
+    layer_time_s: float
+    layer_cpu_s: float
+    head_time_s: float  # final norm + LM head + loss, forward+backward, per step
+    head_cpu_s: float
+    host: str
+    parallel: float = 1.0  # client requests the server computes at once at full speed (1 on a GPU)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    round_time_s: float
+    client_time_s: tuple[float, ...]  # each client's predicted training time this round
+    memory_bytes: tuple[float, ...]  # each client's memory need at its cut
+    bottleneck: str  # "client 3", "server" or "host <name>"
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.2f} GB"
+
+
+def memory_need(model: ModelCosts, k: int) -> float:
+    """Bytes a client needs at cut ``k``: embeddings, k layers with LoRA training state and activations."""
+    per_layer = model.layer_param_bytes + 4 * model.lora_param_bytes + model.activation_bytes
+    return model.embed_param_bytes + k * per_layer + model.payload_bytes + model.gradient_bytes
+
+
+def max_cut(model: ModelCosts, client: ClientCosts, headroom: float = 0.1) -> int:
+    """Largest cut k in 1..L-1 whose need * (1 + headroom) fits the client's memory; 0 if none does."""
+    best = 0
+    for k in range(1, model.n_layers):
+        if memory_need(model, k) * (1 + headroom) > client.memory_bytes:
+            break
+        best = k
+    return best
+
+
+def _kmax(model: ModelCosts, client: ClientCosts, index: int, headroom: float) -> int:
+    """``max_cut``, or a PlanError when the client cannot hold even one layer."""
+    if model.n_layers < 2:
+        raise ValueError(f"n_layers must be >= 2 to split the model, got {model.n_layers}")
+    kmax = max_cut(model, client, headroom)
+    if kmax == 0:
+        need = memory_need(model, 1) * (1 + headroom)
+        raise PlanError(
+            f"client {index + 1} has {_gb(client.memory_bytes)} available; one layer needs {_gb(need)} "
+            f"(embeddings, one layer with LoRA training state and activations, {headroom:.0%} headroom); "
+            "raise the client's runtime memory, or use a smaller model, dtype, batch or sequence length"
+        )
+    return kmax
+
+
+def _link(model: ModelCosts, client: ClientCosts) -> float:
+    """Per-step transfer time: payload up, gradient down, two round trips."""
+    bw = client.bandwidth_Bps
+    return model.payload_bytes / bw + model.gradient_bytes / bw + 2 * client.rtt_s
+
+
+def _evaluate(model, clients, server, cores, cuts):
+    """Cost terms for P plans at once; ``cuts`` is (P, n). Returns crit, server_load, host loads, times."""
+    K = np.asarray(cuts, dtype=float)
+    L, steps = model.n_layers, model.steps
+    col = lambda attr: np.array([getattr(c, attr) for c in clients], dtype=float)
+    c, cpu, bw = col("layer_time_s"), col("layer_cpu_s"), col("bandwidth_Bps")
+    link = np.array([_link(model, cl) for cl in clients])
+    remote = (L - K) * server.layer_time_s + server.head_time_s
+    crit = steps * (K * c + link + remote + col("overhead_s")) + 2 * model.adapter_bytes / bw
+    server_load = steps * remote.sum(axis=1) / server.parallel
+    hosts: dict[str, np.ndarray] = {}
+    for h in dict.fromkeys([cl.host for cl in clients] + [server.host]):
+        n_cores = cores.get(h, math.inf)
+        if math.isinf(n_cores):
+            continue
+        if not n_cores > 0:
+            raise ValueError(f"cores[{h!r}] must be > 0, got {n_cores}")
+        on_h = np.array([cl.host == h for cl in clients])
+        work = (K[:, on_h] * cpu[on_h]).sum(axis=1)
+        if server.host == h:
+            work = work + ((L - K) * server.layer_cpu_s + server.head_cpu_s).sum(axis=1)
+        hosts[h] = steps * work / n_cores
+    times = np.maximum(crit, server_load[:, None])
+    for i, cl in enumerate(clients):
+        for h in (cl.host, server.host):
+            if h in hosts:
+                times[:, i] = np.maximum(times[:, i], hosts[h])
+    return crit, server_load, hosts, times
+
+
+def _objective(model, clients, server, cores, cuts):
+    """Lexicographic objective arrays: round time, total client time, total cut (larger is better)."""
+    times = _evaluate(model, clients, server, cores, cuts)[3]
+    return times.max(axis=1), times.sum(axis=1), np.asarray(cuts).sum(axis=1)
+
+
+def _best_index(rt: np.ndarray, total: np.ndarray, cut_sum: np.ndarray) -> int:
+    """Index of the best plan: least round time, then least total client time, then deepest cuts."""
+    idx = np.flatnonzero(rt <= rt.min() * (1 + REL_TOL))
+    idx = idx[total[idx] <= total[idx].min() * (1 + REL_TOL)]
+    return int(idx[np.argmax(cut_sum[idx])])
+
+
+def _better(a: tuple, b: tuple) -> bool:
+    """Whether objective ``a`` is strictly better than ``b`` (same order and tolerance as _best_index)."""
+    for x, y, sign in zip(a, b, (1, 1, -1)):
+        if not math.isclose(x, y, rel_tol=REL_TOL):
+            return sign * x < sign * y
+    return False
+
+
+def predict(
+    model: ModelCosts,
+    clients: Sequence[ClientCosts],
+    server: ServerCosts,
+    cores: Mapping[str, float],
+    cuts: Sequence[int],
+) -> Prediction:
+    """Predicted round time, per-client times and memory, and the term that sets the round time."""
+    if not clients or len(cuts) != len(clients):
+        raise ValueError(f"need one cut per client: {len(clients)} clients, {len(cuts)} cuts")
+    crit, server_load, hosts, times = _evaluate(model, clients, server, cores, [list(cuts)])
+    terms = [(crit[0, i], f"client {i + 1}") for i in range(len(clients))]
+    terms += [(server_load[0], "server")] + [(load[0], f"host {h}") for h, load in hosts.items()]
+    return Prediction(
+        round_time_s=float(times[0].max()),
+        client_time_s=tuple(float(t) for t in times[0]),
+        memory_bytes=tuple(memory_need(model, k) for k in cuts),
+        bottleneck=max(terms, key=lambda t: t[0])[1],
+    )
+
+
+def check_memory(
+    model: ModelCosts, clients: Sequence[ClientCosts], cuts: Sequence[int], headroom: float = 0.1
+) -> None:
+    """Raise a PlanError naming the first client whose cut is out of range or does not fit its memory."""
+    if len(cuts) != len(clients):
+        raise ValueError(f"need one cut per client: {len(clients)} clients, {len(cuts)} cuts")
+    last = model.n_layers - 1
+    for i, (client, k) in enumerate(zip(clients, cuts)):
+        if not 1 <= k <= last:
+            raise PlanError(f"client {i + 1}: cut {k} is outside 1..{last}; pick a cut in that range")
+        kmax = _kmax(model, client, i, headroom)
+        need = memory_need(model, k) * (1 + headroom)
+        if need > client.memory_bytes:
+            raise PlanError(
+                f"client {i + 1} has {_gb(client.memory_bytes)} available; cut {k} needs {_gb(need)} "
+                f"({headroom:.0%} headroom); the largest cut that fits is {kmax}. Use a cut <= {kmax}, "
+                f"give client {i + 1} more memory, or use policy 'resource' or 'adaptive'"
+            )
+
+
+def _heuristic(model, clients, server, cores, kmax: list[int]) -> np.ndarray:
+    """Candidate plans (fixed k, all-kmax, crit thresholds), then coordinate descent from the best."""
+    n, L = len(clients), model.n_layers
+    caps = np.array(kmax)
+    ks = np.arange(1, L)
+    cands = [np.minimum(k, caps) for k in ks] + [caps]
+    crit = _evaluate(model, clients, server, cores, np.repeat(ks[:, None], n, axis=1))[0].T  # (n, L-1)
+    crit = np.where(ks[None, :] <= caps[:, None], crit, np.inf)
+    thresholds = np.unique(crit[np.isfinite(crit)])
+    for chunk in np.array_split(thresholds, max(1, len(thresholds) // 256)):
+        ok = crit[None] <= chunk[:, None, None]  # (m, n, L-1)
+        largest = (L - 1) - np.argmax(ok[..., ::-1], axis=2)
+        cands.extend(largest[ok.any(axis=2).all(axis=1)])
+    plans = np.array(cands)
+    cur = plans[_best_index(*_objective(model, clients, server, cores, plans))]
+    key = tuple(a[0] for a in _objective(model, clients, server, cores, cur[None]))
+    for _ in range(_MAX_PASSES):
+        changed = False
+        for i in range(n):
+            trial = np.repeat(cur[None], kmax[i], axis=0)
+            trial[:, i] = np.arange(1, kmax[i] + 1)
+            obj = _objective(model, clients, server, cores, trial)
+            j = _best_index(*obj)
+            if _better(tuple(a[j] for a in obj), key):
+                cur, key, changed = trial[j], tuple(a[j] for a in obj), True
+        if not changed:
+            break
+    return cur
+
+
+def _monotone(model, clients, server, cores, kmax: list[int], cuts: list[int]) -> list[int]:
+    """Give faster clients the deeper cuts within groups of equal (kmax, link, host, overhead).
+
+    Each group's reassignment is kept only if the predicted round time does not get worse.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, cl in enumerate(clients):
+        key = (kmax[i], cl.bandwidth_Bps, cl.rtt_s, cl.host, cl.overhead_s)
+        groups.setdefault(key, []).append(i)
+    rt = lambda p: predict(model, clients, server, cores, p).round_time_s
+    best, best_rt = list(cuts), rt(cuts)
+    for members in groups.values():
+        trial = list(best)
+        fastest_first = sorted(members, key=lambda i: clients[i].layer_time_s)
+        for i, k in zip(fastest_first, sorted((best[i] for i in members), reverse=True)):
+            trial[i] = k
+        if trial != best and (trial_rt := rt(trial)) <= best_rt * (1 + REL_TOL):
+            best, best_rt = trial, min(best_rt, trial_rt)
+    return best
+
+
+def plan_resource(
+    model: ModelCosts,
+    clients: Sequence[ClientCosts],
+    server: ServerCosts,
+    cores: Mapping[str, float],
+    headroom: float = 0.1,
+) -> list[int]:
+    """Cuts minimising the predicted round time under every client's memory (``resource`` policy).
+
+    Exhaustive (vectorised) when there are at most EXHAUSTIVE_LIMIT plans, else a candidate set plus
+    coordinate descent. Ties go to less total client time, then deeper cuts (offloading the server).
+    """
+    kmax = [_kmax(model, cl, i, headroom) for i, cl in enumerate(clients)]
+    if not kmax:
+        return []
+    if math.prod(kmax) <= EXHAUSTIVE_LIMIT:
+        grids = np.meshgrid(*[np.arange(1, m + 1) for m in kmax], indexing="ij")
+        plans = np.stack([g.ravel() for g in grids], axis=1)
+        best = plans[_best_index(*_objective(model, clients, server, cores, plans))]
+    else:
+        best = _heuristic(model, clients, server, cores, kmax)
+    return _monotone(model, clients, server, cores, kmax, [int(k) for k in best])
+
+
+def plan(
+    policy: str,
+    model: ModelCosts,
+    clients: Sequence[ClientCosts],
+    server: ServerCosts,
+    cores: Mapping[str, float],
+    cut_layers: int | Sequence[int] | None = None,
+    headroom: float = 0.1,
+) -> list[int]:
+    """Initial cuts for ``policy``: fixed (one int for all), manual (one per client), resource, adaptive."""
+    if policy in ("resource", "adaptive"):
+        return plan_resource(model, clients, server, cores, headroom)
+    if policy == "fixed":
+        if isinstance(cut_layers, bool) or not isinstance(cut_layers, (int, np.integer)):
+            raise ValueError(f"policy 'fixed' needs one int cut_layers, got {cut_layers!r}")
+        cuts = [int(cut_layers)] * len(clients)
+    elif policy == "manual":
+        if cut_layers is None or isinstance(cut_layers, (int, np.integer)):
+            raise ValueError(f"policy 'manual' needs a list of cuts, one per client, got {cut_layers!r}")
+        cuts = [int(k) for k in cut_layers]
+    else:
+        raise ValueError(f"unknown cut policy {policy!r}; use 'fixed', 'manual', 'resource' or 'adaptive'")
+    check_memory(model, clients, cuts, headroom)
+    return cuts
+
+
+def _copy_move(move: Mapping) -> dict:
+    return {
+        "before": [int(k) for k in move["before"]],
+        "after": [int(k) for k in move["after"]],
+        "loss_index": int(move["loss_index"]),
+    }
+
+
+@dataclass
+class Measured:
+    compute_s: float  # client-side forward+backward wall s per step (median)
+    step_s: float  # wall s per step (median)
+    train_time_s: float
+    train_loss: float
+
+
+class AdaptivePlanner:
+    """``resource`` policy re-planned every ``every`` rounds from measured step times, with hysteresis.
+
+    ``observe`` refits client and server layer times (EWMA with weight ``smoothing``); ``propose`` returns
+    a new plan only if it is predicted ``hysteresis`` faster, and reverts a move after which the eval loss
+    rose by more than 1% (that plan is never proposed again). Memory caps stay those of the probe figures.
+    """
+
+    def __init__(
+        self,
+        model: ModelCosts,
+        clients: Sequence[ClientCosts],
+        server: ServerCosts,
+        cores: Mapping[str, float],
+        every: int = 2,
+        hysteresis: float = 0.1,
+        smoothing: float = 0.5,
+        headroom: float = 0.1,
+    ) -> None:
+        if every < 1 or not 0 < smoothing <= 1 or not 0 <= hysteresis < 1:
+            raise ValueError("need every >= 1, 0 < smoothing <= 1 and 0 <= hysteresis < 1")
+        self.model, self.cores = model, dict(cores)
+        self.every, self.hysteresis, self.smoothing, self.headroom = every, hysteresis, smoothing, headroom
+        self._probe_clients, self._probe_server = tuple(clients), server
+        for i, cl in enumerate(clients):
+            _kmax(model, cl, i, headroom)
+        self._clients, self._server = list(clients), server
+        self._losses: list[float] = []
+        self._move: dict | None = None  # {"before", "after", "loss_index"} of the last accepted move
+        self._forbidden: set[tuple[int, ...]] = set()
+
+    @property
+    def clients(self) -> tuple[ClientCosts, ...]:
+        return tuple(self._clients)
+
+    @property
+    def server(self) -> ServerCosts:
+        return self._server
+
+    def initial(self) -> list[int]:
+        return plan_resource(self.model, self._probe_clients, self._probe_server, self.cores, self.headroom)
+
+    def observe(self, cuts: Sequence[int], measured: Sequence[Measured], eval_loss: float) -> None:
+        """Refit client/server layer times from one round's medians and record its eval loss.
+
+        The remote part of a step (step - compute - link - overhead) is attributed to the server's
+        (L-k) layers plus its head, keeping the head/layer ratio of the current figures.
+        """
+        if not len(cuts) == len(measured) == len(self._clients):
+            raise ValueError(f"need one cut and one measurement per client ({len(self._clients)})")
+        a, L = self.smoothing, self.model.n_layers
+        s, head = self._server.layer_time_s, self._server.head_time_s
+        head_ratio = head / s if s > 0 else 0.0
+        fits = []
+        for i, (k, m) in enumerate(zip(cuts, measured)):
+            cl = self._clients[i]
+            remote = m.step_s - m.compute_s - _link(self.model, cl) - cl.overhead_s
+            fits.append(remote / ((L - k) + head_ratio))
+            self._clients[i] = replace(cl, layer_time_s=(1 - a) * cl.layer_time_s + a * m.compute_s / k)
+        s_new = (1 - a) * s + a * max(0.0, float(np.mean(fits)))
+        head_new = head * s_new / s if s > 0 else head
+        self._server = replace(self._server, layer_time_s=s_new, head_time_s=head_new)
+        self._losses.append(float(eval_loss))
+
+    def propose(self, round_: int, cuts: Sequence[int]) -> list[int] | None:
+        """New cuts for round ``round_`` (a multiple of ``every``), or None to keep ``cuts``."""
+        cuts = [int(k) for k in cuts]
+        if round_ % self.every != 0 or not self._losses:
+            return None
+        move = self._move
+        if move is not None:
+            i = move["loss_index"]
+            if len(self._losses) <= i:
+                return None  # no eval loss since the move yet
+            self._move = None
+            before = self._losses[i - 1] if i > 0 else None
+            if before is not None and self._losses[i] - before > LOSS_RISE * abs(before):
+                self._forbidden.add(tuple(move["after"]))
+                return list(move["before"])
+        new = plan_resource(self.model, self._clients, self._server, self.cores, self.headroom)
+        if new == cuts or tuple(new) in self._forbidden:
+            return None
+        rt = lambda p: predict(self.model, self._clients, self._server, self.cores, p).round_time_s
+        if rt(new) >= (1 - self.hysteresis) * rt(cuts):
+            return None
+        self._move = {"before": cuts, "after": new, "loss_index": len(self._losses)}
+        return new
+
+    def state_dict(self) -> dict:
+        """JSON-able state: refit times, eval-loss history, the pending move and the forbidden plans."""
+        return {
+            "client_layer_time_s": [cl.layer_time_s for cl in self._clients],
+            "server_layer_time_s": self._server.layer_time_s,
+            "server_head_time_s": self._server.head_time_s,
+            "eval_losses": list(self._losses),
+            "move": None if self._move is None else _copy_move(self._move),
+            "forbidden": [list(p) for p in sorted(self._forbidden)],
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        times = state["client_layer_time_s"]
+        if len(times) != len(self._clients):
+            raise ValueError(f"state has {len(times)} clients, this planner {len(self._clients)}")
+        self._clients = [replace(cl, layer_time_s=float(t)) for cl, t in zip(self._clients, times)]
+        self._server = replace(
+            self._server,
+            layer_time_s=float(state["server_layer_time_s"]),
+            head_time_s=float(state["server_head_time_s"]),
+        )
+        self._losses = [float(x) for x in state["eval_losses"]]
+        move = state["move"]
+        self._move = None if move is None else _copy_move(move)
+        self._forbidden = {tuple(int(k) for k in p) for p in state["forbidden"]}
