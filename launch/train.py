@@ -49,7 +49,7 @@ def check(cfg: Config, world_size: int) -> Path:
     model_path = resolve_model_path(cfg)
     mcfg = model_config(model_path)
     cuts = validate_for_world(cfg, world_size, mcfg.num_hidden_layers)
-    build_layout(mcfg, lora_spec(cfg, mcfg), cuts)  # unknown lora.targets fail here, on the meta device
+    build_layout(mcfg, lora_spec(cfg, mcfg), cuts or [])  # unknown lora.targets fail here, on the meta device
     return model_path
 
 
@@ -73,9 +73,15 @@ def main(argv: list[str] | None = None) -> None:
             if rank == 1:  # clients read the same files and compute the same partition
                 print(f"data error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+    from partition.planner import PlanError
     from runtime.split import run
 
-    run(cfg, data)
+    try:
+        run(cfg, data)
+    except PlanError as e:  # every rank gets the planner's verdict: say it once
+        if rank == 0:
+            print(f"plan error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

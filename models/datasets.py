@@ -295,6 +295,13 @@ def batch_order(indices: Sequence[int], batch_size: int, seed: int, epoch: int) 
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def typical_seq_len(examples: Sequence[Example], indices: Sequence[int], batch_size: int, seed: int) -> int:
+    """Mean padded length of a batch over one epoch (batches pad to their longest sample): the sequence
+    length at which the scheduler's probes time a layer."""
+    batches = batch_order(indices, batch_size, seed, 0)
+    return round(sum(max(len(examples[i].input_ids) for i in b) for b in batches) / len(batches))
+
+
 class BatchStream:
     """Endless deterministic stream of batches over one client's shard: epoch after epoch of batch_order(...).
 

@@ -21,13 +21,15 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
 from models.datasets import BatchStream, eval_batches
-from models.lora import LoraSpec, add_lora, lora_parameters
-from models.stages import build_stage, stage_parameter_bytes
+from models.lora import AdapterLayout, LoraSpec, inject_layers, lora_parameters
+from models.moves import restage, target_ranks
+from models.stages import build_layers, build_stage, stage_parameter_bytes
 from runtime.config import Config
 from runtime.dist import SERVER
 from runtime.job import ClientData, data_seed, make_optimizer
 from runtime.metrics import peak_rss_mb
 from runtime.server import replica_rref
+from runtime.simulate import Link, Throttle
 
 COMM_KEYS = ("activations_up", "gradients_down", "adapters_up", "adapters_down")
 
@@ -36,17 +38,21 @@ def nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-class _CountGrad(torch.autograd.Function):
-    """Identity whose backward counts the bytes of the gradient that arrived from the server."""
+class _GradArrives(torch.autograd.Function):
+    """Identity at the cut: its backward runs when the server's gradient arrives. It counts the gradient's
+    bytes, charges the simulated link for them and marks when the client's own backward starts."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, counter: Counter) -> torch.Tensor:
-        ctx.counter = counter
+    def forward(ctx, hidden: torch.Tensor, client: Client) -> torch.Tensor:
+        ctx.client = client
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.counter["gradients_down"] += nbytes(grad)
+        client = ctx.client
+        client.comm["gradients_down"] += nbytes(grad)
+        client.link.delay(nbytes(grad))
+        client.grad_arrived = time.perf_counter()
         return grad, None
 
 
@@ -62,25 +68,24 @@ class Client:
         self,
         rank: int,
         cut: int,
+        cut_rank: int,
         cfg: Config,
         model_path,
         spec: LoraSpec,
         data: ClientData,
         device: torch.device,
-        timeout_s: float,
+        throttle: Throttle,
+        link: Link,
     ):
-        self.rank, self.cut, self.cfg, self.device = rank, cut, cfg, device
-        self.timeout_s = timeout_s
-        self.stage = build_stage(
-            model_path,
-            0,
-            cut,
-            device=device,
-            dtype=cfg.model.dtype,
-            attn_implementation=cfg.model.attn_implementation,
-        )
-        add_lora(self.stage, spec, cut_rank=True)
+        self.rank, self.cut, self.cut_rank, self.cfg, self.device = rank, cut, cut_rank, cfg, device
+        self.model_path, self.spec = model_path, spec
+        self.timeout_s = cfg.runtime.timeout_s
+        self.throttle, self.link = throttle, link
+        self.stage = build_stage(model_path, 0, cut, device=device, **self._build_kw)
+        inject_layers(self.stage, spec, target_ranks(0, cut, spec, cut_rank))
+        self._hooks = {j: throttle.attach(self.stage.layers[str(j)]) for j in range(cut)}
         self.params = lora_parameters(self.stage.hf)
+        self.grad_arrived = 0.0
         self.n_samples = len(data.shard)
         self.stream = BatchStream(
             data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, rank - 1), data.pad_id
@@ -95,6 +100,32 @@ class Client:
         """Gets an RRef to this client's replica on the server (after the server has built them)."""
         self.replica = rpc.rpc_sync(SERVER, replica_rref, args=(self.rank,), timeout=self.timeout_s)
 
+    @property
+    def _build_kw(self) -> dict:
+        return {"dtype": self.cfg.model.dtype, "attn_implementation": self.cfg.model.attn_implementation}
+
+    def move(self, cut: int, cut_rank: int, layout: AdapterLayout, flat: torch.Tensor) -> None:
+        """Moves this client's cut to ``cut``: loads or drops exactly the layers concerned, with the
+        global adapter's current state for them (the model stays the same function)."""
+        added, dropped = restage(
+            self.stage,
+            self.spec,
+            0,
+            cut,
+            cut_rank,
+            lambda lo, hi: build_layers(self.model_path, lo, hi, device=self.device, **self._build_kw),
+            layout,
+            flat.to(self.device),
+            self.cfg.seed,
+        )
+        for j in dropped:
+            for handle in self._hooks.pop(j):
+                handle.remove()
+        for j in added:
+            self._hooks[j] = self.throttle.attach(self.stage.layers[str(j)])
+        self.cut, self.cut_rank = cut, cut_rank
+        self.params = lora_parameters(self.stage.hf)
+
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -102,7 +133,7 @@ class Client:
         """Runs ``steps`` split steps; returns the round's loss, token and timing figures."""
         optimizer = make_optimizer(self.params, self.cfg)
         loss_sum = tokens = correct = input_tokens = 0.0
-        step_times, step_losses = [], []
+        step_times, step_losses, compute_times = [], [], []
         start = time.perf_counter()
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -111,11 +142,15 @@ class Client:
             batch = self._to_device(cpu_batch)
             with dist_autograd.context() as ctx:
                 hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                hidden = _CountGrad.apply(hidden, self.comm)
+                hidden = _GradArrives.apply(hidden, self)
                 payload = server_payload(batch, hidden)
-                self.comm["activations_up"] += sum(nbytes(t) for t in payload)
+                sent = sum(nbytes(t) for t in payload)
+                forward_s = time.perf_counter() - t0  # on a GPU: queued kernels finish during the send
+                self.comm["activations_up"] += sent
+                self.link.delay(sent)
                 loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload)
                 dist_autograd.backward(ctx, [loss])
+                compute_times.append(forward_s + time.perf_counter() - self.grad_arrived)
                 server_step = self.replica.rpc_async(timeout=self.timeout_s).step(ctx)
                 grads = dist_autograd.get_gradients(ctx)
                 for p in self.params:
@@ -138,6 +173,7 @@ class Client:
             "train_token_accuracy": correct / max(tokens, 1.0),
             "train_time_s": time.perf_counter() - start,
             "step_time_s": sorted(step_times)[len(step_times) // 2],
+            "compute_s": sorted(compute_times)[len(compute_times) // 2],
             "step_losses": step_losses,
             "peak_rss_mb": peak_rss_mb(),
             "stage_param_mb": stage_parameter_bytes(self.stage) / 2**20,
@@ -154,6 +190,7 @@ class Client:
                 hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 payload = server_payload(batch, hidden)
                 self.comm["eval_activations_up"] += sum(nbytes(t) for t in payload)
+                self.link.delay(sum(nbytes(t) for t in payload))
                 totals += self.replica.rpc_sync(timeout=self.timeout_s).evaluate(*payload).cpu()
         finally:
             self.stage.train()

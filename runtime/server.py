@@ -15,10 +15,12 @@ import threading
 import torch
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
+from torch import nn
 
-from models.lora import LoraSpec, add_lora, lora_parameters
+from models.lora import AdapterLayout, LoraSpec, add_lora, lora_parameters
 from models.loss import mean_loss, token_stats
-from models.stages import Stage, build_stage, load_config
+from models.moves import restage
+from models.stages import Stage, build_layers, build_stage, load_config
 from runtime.config import Config
 from runtime.job import make_optimizer
 
@@ -27,8 +29,7 @@ class ServerReplica:
     """Layers ``cut..L-1`` + head for one client. Called over RPC through an RRef, one call at a time."""
 
     def __init__(self, base: Stage, cut: int, spec: LoraSpec, device: torch.device, cfg: Config):
-        shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
-        hf = copy.deepcopy(base.hf, memo=shared)  # new modules, same frozen tensors
+        hf = _share(base.hf)  # new modules, same frozen tensors
         layers = base.family.layers
         owned = hf.get_submodule(layers)
         for index in range(base.start, cut):
@@ -37,7 +38,7 @@ class ServerReplica:
         add_lora(self.stage, spec, cut_rank=False)
         self.stage.to(device)
         self.device = device
-        self.cfg = cfg
+        self.cfg, self.spec = cfg, spec
         self.params = lora_parameters(self.stage.hf)
         self.optimizer = make_optimizer(self.params, cfg)
         self.lock = threading.Lock()  # guards against a misbehaving client issuing calls in parallel
@@ -46,6 +47,26 @@ class ServerReplica:
 
     def new_round(self) -> None:
         self.optimizer = make_optimizer(self.params, self.cfg)
+
+    def move(
+        self, cut: int, base: Stage, layout: AdapterLayout, flat: torch.Tensor, arriving_ranks: dict[int, int]
+    ) -> None:
+        """Moves this replica's first layer to ``cut`` (layers arriving are shared from ``base``)."""
+        with self.lock:
+            restage(
+                self.stage,
+                self.spec,
+                cut,
+                self.stage.end,
+                None,
+                lambda lo, hi: {j: _share(base.layers[str(j)]) for j in range(lo, hi)},
+                layout,
+                flat.to(self.device),
+                self.cfg.seed,
+                arriving_ranks,
+            )
+            self.params = lora_parameters(self.stage.hf)
+            self.new_round()
 
     def train_forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor):
         """Runs the rest of the model and returns (loss, [tokens, correct]); autograd spans the RPC."""
@@ -78,6 +99,11 @@ class ServerReplica:
             return torch.stack([loss_sum.double(), n_tokens.double(), correct.double()])
 
 
+def _share(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are the original (frozen) tensors."""
+    return copy.deepcopy(module, memo={id(t): t for t in (*module.parameters(), *module.buffers())})
+
+
 def _describe(t: torch.Tensor | None) -> str:
     return "None" if t is None else f"{t.dtype}:{t.dim()}d:last={t.shape[-1] if t.dim() == 3 else '-'}"
 
@@ -87,16 +113,31 @@ class Server:
 
     def __init__(self, model_path, cuts: dict[int, int], spec: LoraSpec, device: torch.device, cfg: Config):
         n_layers = load_config(model_path).num_hidden_layers
-        base = build_stage(
-            model_path,
-            min(cuts.values()),
-            n_layers,
-            device=device,
-            dtype=cfg.model.dtype,
-            attn_implementation=cfg.model.attn_implementation,
-        )
+        self.model_path, self.device, self.cfg = model_path, device, cfg
+        base = build_stage(model_path, min(cuts.values()), n_layers, device=device, **self._build_kw)
         self.base = base
         self.replicas = {rank: ServerReplica(base, k, spec, device, cfg) for rank, k in cuts.items()}
+
+    @property
+    def _build_kw(self) -> dict:
+        return {"dtype": self.cfg.model.dtype, "attn_implementation": self.cfg.model.attn_implementation}
+
+    def move(
+        self, cuts: dict[int, int], old: dict[int, tuple[int, int]], layout: AdapterLayout, flat: torch.Tensor
+    ) -> None:
+        """Applies new cuts (``old``: each client's previous (cut, cut rank)). The shared base gains the
+        layers some replica now needs (only their tensors are read) and drops those none needs."""
+        low = min(cuts.values())
+        if low < self.base.start:
+            self.base.add_layers(
+                build_layers(self.model_path, low, self.base.start, device=self.device, **self._build_kw)
+            )
+        for rank, k in cuts.items():
+            old_k, old_rank = old[rank]
+            if k != old_k:
+                self.replicas[rank].move(k, self.base, layout, flat, {old_k - 1: old_rank})
+        if low > self.base.start:
+            self.base.drop_layers(list(range(self.base.start, low)))
 
 
 # The RPC entry point: clients call rpc_sync(SERVER, replica_rref, (rank,)) and get an RRef to their replica.
@@ -106,6 +147,10 @@ _SERVER: Server | None = None
 def install(server: Server) -> None:
     global _SERVER
     _SERVER = server
+
+
+def sink(tensor: torch.Tensor) -> None:
+    """RPC target of the clients' link probe: receives a payload and answers nothing."""
 
 
 def replica_rref(rank: int) -> rpc.RRef:
