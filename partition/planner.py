@@ -135,14 +135,20 @@ def _link(model: ModelCosts, client: ClientCosts) -> float:
 
 
 def _evaluate(model, clients, server, cores, cuts):
-    """Cost terms for P plans at once; ``cuts`` is (P, n). Returns crit, server_load, host loads, times."""
+    """Cost terms for P plans at once; ``cuts`` is (P, n). Returns crit, server_load, host loads, times.
+
+    ``times`` comes from :func:`_shared_run`: every client's chain of work (its layers, the link, its
+    share of the server) runs at once, and chains that share a host's cores or the server slow down
+    together (processor sharing) until the first ones finish.
+    """
     K = np.asarray(cuts, dtype=float)
     L, steps = model.n_layers, model.steps
     col = lambda attr: np.array([getattr(c, attr) for c in clients], dtype=float)
     c, cpu, bw = col("layer_time_s"), col("layer_cpu_s"), col("bandwidth_Bps")
     link = np.array([_link(model, cl) for cl in clients])
     remote = (L - K) * server.layer_time_s + server.head_time_s
-    crit = steps * (K * c + link + remote + col("overhead_s")) + 2 * model.adapter_bytes / bw
+    fixed = steps * (link + col("overhead_s")) + 2 * model.adapter_bytes / bw
+    crit = steps * (K * c + remote) + fixed
     server_load = steps * remote.sum(axis=1) / server.parallel
     hosts: dict[str, np.ndarray] = {}
     for h in dict.fromkeys([cl.host for cl in clients] + [server.host]):
@@ -156,12 +162,85 @@ def _evaluate(model, clients, server, cores, cuts):
         if server.host == h:
             work = work + ((L - K) * server.layer_cpu_s + server.head_cpu_s).sum(axis=1)
         hosts[h] = steps * work / n_cores
-    times = np.maximum(crit, server_load[:, None])
-    for i, cl in enumerate(clients):
-        for h in (cl.host, server.host):
-            if h in hosts:
-                times[:, i] = np.maximum(times[:, i], hosts[h])
+    # Segments of each chain: (ideal wall s, resource s, pool). Resource s are CPU seconds on a host,
+    # or server busy time in the "server" pool (a GPU server, or a CPU server whose host is unknown).
+    segments = []
+    client_pool = [cl.host if cl.host in hosts and cl.layer_cpu_s > 0 else None for cl in clients]
+    segments.append((steps * K * c, steps * K * cpu, client_pool))
+    if server.host in hosts and server.layer_cpu_s > 0:
+        server_cpu = steps * ((L - K) * server.layer_cpu_s + server.head_cpu_s)
+        segments.append((steps * remote, server_cpu, [server.host] * len(clients)))
+    else:
+        segments.append((steps * remote, steps * remote, ["server"] * len(clients)))
+    capacity = {**{h: cores[h] for h in hosts}, "server": server.parallel}
+    times = _shared_run(fixed, segments, capacity)
     return crit, server_load, hosts, times
+
+
+def _shared_run(fixed: np.ndarray, segments: list, capacity: dict[str, float]) -> np.ndarray:
+    """Finish times of chains that share pools of capacity (cores) by processor sharing; (P, n) arrays.
+
+    A chain's ideal duration is ``fixed`` plus its segments' wall time. The part of a segment spent
+    computing (min(wall, resource)) stretches by its pool's factor u >= 1; u is the least value at which
+    the pool's delivered rate, sum over chains of resource / (stretched duration), fits its capacity.
+    When a chain finishes the others get its share: the run proceeds in phases, one per finish.
+    """
+    busy = [np.minimum(w, r) for w, r, _ in segments]
+    base = fixed + sum(w for w, _, _ in segments)  # ideal duration, no sharing
+    P, n = base.shape
+    members: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for (_, r, names), b in zip(segments, busy):
+        for i, name in enumerate(names):
+            if name is not None:
+                members.setdefault(name, []).append((i, b[:, i], r[:, i]))
+    left = np.ones((P, n))  # fraction of each chain's work still to do
+    now, done = np.zeros(P), np.zeros((P, n))
+    active = base > 0
+    u = {name: np.ones(P) for name in members}
+
+    def duration() -> np.ndarray:
+        wall = base.copy()
+        for name, ms in members.items():
+            for i, b, _ in ms:
+                wall[:, i] += b * (u[name] - 1)
+        return wall
+
+    for _ in range(n):
+        if not active.any():
+            break
+        for _ in range(10):  # Gauss-Seidel over the pools
+            previous = {name: v.copy() for name, v in u.items()}
+            for name, ms in members.items():
+                u[name] = _stretch(duration(), u[name], ms, active, capacity[name])
+            if all(np.allclose(u[k], previous[k], rtol=1e-9) for k in u):
+                break
+        wall = duration()
+        step = np.where(active, left * wall, np.inf).min(axis=1)  # until the next chain finishes
+        step = np.where(np.isfinite(step), step, 0.0)
+        now = now + step
+        left = np.where(active, left - step[:, None] / wall, left)
+        finished = active & (left <= 1e-9)
+        done = np.where(finished, now[:, None], done)
+        active = active & ~finished
+    return done
+
+
+def _stretch(wall, u, members, active, capacity) -> np.ndarray:
+    """The least u >= 1 with sum_i r_i / (a_i + b_i u) <= capacity, for each plan (Newton from u = 1).
+
+    The rate is convex and decreasing in u, so Newton's steps from the left approach the root from
+    below without overshooting.
+    """
+    terms = [(np.where(active[:, i], r, 0.0), wall[:, i] - b * u, b) for i, b, r in members]
+    x = np.ones_like(u)
+    for _ in range(50):
+        rate = sum(r / (a + b * x) for r, a, b in terms)
+        excess = rate - capacity
+        if not (excess > capacity * 1e-10).any():
+            break
+        slope = sum(r * b / (a + b * x) ** 2 for r, a, b in terms)
+        x = np.where(excess > 0, x + excess / np.maximum(slope, 1e-300), x)
+    return x
 
 
 def _objective(model, clients, server, cores, cuts):
