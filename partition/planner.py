@@ -167,14 +167,20 @@ def _evaluate(model, clients, server, cores, cuts):
     segments = []
     client_pool = [cl.host if cl.host in hosts and cl.layer_cpu_s > 0 else None for cl in clients]
     segments.append((steps * K * c, steps * K * cpu, client_pool))
-    if server.host in hosts and server.layer_cpu_s > 0:
+    server_pool = server.host if server.host in hosts and server.layer_cpu_s > 0 else "server"
+    if server_pool != "server":
         server_cpu = steps * ((L - K) * server.layer_cpu_s + server.head_cpu_s)
         segments.append((steps * remote, server_cpu, [server.host] * len(clients)))
     else:
         segments.append((steps * remote, steps * remote, ["server"] * len(clients)))
     capacity = {**{h: cores[h] for h in hosts}, "server": server.parallel}
-    times = _shared_run(fixed, segments, capacity)
-    return crit, server_load, hosts, times
+    times, first = _shared_run(fixed, segments, capacity)
+    ones = np.ones(K.shape[0])
+    stretch = (
+        np.stack([first.get(pool, ones) if pool else ones for pool in client_pool], axis=1),
+        np.stack([first.get(server_pool, ones)] * len(clients), axis=1),
+    )
+    return crit, server_load, hosts, times, stretch
 
 
 def _shared_run(fixed: np.ndarray, segments: list, capacity: dict[str, float]) -> np.ndarray:
@@ -197,6 +203,7 @@ def _shared_run(fixed: np.ndarray, segments: list, capacity: dict[str, float]) -
     now, done = np.zeros(P), np.zeros((P, n))
     active = base > 0
     u = {name: np.ones(P) for name in members}
+    first: dict[str, np.ndarray] = {}
 
     def duration() -> np.ndarray:
         wall = base.copy()
@@ -214,6 +221,7 @@ def _shared_run(fixed: np.ndarray, segments: list, capacity: dict[str, float]) -
                 u[name] = _stretch(duration(), u[name], ms, active, capacity[name])
             if all(np.allclose(u[k], previous[k], rtol=1e-9) for k in u):
                 break
+        first = first or {k: v.copy() for k, v in u.items()}
         wall = duration()
         step = np.where(active, left * wall, np.inf).min(axis=1)  # until the next chain finishes
         step = np.where(np.isfinite(step), step, 0.0)
@@ -222,7 +230,7 @@ def _shared_run(fixed: np.ndarray, segments: list, capacity: dict[str, float]) -
         finished = active & (left <= 1e-9)
         done = np.where(finished, now[:, None], done)
         active = active & ~finished
-    return done
+    return done, first
 
 
 def _stretch(wall, u, members, active, capacity) -> np.ndarray:
@@ -274,7 +282,7 @@ def predict(
     """Predicted round time, per-client times and memory, and the term that sets the round time."""
     if not clients or len(cuts) != len(clients):
         raise ValueError(f"need one cut per client: {len(clients)} clients, {len(cuts)} cuts")
-    crit, server_load, hosts, times = _evaluate(model, clients, server, cores, [list(cuts)])
+    crit, server_load, hosts, times, _ = _evaluate(model, clients, server, cores, [list(cuts)])
     terms = [(crit[0, i], f"client {i + 1}") for i in range(len(clients))]
     terms += [(server_load[0], "server")] + [(load[0], f"host {h}") for h, load in hosts.items()]
     return Prediction(
@@ -420,6 +428,7 @@ class Measured:
     step_s: float  # wall s per step (median)
     train_time_s: float
     train_loss: float
+    server_s: float | None = None  # the server's forward+backward wall s per step for this client (median)
 
 
 class AdaptivePlanner:
@@ -465,25 +474,43 @@ class AdaptivePlanner:
         return plan_resource(self.model, self._probe_clients, self._probe_server, self.cores, self.headroom)
 
     def observe(self, cuts: Sequence[int], measured: Sequence[Measured], eval_loss: float) -> None:
-        """Refit client/server layer times from one round's medians and record its eval loss.
+        """Refit client/server layer times and per-step overheads from one round's medians.
 
-        The remote part of a step (step - compute - link - overhead) is attributed to the server's
-        (L-k) layers plus its head, keeping the head/layer ratio of the current figures.
+        Measured times ran under contention, so the stretch the cost model predicts for that plan is
+        taken out before they update the (contention-free) layer times: a layer measured at m with
+        busy part b under stretch u took m - b (u - 1) alone. What a step took beyond compute, server
+        and link becomes the client's per-step overhead (framework, optimizer steps). Without a
+        server measurement, the remote part of the step is attributed to the server's layers.
         """
         if not len(cuts) == len(measured) == len(self._clients):
             raise ValueError(f"need one cut and one measurement per client ({len(self._clients)})")
         a, L = self.smoothing, self.model.n_layers
-        s, head = self._server.layer_time_s, self._server.head_time_s
+        sv = self._server
+        s, head = sv.layer_time_s, sv.head_time_s
         head_ratio = head / s if s > 0 else 0.0
+        _, _, _, _, (u_client, u_server) = _evaluate(self.model, self._clients, sv, self.cores, [list(cuts)])
+        s_busy = min(s, sv.layer_cpu_s) if sv.layer_cpu_s > 0 else s
         fits = []
         for i, (k, m) in enumerate(zip(cuts, measured)):
             cl = self._clients[i]
-            remote = m.step_s - m.compute_s - _link(self.model, cl) - cl.overhead_s
-            fits.append(remote / ((L - k) + head_ratio))
-            self._clients[i] = replace(cl, layer_time_s=(1 - a) * cl.layer_time_s + a * m.compute_s / k)
-        s_new = (1 - a) * s + a * max(0.0, float(np.mean(fits)))
+            busy = min(cl.layer_time_s, cl.layer_cpu_s)
+            c_alone = max(1e-9, m.compute_s / k - busy * (u_client[0, i] - 1))
+            if m.server_s is not None:
+                server_alone = m.server_s - (L - k + head_ratio) * s_busy * (u_server[0, i] - 1)
+                fits.append(max(0.0, server_alone) / ((L - k) + head_ratio))
+                overhead = m.step_s - m.compute_s - m.server_s - _link(self.model, cl)
+            else:
+                remote = m.step_s - m.compute_s - _link(self.model, cl) - cl.overhead_s
+                fits.append(max(0.0, remote) / ((L - k) + head_ratio))
+                overhead = cl.overhead_s
+            self._clients[i] = replace(
+                cl,
+                layer_time_s=(1 - a) * cl.layer_time_s + a * c_alone,
+                overhead_s=(1 - a) * cl.overhead_s + a * max(0.0, overhead),
+            )
+        s_new = (1 - a) * s + a * float(np.mean(fits))
         head_new = head * s_new / s if s > 0 else head
-        self._server = replace(self._server, layer_time_s=s_new, head_time_s=head_new)
+        self._server = replace(sv, layer_time_s=s_new, head_time_s=head_new)
         self._losses.append(float(eval_loss))
 
     def propose(self, round_: int, cuts: Sequence[int]) -> list[int] | None:
@@ -514,6 +541,7 @@ class AdaptivePlanner:
         """JSON-able state: refit times, eval-loss history, the pending move and the forbidden plans."""
         return {
             "client_layer_time_s": [cl.layer_time_s for cl in self._clients],
+            "client_overhead_s": [cl.overhead_s for cl in self._clients],
             "server_layer_time_s": self._server.layer_time_s,
             "server_head_time_s": self._server.head_time_s,
             "eval_losses": list(self._losses),
@@ -525,7 +553,11 @@ class AdaptivePlanner:
         times = state["client_layer_time_s"]
         if len(times) != len(self._clients):
             raise ValueError(f"state has {len(times)} clients, this planner {len(self._clients)}")
-        self._clients = [replace(cl, layer_time_s=float(t)) for cl, t in zip(self._clients, times)]
+        overheads = state.get("client_overhead_s", [cl.overhead_s for cl in self._clients])
+        self._clients = [
+            replace(cl, layer_time_s=float(t), overhead_s=float(o))
+            for cl, t, o in zip(self._clients, times, overheads)
+        ]
         self._server = replace(
             self._server,
             layer_time_s=float(state["server_layer_time_s"]),

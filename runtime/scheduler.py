@@ -151,6 +151,7 @@ class Scheduler:
                 step_s=s["step_time_s"],
                 train_time_s=s["train_time_s"],
                 train_loss=s["train_loss"],
+                server_s=s.get("server_s"),
             )
             for s in stats
         ]

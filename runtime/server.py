@@ -10,7 +10,9 @@ module-global PEFT state (``set_adapter``) is touched from RPC threads.
 from __future__ import annotations
 
 import copy
+import statistics
 import threading
+import time
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -23,6 +25,21 @@ from models.moves import restage
 from models.stages import Stage, build_layers, build_stage, load_config
 from runtime.config import Config
 from runtime.job import make_optimizer
+
+
+class _Mark(torch.autograd.Function):
+    """Identity whose backward notes when it ran: on the loss it marks the start of the server's part of
+    the backward, on the incoming hidden states its end."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, marks: dict, key: str) -> torch.Tensor:
+        ctx.marks, ctx.key = marks, key
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.marks[ctx.key] = time.perf_counter()
+        return grad, None, None
 
 
 class ServerReplica:
@@ -42,11 +59,18 @@ class ServerReplica:
         self.params = lora_parameters(self.stage.hf)
         self.optimizer = make_optimizer(self.params, cfg)
         self.lock = threading.Lock()  # guards against a misbehaving client issuing calls in parallel
+        self.marks: dict[str, float] = {}
+        self.step_times: list[float] = []  # this round's server compute (forward + backward) per step
         # runtime.debug: a summary of every tensor that arrived, to show what crosses the wire.
         self.received: set[str] | None = set() if cfg.runtime.debug else None
 
     def new_round(self) -> None:
         self.optimizer = make_optimizer(self.params, self.cfg)
+
+    def take_step_time(self) -> float | None:
+        """Median server compute per step this round (None if no step ran), and a fresh record."""
+        times, self.step_times = self.step_times, []
+        return statistics.median(times) if times else None
 
     def move(
         self, cut: int, base: Stage, layout: AdapterLayout, flat: torch.Tensor, arriving_ranks: dict[int, int]
@@ -73,13 +97,20 @@ class ServerReplica:
         with self.lock:
             if self.received is not None:
                 self.received.update(_describe(t) for t in (hidden, mask, labels))
-            logits = self.stage(hidden=hidden, attention_mask=mask)
+            t0 = time.perf_counter()
+            logits = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
             loss, n_tokens, correct = mean_loss(logits, labels)
+            self.marks["forward_s"] = time.perf_counter() - t0
+            loss = _Mark.apply(loss, self.marks, "start")
             return loss, torch.stack([n_tokens, correct]).to(torch.float64)
 
     def step(self, context_id: int) -> None:
         """Applies this replica's gradients from the client's distributed-autograd context."""
         with self.lock:
+            m = self.marks
+            if {"start", "end", "forward_s"} <= m.keys():
+                self.step_times.append(m["forward_s"] + m["end"] - m["start"])
+            m.clear()
             grads = dist_autograd.get_gradients(context_id)
             for p in self.params:
                 p.grad = grads.get(p)

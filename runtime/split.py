@@ -218,6 +218,7 @@ def _run(cfg: Config, world: dist.World, data: ClientData | None) -> None:
         evaluation = _evaluate(world, client)
         if client is None:
             stats = {"peak_rss_mb": peak_rss_mb()}
+            stats["server_s"] = {r: rep.take_step_time() for r, rep in server.replicas.items()}
         report = {"stats": stats, "comm": client.take_comm() if client else {}}
         reports = dist.gather_objects(world, report)
 
@@ -226,7 +227,10 @@ def _run(cfg: Config, world: dist.World, data: ClientData | None) -> None:
         if world.is_server and rnd < cfg.train.rounds:
             order = sorted(cut_map)
             cuts = scheduler.after_round(
-                rnd, [cut_map[r] for r in order], [reports[r]["stats"] for r in order], evaluation[0]
+                rnd,
+                [cut_map[r] for r in order],
+                [{**reports[r]["stats"], "server_s": stats["server_s"][r]} for r in order],
+                evaluation[0],
             )
             if cuts is not None:
                 new_plan = {
@@ -255,6 +259,7 @@ def _run(cfg: Config, world: dist.World, data: ClientData | None) -> None:
             )
             for i, r in enumerate(sorted(cut_map)):
                 record["clients"][str(r)]["predicted_time_s"] = prediction.client_time_s[i]
+                record["clients"][str(r)]["server_s"] = stats["server_s"][r]
             writer.write(record)
             log.info(row(record))
             if new_plan is not None:
