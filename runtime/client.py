@@ -29,7 +29,7 @@ from runtime.dist import SERVER
 from runtime.job import ClientData, data_seed, make_optimizer
 from runtime.metrics import peak_rss_mb
 from runtime.server import replica_rref
-from runtime.simulate import Link, Throttle
+from runtime.simulate import Link, Throttle, vmdata_bytes
 
 COMM_KEYS = ("activations_up", "gradients_down", "adapters_up", "adapters_down")
 
@@ -176,6 +176,7 @@ class Client:
             "compute_s": sorted(compute_times)[len(compute_times) // 2],
             "step_losses": step_losses,
             "peak_rss_mb": peak_rss_mb(),
+            "vmdata_mb": vmdata_bytes() / 2**20,  # what simulate.memory_limit_gb (RLIMIT_DATA) caps
             "stage_param_mb": stage_parameter_bytes(self.stage) / 2**20,
         }
 

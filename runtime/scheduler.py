@@ -29,6 +29,11 @@ from partition.planner import (
 from runtime.config import Config
 from runtime.probe import ResourceProfile
 
+# A client's memory grows by about this many times the bytes one layer saves for backward: the
+# saved tensors, their gradients during the backward, and allocator slack (VmData measured at
+# 3.0x on CPU in benchmarks/RESULTS.md, "memory model").
+ACTIVATION_FACTOR = 3.0
+
 
 def model_costs(
     mcfg: PretrainedConfig,
@@ -53,7 +58,7 @@ def model_costs(
         layer_param_bytes=float(layer),
         embed_param_bytes=float(embed),
         lora_param_bytes=layout.numel * 4 / mcfg.num_hidden_layers,
-        activation_bytes=float(activation_bytes),
+        activation_bytes=float(activation_bytes) * ACTIVATION_FACTOR,
         payload_bytes=float(hidden + tokens * (1 + 4)),  # hidden states, bool mask, int32 labels
         gradient_bytes=float(hidden),
         adapter_bytes=float(layout.numel * 4),

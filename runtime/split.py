@@ -360,6 +360,7 @@ def _record(rnd, elapsed, round_time, reports, evaluation, cut_map, weights) -> 
                         "compute_s",
                         "step_losses",
                         "peak_rss_mb",
+                        "vmdata_mb",
                         "stage_param_mb",
                     )
                 },

@@ -213,3 +213,46 @@ def test_bad_config_fails_before_any_process_group(setup, tmp_path):
     assert res.returncode != 0
     assert "split.cut_layers[1]=4" in res.stdout and "1..3" in res.stdout
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_forced_replan_moves_layers_and_the_loss_is_continuous(setup, tmp_path):
+    """split.schedule moves client 1 from cut 1 to 3 and client 2 from 3 to 1 after round 1; the model
+    evaluated right after the move is the same function as before it, and training goes on."""
+    out = tmp_path / "move"
+    args = [
+        *common_args(setup, out),
+        "split.cut_layers=[1,3]",
+        "train.local_steps=6",
+        "split.schedule={1: [3, 1]}",
+        "runtime.debug=true",
+    ]
+    res = torchrun(3, [*args, "train.rounds=2"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    records = metrics(out)
+    assert [r["cut_layers"] for r in records] == [{"1": 1, "2": 3}, {"1": 3, "2": 1}]
+    plan = records[0]["plan"]
+    assert plan["next_cut_layers"] == {"1": 3, "2": 1}
+    assert abs(plan["eval_loss_after_move"] - records[0]["eval_loss"]) < 1e-5
+    assert records[1]["eval_loss"] < records[0]["eval_loss"]  # it keeps training after the move
+    # Only each side's layers are held: client 1 grew to three layers, client 2 shrank to one.
+    mb = [{r: c["stage_param_mb"] for r, c in rec["clients"].items()} for rec in records]
+    assert mb[1]["1"] > mb[0]["1"] and mb[1]["2"] < mb[0]["2"]
+    for rec in records:
+        for c in rec["clients"].values():
+            assert c["predicted_time_s"] > 0 and c["train_time_s"] > 0
+    assert (out / "profiles.json").is_file()
+
+    # Resume after the move: the checkpoint's plan, not the configured cuts, is the one in force.
+    res = torchrun(3, [*args, "train.rounds=3", "runtime.resume=true"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert metrics(out)[2]["cut_layers"] == {"1": 3, "2": 1}
+
+
+def test_a_client_that_cannot_hold_one_layer_is_named(setup, tmp_path):
+    res = torchrun(
+        3, [*common_args(setup, tmp_path / "mem"), "split.policy=resource", "split.memory_headroom=1e6"]
+    )
+    assert res.returncode != 0, res.stdout[-4000:]
+    assert "plan error: client 1 has" in res.stdout and "one layer needs" in res.stdout
+    assert res.stdout.count("plan error") == 1
+    assert not (tmp_path / "mem" / "metrics.jsonl").exists()
