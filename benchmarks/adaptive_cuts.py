@@ -1,11 +1,15 @@
 """Cut-layer policies on heterogeneous clients: fixed k (the SplitFT baseline), resource and adaptive.
 
-    .venv/bin/python -m benchmarks.adaptive_cuts        # writes benchmarks/results/adaptive_cuts.json
+    .venv/bin/python -m benchmarks.adaptive_cuts           # base 2: writes benchmarks/results/adaptive_cuts.json
+    .venv/bin/python -m benchmarks.adaptive_cuts --base 1  # writes benchmarks/results/adaptive_cuts__base1.json
 
-Four clients share this machine with the server; the simulation knobs make them unequal:
-``simulate.slowdown=[1,1,2,4]`` (their layer compute really takes that much longer) and client 2 has
-``simulate.memory_limit_gb`` set so that, by the planner's measured figures, it holds at most two
-layers. The model is the built-in 4-layer Llama at batch 32 (compute dominates a step). Every policy
+Four clients share this machine with the server; the simulation knobs make them unequal: their
+layer compute really takes 1, 1, 2 and 4 times ``--base`` as long (``simulate.slowdown``), and
+client 2 has ``simulate.memory_limit_gb`` set so that, by the planner's measured figures, it holds
+at most two layers. With ``--base 1`` the five processes saturate this machine's two cores, so the
+round time is the machine's CPU work over two cores whatever the plan; ``--base 2`` (the default)
+makes the server twice as fast as the fastest client (a GPU server would be far more so) and
+leaves the cores room, so the clients' critical paths set the round time as on a real cluster. The model is the built-in 4-layer Llama at batch 32 (compute dominates a step). Every policy
 trains the same rounds on the same data; reported per policy: mean round time, time to the target
 eval loss, final eval loss, and the predicted against the measured training time of each round.
 Goals: ``adaptive`` reaches the target >= 1.3x sooner than ``fixed`` k=2 with no worse final loss;
@@ -14,6 +18,7 @@ predicted round time within 20% of the measured one.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -27,19 +32,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results" / "adaptive_cuts.json"
 ROUNDS, STEPS, BATCH = 8, 5, 32
-SLOWDOWN = [1, 1, 2, 4]
+RELATIVE_SLOWDOWN = [1, 1, 2, 4]
 MEMORY_LIMIT_GB = 1.05  # client 2: ~0.3 GB above what it uses before loading its layers (fits 2)
 TARGET = 0.75  # eval loss (the baseline model starts at 1.80)
 
 POLICIES = {
     "fixed_k1": ["split.policy=fixed", "split.cut_layers=1"],
     "fixed_k2": ["split.policy=fixed", "split.cut_layers=2"],
+    "fixed_k3": ["split.policy=fixed", "split.cut_layers=3"],  # client 2 cannot hold 3 layers
     "resource": ["split.policy=resource"],
     "adaptive": ["split.policy=adaptive", "split.replan_every=2"],
 }
 
 
-def run(name: str, args: list[str], out: Path) -> dict:
+def run(name: str, args: list[str], out: Path, slowdown: list[float]) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -53,10 +59,9 @@ def run(name: str, args: list[str], out: Path) -> dict:
         f"train.rounds={ROUNDS}",
         f"train.local_steps={STEPS}",
         f"train.batch_size={BATCH}",
-        f"simulate.slowdown=[{','.join(map(str, SLOWDOWN))}]",
+        f"simulate.slowdown=[{','.join(map(str, slowdown))}]",
         f"simulate.memory_limit_gb=[null,{MEMORY_LIMIT_GB},null,null]",
         *args,
-        *sys.argv[1:],
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
@@ -64,8 +69,8 @@ def run(name: str, args: list[str], out: Path) -> dict:
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         lines = (res.stdout + res.stderr).splitlines()
-        errors = [line for line in lines if "Error" in line and "tensorpipe" not in line]
-        return {"error": "\n".join(errors[:5]) or lines[-1], "command": " ".join(cmd[2:])}
+        errors = [line for line in lines if "error" in line.lower() and "tensorpipe" not in line]
+        return {"error": "\n".join(errors[:3]) or lines[-1], "command": " ".join(cmd[2:])}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     reached = next((r for r in records if r["eval_loss"] <= TARGET), None)
     # The cost model predicts the training part of a round (the clients' steps); aggregation,
@@ -91,11 +96,16 @@ def run(name: str, args: list[str], out: Path) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", type=float, default=2.0, help="slowdown of the fastest client")
+    base = parser.parse_args().base
+    slowdown = [base * f for f in RELATIVE_SLOWDOWN]
+    out_file = OUT if base == 2.0 else OUT.with_name(f"adaptive_cuts__base{base:g}.json")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, args in POLICIES.items():
             print(f"running {name} ...", flush=True)
-            results[name] = run(name, args, Path(tmp) / name)
+            results[name] = run(name, args, Path(tmp) / name, slowdown)
             r = results[name]
             if "error" in r:
                 print(f"  failed: {r['error'][-400:]}")
@@ -127,8 +137,8 @@ def main() -> None:
             - ok["fixed_k2"]["final_eval_loss"],
         }
         print(json.dumps(summary, indent=1))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(
         json.dumps(
             {
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -136,7 +146,7 @@ def main() -> None:
                     "rounds": ROUNDS,
                     "local_steps": STEPS,
                     "batch_size": BATCH,
-                    "slowdown": SLOWDOWN,
+                    "slowdown": slowdown,
                     "memory_limit_gb_client2": MEMORY_LIMIT_GB,
                     "target_eval_loss": TARGET,
                 },
@@ -146,7 +156,7 @@ def main() -> None:
             indent=1,
         )
     )
-    print(f"wrote {OUT}")
+    print(f"wrote {out_file}")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,15 @@ def test_defaults():
 
 def test_yaml_file_plus_overrides(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "seed": 7, "train": {"rounds": 9, "lr": 0.01}, "lora": {"r": 16, "alpha": 32},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 7,
+                "train": {"rounds": 9, "lr": 0.01},
+                "lora": {"r": 16, "alpha": 32},
+            }
+        )
+    )
     overrides = ["train.rounds=3", "split.cut_layers=[1,2]", "train.lr=1", "lora.targets=[q_proj]"]
     cfg = load_config(path, overrides)
     assert cfg.seed == 7  # from the file
@@ -40,11 +46,14 @@ def test_yaml_file_plus_overrides(tmp_path):
     assert cfg.to_dict()["train"]["rounds"] == 3
 
 
-@pytest.mark.parametrize("override,field", [
-    ("roundz=3", "roundz"),
-    ("train.roundz=3", "train.roundz"),
-    ("runtime.debugg=true", "runtime.debugg"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("roundz=3", "roundz"),
+        ("train.roundz=3", "train.roundz"),
+        ("runtime.debugg=true", "runtime.debugg"),
+    ],
+)
 def test_unknown_key_is_named(override, field):
     with pytest.raises(ConfigError, match=rf"unknown config key {re.escape(field)}\b.*valid keys"):
         load_config(None, [override])
@@ -57,35 +66,77 @@ def test_unknown_key_in_yaml_file_is_named(tmp_path):
         load_config(path, [])
 
 
-@pytest.mark.parametrize("override,field", [
-    ("train.rounds=abc", "train.rounds"),
-    ("train.lr=[1]", "train.lr"),
-    ("train.rounds=true", "train.rounds"),  # a bool is not an int
-    ("train.rounds=2.5", "train.rounds"),
-    ("split.cut_layers=[1,x]", r"split.cut_layers"),
-    ("model.path=3", "model.path"),
-    ("train={a: 1}", "train.a"),
-    ("train=5", "train"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("train.rounds=abc", "train.rounds"),
+        ("train.lr=[1]", "train.lr"),
+        ("train.rounds=true", "train.rounds"),  # a bool is not an int
+        ("train.rounds=2.5", "train.rounds"),
+        ("split.cut_layers=[1,x]", r"split.cut_layers"),
+        ("model.path=3", "model.path"),
+        ("train={a: 1}", "train.a"),
+        ("train=5", "train"),
+    ],
+)
 def test_wrong_type_is_named(override, field):
     with pytest.raises(ConfigError, match=rf"^(unknown config key )?{re.escape(field)}\b"):
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("override,field", [
-    ("lora.r_cut=9", "lora.r_cut"),  # above lora.r (8)
-    ("lora.r_cut=0", "lora.r_cut"),
-    ("data.alpha=0", "data.alpha"),
-    ("train.local_steps=0", "train.local_steps"),
-    ("train.rounds=0", "train.rounds"),
-    ("train.lr=-1", "train.lr"),
-    ("model.dtype=float64", "model.dtype"),
-    ("data.partition=label", "data.partition"),
-    ("split.clients=0", "split.clients"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("lora.r_cut=9", "lora.r_cut"),  # above lora.r (8)
+        ("lora.r_cut=0", "lora.r_cut"),
+        ("data.alpha=0", "data.alpha"),
+        ("train.local_steps=0", "train.local_steps"),
+        ("train.rounds=0", "train.rounds"),
+        ("train.lr=-1", "train.lr"),
+        ("model.dtype=float64", "model.dtype"),
+        ("data.partition=label", "data.partition"),
+        ("split.clients=0", "split.clients"),
+        ("split.policy=greedy", "split.policy"),
+        ("split.replan_every=0", "split.replan_every"),
+        ("split.hysteresis=1", "split.hysteresis"),
+        ("split.smoothing=0", "split.smoothing"),
+        ("simulate.slowdown=0.5", "simulate.slowdown"),
+        ("simulate.memory_limit_gb=[1,0]", "simulate.memory_limit_gb"),
+        ("simulate.bandwidth_mbps=-3", "simulate.bandwidth_mbps"),
+    ],
+)
 def test_out_of_range_is_named(override, field):
     with pytest.raises(ConfigError, match=rf"^{re.escape(field)}="):
         load_config(None, [override])
+
+
+def test_policy_defaults_follow_cut_layers_and_must_match_them():
+    assert load_config(None, ["split.cut_layers=2"]).policy == "fixed"
+    assert load_config(None, ["split.cut_layers=[1,2]"]).policy == "manual"
+    assert not load_config(None, ["split.policy=resource"]).moves_cuts
+    assert load_config(None, ["split.policy=adaptive"]).moves_cuts
+    with pytest.raises(ConfigError, match="split.policy=fixed takes one int"):
+        load_config(None, ["split.policy=fixed", "split.cut_layers=[1,2]"])
+    with pytest.raises(ConfigError, match="split.policy=manual takes a list"):
+        load_config(None, ["split.policy=manual", "split.cut_layers=2"])
+
+
+def test_schedule_and_simulate_are_checked_against_the_world():
+    cfg = load_config(
+        None, ["split.cut_layers=[1,2]", "split.schedule={1: [2, 1]}", "simulate.slowdown=[1,3]"]
+    )
+    assert cfg.moves_cuts and cfg.split.schedule == {1: [2, 1]}
+    assert cfg.simulate.for_client(1) == (3, None, None)
+    assert validate_for_world(cfg, 3, 4) == [1, 2]
+    with pytest.raises(ConfigError, match=r"split.schedule\[1\]\[0\]=4"):
+        validate_for_world(load_config(None, ["split.cut_layers=[1,2]", "split.schedule={1: [4, 1]}"]), 3, 4)
+    with pytest.raises(ConfigError, match="simulate.slowdown has 3 entries for 2 clients"):
+        validate_for_world(load_config(None, ["simulate.slowdown=[1,2,3]"]), 3, 4)
+    with pytest.raises(ConfigError, match="split.schedule round 5"):
+        load_config(None, ["split.schedule={5: [1]}"])
+    with pytest.raises(ConfigError, match="adaptive moves itself"):
+        load_config(None, ["split.policy=adaptive", "split.schedule={1: [1]}"])
+    assert validate_for_world(load_config(None, ["split.policy=adaptive"]), 3, 4) is None
 
 
 def test_r_cut_equal_to_r_is_allowed():
