@@ -1,7 +1,7 @@
 """Cut-layer policies on heterogeneous clients: fixed k (the SplitFT baseline), resource and adaptive.
 
-    .venv/bin/python -m benchmarks.adaptive_cuts           # base 2: writes benchmarks/results/adaptive_cuts.json
-    .venv/bin/python -m benchmarks.adaptive_cuts --base 1  # writes benchmarks/results/adaptive_cuts__base1.json
+    .venv/bin/python -m benchmarks.adaptive_cuts           # writes results/adaptive_cuts.json
+    .venv/bin/python -m benchmarks.adaptive_cuts --base 1  # writes results/adaptive_cuts__base1.json
 
 Four clients share this machine with the server; the simulation knobs make them unequal: their
 layer compute really takes 1, 1, 2 and 4 times ``--base`` as long (``simulate.slowdown``), and
@@ -9,7 +9,8 @@ client 2 has ``simulate.memory_limit_gb`` set so that, by the planner's measured
 at most two layers. With ``--base 1`` the five processes saturate this machine's two cores, so the
 round time is the machine's CPU work over two cores whatever the plan; ``--base 2`` (the default)
 makes the server twice as fast as the fastest client (a GPU server would be far more so) and
-leaves the cores room, so the clients' critical paths set the round time as on a real cluster. The model is the built-in 4-layer Llama at batch 32 (compute dominates a step). Every policy
+leaves the cores room, so the clients' critical paths set the round time as on a real cluster.
+The model is the built-in 4-layer Llama at batch 32 (compute dominates a step). Every policy
 trains the same rounds on the same data; reported per policy: mean round time, time to the target
 eval loss, final eval loss, and the predicted against the measured training time of each round.
 Goals: ``adaptive`` reaches the target >= 1.3x sooner than ``fixed`` k=2 with no worse final loss;
