@@ -35,6 +35,7 @@ class Family:
     ]
     head_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
+
 def get_module(model: nn.Module, path: str) -> Any:
     """The submodule at a dotted path (``model.layers``), as the family table names them."""
     obj: Any = model
@@ -224,4 +225,3 @@ def run_layer(layer: nn.Module, index: int, hidden: torch.Tensor, inputs: dict[s
     out = layer(hidden, **kwargs)
     # Some families still return a tuple (hidden, attn weights, ...).
     return out[0] if isinstance(out, tuple) else out
-

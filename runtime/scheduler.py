@@ -66,10 +66,11 @@ def model_costs(
 
 
 def client_costs(p: ResourceProfile) -> ClientCosts:
+    """A client's figures; a client on a GPU is limited by the GPU's memory and loads no host cores."""
     return ClientCosts(
         layer_time_s=p.layer_time_s,
         layer_cpu_s=0.0 if p.cuda else p.layer_cpu_s,
-        memory_bytes=float(p.memory_available_bytes),
+        memory_bytes=float(p.cuda["free_bytes"] if p.cuda else p.memory_available_bytes),
         bandwidth_Bps=p.bandwidth_Bps,
         rtt_s=p.rtt_s,
         host=p.host,

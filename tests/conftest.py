@@ -26,8 +26,9 @@ def random_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
     def get(family: str, n_layers: int = N_LAYERS, hidden: int = HIDDEN) -> Path:
         key = (family, n_layers, hidden)
         if key not in cache:
-            cache[key] = save_random_model(family, root / f"{family}-L{n_layers}-h{hidden}",
-                                           n_layers=n_layers, hidden=hidden)
+            cache[key] = save_random_model(
+                family, root / f"{family}-L{n_layers}-h{hidden}", n_layers=n_layers, hidden=hidden
+            )
         return cache[key]
 
     return get

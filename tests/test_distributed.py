@@ -250,7 +250,7 @@ def test_forced_replan_moves_layers_and_the_loss_is_continuous(setup, tmp_path):
 
 def test_a_client_that_cannot_hold_one_layer_is_named(setup, tmp_path):
     res = torchrun(
-        3, [*common_args(setup, tmp_path / "mem"), "split.policy=resource", "split.memory_headroom=1e6"]
+        3, [*common_args(setup, tmp_path / "mem"), "split.policy=resource", "split.memory_headroom=1000000.0"]
     )
     assert res.returncode != 0, res.stdout[-4000:]
     assert "plan error: client 1 has" in res.stdout and "one layer needs" in res.stdout

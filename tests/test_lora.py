@@ -111,8 +111,11 @@ def test_layout_rank_is_the_largest_holder_rank(random_model):
     path = random_model("llama")
     config, spec = load_config(path), _spec("llama")
     full = full_model(path)
-    shapes = {n: (m.in_features, m.out_features) for n, m in full.named_modules()
-              if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
+    shapes = {
+        n: (m.in_features, m.out_features)
+        for n, m in full.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith("model.layers.")
+    }
 
     # k=1 holds layer 0 at r_cut, but k=3 holds it at r; layer 2 is k=3's cut but k=1's server copy is at r.
     assert _layer_ranks(build_layout(config, spec, [1, 3])) == {j: {R} for j in range(L)}

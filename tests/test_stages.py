@@ -161,10 +161,18 @@ def test_out_of_range_slice_is_rejected(random_model, start, end):
 
 
 def test_unsupported_model_type_lists_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "bert", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "intermediate_size": 64,
-    }))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "bert",
+                "vocab_size": 64,
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+            }
+        )
+    )
     with pytest.raises(ValueError, match="'bert'") as info:
         build_stage(tmp_path, 0, 1)
     for name in FAMILY_NAMES:
