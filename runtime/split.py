@@ -155,14 +155,15 @@ def _run(cfg: Config, world: dist.World, data: ClientData | None) -> None:
     weights = {rank: counts[rank] / total for rank in range(1, world.world_size)}
     if world.is_server:
         holders = [(server.replicas[r].stage.hf, weights[r]) for r in sorted(server.replicas)]
+        first = scheduler.predict([cut_map[r] for r in sorted(cut_map)])
         log.info(
             "model %s, %d layers; policy %s, cuts %s (predicted round %.2fs, bound by %s); samples %s",
             model_path,
             mcfg.num_hidden_layers,
             cfg.policy,
             cut_map,
-            scheduler.predict(list(cut_map.values())).round_time_s,
-            scheduler.predict(list(cut_map.values())).bottleneck,
+            first.round_time_s,
+            first.bottleneck,
             counts[1:],
         )
     else:
