@@ -64,12 +64,17 @@ def lora_config(spec: LoraSpec, family: Family, ranks: dict[int, int] | None = N
     )
 
 
+def target_ranks(start: int, end: int, spec: LoraSpec, cut_rank: int | None) -> dict[int, int]:
+    """Rank of each layer of a stage ``[start, end)``; ``cut_rank`` (client stages) applies to ``end-1``."""
+    ranks = {j: spec.r for j in range(start, end)}
+    if cut_rank is not None and end > start:
+        ranks[end - 1] = cut_rank
+    return ranks
+
+
 def add_lora(stage: Stage, spec: LoraSpec, cut_rank: bool) -> None:
     """Injects LoRA into the stage's decoder layers (``r_cut`` on its last layer if ``cut_rank``)."""
-    ranks = {j: spec.r for j in range(stage.start, stage.end)}
-    if cut_rank and stage.end > stage.start:
-        ranks[stage.end - 1] = spec.r_cut
-    inject_layers(stage, spec, ranks)
+    inject_layers(stage, spec, target_ranks(stage.start, stage.end, spec, spec.r_cut if cut_rank else None))
 
 
 def inject_layers(stage: Stage, spec: LoraSpec, ranks: dict[int, int]) -> None:

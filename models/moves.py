@@ -29,17 +29,10 @@ from models.lora import (
     layer_rank,
     reducible,
     set_layer_rank,
+    target_ranks,
     write_adapter,
 )
 from models.stages import Stage
-
-
-def target_ranks(start: int, end: int, spec: LoraSpec, cut_rank: int | None) -> dict[int, int]:
-    """Rank of each layer of a stage ``[start, end)``; ``cut_rank`` (client stages) applies to ``end-1``."""
-    ranks = {j: spec.r for j in range(start, end)}
-    if cut_rank is not None:
-        ranks[end - 1] = cut_rank
-    return ranks
 
 
 def restage(

@@ -7,9 +7,11 @@ Per round of ``steps`` optimizer steps the cost model predicts, with c_i/s the c
 * link_i = payload / bw_i + gradient / bw_i + 2 * rtt_i (per step)
 * crit_i(k) = steps * (k*c_i + link_i + (L-k)*s + head + overhead_i) + 2 * adapter / bw_i: client i's
   critical path if the server were idle
-* server_load = steps * sum_j ((L-k_j)*s + head) / parallel: the server's busy time
-* host_load[h] = steps * (host CPU seconds of every stage on host h) / cores[h]
-* client_time_i = max(crit_i, server_load, host_load[host_i], host_load[server host]); round = max_i
+* client_time_i: every client's chain (its layers, the link, its share of the server) runs at once;
+  chains that share a host's cores or the server slow down together (processor sharing) until the
+  first ones finish (``_shared_run``); round = max_i client_time_i
+* server_load = steps * sum_j ((L-k_j)*s + head) / parallel and host_load[h] = steps * (host CPU
+  seconds on h) / cores[h] name the bottleneck alongside each crit_i
 
 Policies: ``fixed``/``manual`` (checked against memory), ``resource`` (minimise the predicted round time
 under every client's memory) and ``adaptive`` (``resource``, then re-planned from measurements).

@@ -21,12 +21,12 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
 from models.datasets import BatchStream, eval_batches
-from models.lora import AdapterLayout, LoraSpec, inject_layers, lora_parameters
-from models.moves import restage, target_ranks
+from models.lora import AdapterLayout, LoraSpec, inject_layers, lora_parameters, target_ranks
+from models.moves import restage
 from models.stages import build_layers, build_stage, stage_parameter_bytes
 from runtime.config import Config
 from runtime.dist import SERVER
-from runtime.job import ClientData, data_seed, make_optimizer
+from runtime.job import ClientData, data_seed, make_optimizer, stage_kwargs
 from runtime.metrics import peak_rss_mb
 from runtime.server import replica_rref
 from runtime.simulate import Link, Throttle, vmdata_bytes
@@ -81,7 +81,7 @@ class Client:
         self.model_path, self.spec = model_path, spec
         self.timeout_s = cfg.runtime.timeout_s
         self.throttle, self.link = throttle, link
-        self.stage = build_stage(model_path, 0, cut, device=device, **self._build_kw)
+        self.stage = build_stage(model_path, 0, cut, device=device, **stage_kwargs(self.cfg))
         inject_layers(self.stage, spec, target_ranks(0, cut, spec, cut_rank))
         self._hooks = {j: throttle.attach(self.stage.layers[str(j)]) for j in range(cut)}
         self.params = lora_parameters(self.stage.hf)
@@ -100,10 +100,6 @@ class Client:
         """Gets an RRef to this client's replica on the server (after the server has built them)."""
         self.replica = rpc.rpc_sync(SERVER, replica_rref, args=(self.rank,), timeout=self.timeout_s)
 
-    @property
-    def _build_kw(self) -> dict:
-        return {"dtype": self.cfg.model.dtype, "attn_implementation": self.cfg.model.attn_implementation}
-
     def move(self, cut: int, cut_rank: int, layout: AdapterLayout, flat: torch.Tensor) -> None:
         """Moves this client's cut to ``cut``: loads or drops exactly the layers concerned, with the
         global adapter's current state for them (the model stays the same function)."""
@@ -113,7 +109,9 @@ class Client:
             0,
             cut,
             cut_rank,
-            lambda lo, hi: build_layers(self.model_path, lo, hi, device=self.device, **self._build_kw),
+            lambda lo, hi: build_layers(
+                self.model_path, lo, hi, device=self.device, **stage_kwargs(self.cfg)
+            ),
             layout,
             flat.to(self.device),
             self.cfg.seed,

@@ -125,6 +125,11 @@ def client_data(cfg: Config, model_path: Path, client_index: int, n_clients: int
     )
 
 
+def stage_kwargs(cfg: Config) -> dict:
+    """How every stage and moved layer of this run is built (``build_stage`` / ``build_layers``)."""
+    return {"dtype": cfg.model.dtype, "attn_implementation": cfg.model.attn_implementation}
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
     """AdamW, made afresh each round: the weights it tracked were replaced by the aggregate."""
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

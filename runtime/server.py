@@ -24,7 +24,7 @@ from models.loss import mean_loss, token_stats
 from models.moves import restage
 from models.stages import Stage, build_layers, build_stage, load_config
 from runtime.config import Config
-from runtime.job import make_optimizer
+from runtime.job import make_optimizer, stage_kwargs
 
 
 class _Mark(torch.autograd.Function):
@@ -145,13 +145,9 @@ class Server:
     def __init__(self, model_path, cuts: dict[int, int], spec: LoraSpec, device: torch.device, cfg: Config):
         n_layers = load_config(model_path).num_hidden_layers
         self.model_path, self.device, self.cfg = model_path, device, cfg
-        base = build_stage(model_path, min(cuts.values()), n_layers, device=device, **self._build_kw)
+        base = build_stage(model_path, min(cuts.values()), n_layers, device=device, **stage_kwargs(self.cfg))
         self.base = base
         self.replicas = {rank: ServerReplica(base, k, spec, device, cfg) for rank, k in cuts.items()}
-
-    @property
-    def _build_kw(self) -> dict:
-        return {"dtype": self.cfg.model.dtype, "attn_implementation": self.cfg.model.attn_implementation}
 
     def move(
         self, cuts: dict[int, int], old: dict[int, tuple[int, int]], layout: AdapterLayout, flat: torch.Tensor
@@ -161,7 +157,9 @@ class Server:
         low = min(cuts.values())
         if low < self.base.start:
             self.base.add_layers(
-                build_layers(self.model_path, low, self.base.start, device=self.device, **self._build_kw)
+                build_layers(
+                    self.model_path, low, self.base.start, device=self.device, **stage_kwargs(self.cfg)
+                )
             )
         for rank, k in cuts.items():
             old_k, old_rank = old[rank]
