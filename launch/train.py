@@ -17,8 +17,12 @@ import os
 import sys
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
+
 from models.lora import build_layout
-from runtime.config import Config, ConfigError, load_config, validate_for_world
+from runtime import checkpoint
+from runtime.config import Config, ConfigError, fingerprint, load_config, validate_for_world
+from runtime.faults import EXIT_USER_ERROR
 from runtime.job import client_data, lora_spec, model_config, resolve_model_path
 
 
@@ -30,14 +34,28 @@ def parse(argv: list[str]) -> Config:
     return load_config(path, overrides)
 
 
-def check_output_dir(cfg: Config) -> None:
-    """Refuses to start over a finished or interrupted run: its checkpoint would be overwritten."""
-    state = Path(cfg.output_dir) / "checkpoint" / "state.json"
-    if state.is_file() and not cfg.runtime.resume:
+def check_output_dir(cfg: Config, n_clients: int) -> None:
+    """Checks ``runtime.resume`` against what output_dir holds (rank 0 reads it again when it resumes).
+
+    false refuses a checkpointed output_dir (it would be overwritten); true needs a checkpoint; a
+    checkpoint that auto or true would continue must come from a run with the same settings.
+    """
+    root = Path(cfg.output_dir) / "checkpoint"
+    found = checkpoint.latest(root)
+    if found is None:
+        if cfg.resume == "true":
+            raise ConfigError(
+                f"runtime.resume=true but {str(root)!r} holds no complete checkpoint: check output_dir, or "
+                "use runtime.resume=auto to start when there is none"
+            )
+        return
+    if cfg.resume == "false":
         raise ConfigError(
-            f"output_dir={cfg.output_dir!r} holds a checkpoint of an earlier run: set runtime.resume=true to "
-            "continue it, or choose another output_dir (or delete that one) to start over"
+            f"output_dir={cfg.output_dir!r} holds a checkpoint of an earlier run (round {found[0]['round']}) "
+            "and runtime.resume=false: set runtime.resume=auto to continue it, or choose another output_dir "
+            "(or delete that one) to start over"
         )
+    checkpoint.check_fingerprint(root, found[0], fingerprint(cfg, n_clients))
 
 
 def check(cfg: Config, world_size: int) -> Path:
@@ -45,7 +63,8 @@ def check(cfg: Config, world_size: int) -> Path:
 
     Returns the model folder (``builtin:tiny`` built if needed).
     """
-    check_output_dir(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 reads and writes output_dir
+        check_output_dir(cfg, world_size - 1)
     model_path = resolve_model_path(cfg)
     mcfg = model_config(model_path)
     cuts = validate_for_world(cfg, world_size, mcfg.num_hidden_layers)
@@ -53,6 +72,18 @@ def check(cfg: Config, world_size: int) -> Path:
     return model_path
 
 
+def user_error(kind: str, error: Exception, say: bool) -> SystemExit:
+    """One line on stderr (from one rank) and torchrun's error file, no traceback: relaunching will
+    not help, the user has to change something."""
+    if say:
+        print(f"{kind} error: {error}", file=sys.stderr)
+    handler = get_error_handler()
+    handler.initialize()
+    handler.record_exception(type(error)(f"{kind} error: {error}"))
+    return SystemExit(EXIT_USER_ERROR)
+
+
+@record
 def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -60,9 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse(sys.argv[1:] if argv is None else argv)
         model_path = check(cfg, world_size)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        if rank == 0:  # every rank sees the same error: say it once
-            print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise user_error("config", e, rank == 0) from None  # every rank sees the same error: say it once
     data = None
     if rank > 0:
         # Only clients read data (the server never needs the files); reading and partitioning it
@@ -70,18 +99,18 @@ def main(argv: list[str] | None = None) -> None:
         try:
             data = client_data(cfg, model_path, rank - 1, world_size - 1)
         except (ConfigError, FileNotFoundError, ValueError) as e:
-            if rank == 1:  # clients read the same files and compute the same partition
-                print(f"data error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+            # clients read the same files and compute the same partition: one says it
+            raise user_error("data", e, rank == 1) from None
     from partition.planner import PlanError
+    from runtime.checkpoint import CheckpointMismatch
     from runtime.split import run
 
     try:
         run(cfg, data)
     except PlanError as e:  # every rank gets the planner's verdict: say it once
-        if rank == 0:
-            print(f"plan error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise user_error("plan", e, rank == 0) from None
+    except CheckpointMismatch as e:
+        raise user_error("checkpoint", e, rank == 0) from None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import sys
 
-from launch.train import check_output_dir, parse
+from pathlib import Path
+
+from launch.train import parse
+from runtime import checkpoint
 from runtime.config import ConfigError
 from runtime.job import client_data, model_config, resolve_model_path
 
@@ -17,7 +20,11 @@ from runtime.job import client_data, model_config, resolve_model_path
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse(sys.argv[1:] if argv is None else argv)
-        check_output_dir(cfg)
+        if checkpoint.rounds(Path(cfg.output_dir) / "checkpoint"):
+            raise ConfigError(
+                f"output_dir={cfg.output_dir!r} holds a split run's checkpoint: the unsplit run would "
+                "overwrite its metrics; choose another output_dir"
+            )
         model_path = resolve_model_path(cfg)
         model_config(model_path)
         data = client_data(cfg, model_path, 0, 1)

@@ -1,65 +1,125 @@
-"""Checkpoints (what ``runtime.resume`` needs) and the exported PEFT adapter, written atomically.
+"""Round checkpoints (what resuming needs) and the exported PEFT adapter.
 
-A round's state is the global adapter plus the round number: optimizers restart every round
-and data order is a function of (seed, client, round), so nothing else is needed to continue
-exactly where a preempted job stopped. Files are written to a temporary name and renamed, and
-``state.json`` goes last, so a crash mid-write leaves the previous checkpoint intact.
+A checkpoint is one directory per completed round, ``checkpoint/round-000007/``, holding
+
+- ``global_adapter.safetensors``: the aggregated adapter every holder loaded after the round;
+- ``state.json``: the round, elapsed time, the run's fingerprint, the plan in force during the round
+  and the plan after any move decided at its end, the scheduler's state, each client's data
+  position, and the metrics records so far.
+
+It is written whole under a temporary name (``.round-000007.tmp``), every file and the directory
+are fsynced, and only then is it renamed into place, so a directory named ``round-*`` is always
+complete: a kill at any instant leaves the newest complete one (or the previous one) loadable.
+The newest ``runtime.keep_checkpoints`` are kept. Nothing in a checkpoint is ever replaced in
+place.
+
+Optimizers restart every round and the data order and random streams are functions of (seed,
+client, round), so the adapter plus the plan reproduce the state at the start of the next round
+exactly; a move decided at the end of the round is replayed on resume by the same code that made
+it live.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.lora import export_peft_adapter
 
+log = logging.getLogger("splitft")
+
 ADAPTER_FILE = "global_adapter.safetensors"
 STATE_FILE = "state.json"
+PREFIX = "round-"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class CheckpointMismatch(ValueError):
+    """The checkpoint was written by a run with other settings; the message names the field."""
 
 
-def save(ckpt_dir: Path, flat: torch.Tensor, state: dict) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir / (ADAPTER_FILE + ".tmp")
-    save_file({"flat": flat.detach().cpu().contiguous()}, str(tmp))
-    os.replace(tmp, ckpt_dir / ADAPTER_FILE)
-    _atomic_write_text(ckpt_dir / STATE_FILE, json.dumps(state, indent=2))
+def round_dir(root: Path, rnd: int) -> Path:
+    return root / f"{PREFIX}{rnd:06d}"
 
 
-def load(ckpt_dir: Path, expect: dict) -> tuple[dict, torch.Tensor] | None:
-    """The saved (state, flat adapter), or None if there is no complete checkpoint.
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    ``expect`` holds what must match the current run (model, cut layers, layout size); a
-    mismatch is an error that says which setting changed rather than a silent wrong resume.
+
+def save(root: Path, rnd: int, flat: torch.Tensor, state: dict, keep: int) -> Path:
+    """Writes round ``rnd``'s checkpoint atomically and prunes all but the newest ``keep``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = round_dir(root, rnd)
+    tmp = root / f".{final.name}.tmp"
+    if tmp.exists():  # left by a run killed while writing
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({"flat": flat.detach().cpu().contiguous()}, str(tmp / ADAPTER_FILE))
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    for f in (ADAPTER_FILE, STATE_FILE):
+        _fsync(tmp / f)
+    _fsync(tmp)
+    if final.exists():  # this round was checkpointed by an attempt that died before finishing the next
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    for old in rounds(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def rounds(root: Path) -> list[Path]:
+    """The complete round directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def latest(root: Path) -> tuple[dict, torch.Tensor] | None:
+    """(state, flat adapter) of the newest readable round checkpoint, or None if there is none.
+
+    A directory that cannot be read (a disk error, a file removed by hand) is reported and skipped
+    in favour of the one before it.
     """
-    state_path = ckpt_dir / STATE_FILE
-    if not state_path.is_file():
-        return None
-    state = json.loads(state_path.read_text())
-    for key, value in expect.items():
-        if state.get(key) != value:
-            raise ValueError(
-                f"checkpoint {str(ckpt_dir)!r} was written with {key}={state.get(key)!r} but this run has "
-                f"{value!r}: restore that setting, or use a new output_dir (or runtime.resume=false "
-                "with a new output_dir) to start over"
+    for path in reversed(rounds(root)):
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+            flat = load_file(str(path / ADAPTER_FILE))["flat"]
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            log.warning("checkpoint %s is unreadable (%s); trying the one before it", path, e)
+            continue
+        return state, flat
+    return None
+
+
+def check_fingerprint(root: Path, state: dict, expect: dict) -> None:
+    """Raises CheckpointMismatch naming the first setting that differs between the checkpoint and this run."""
+    saved = state.get("fingerprint", {})
+    for key in sorted(set(saved) | set(expect)):
+        if saved.get(key) != expect.get(key):
+            raise CheckpointMismatch(
+                f"the checkpoint in {str(root)!r} was written with {key}={saved.get(key)!r} but this run has "
+                f"{key}={expect.get(key)!r}: restore that setting to continue it, or choose a new "
+                "output_dir to start over"
             )
-    flat = load_file(str(ckpt_dir / ADAPTER_FILE))["flat"]
-    return state, flat
 
 
 def export_adapter(out: Path, layout, flat: torch.Tensor, spec, model_config, model_path: Path) -> None:
     """Writes ``out/adapter`` (PEFT format) via a temporary folder, so a crash keeps the last one."""
     tmp = out / "adapter.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
     export_peft_adapter(layout, flat.cpu(), spec, model_config, tmp, str(Path(model_path).resolve()))
     replace_dir(tmp, out / "adapter")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -24,6 +25,7 @@ from models.datasets import BatchStream, eval_batches
 from models.lora import AdapterLayout, LoraSpec, inject_layers, lora_parameters, target_ranks
 from models.moves import restage
 from models.stages import build_layers, build_stage, stage_parameter_bytes
+from runtime import faults
 from runtime.config import Config
 from runtime.dist import SERVER
 from runtime.job import ClientData, data_seed, make_optimizer, stage_kwargs
@@ -79,7 +81,7 @@ class Client:
     ):
         self.rank, self.cut, self.cut_rank, self.cfg, self.device = rank, cut, cut_rank, cfg, device
         self.model_path, self.spec = model_path, spec
-        self.timeout_s = cfg.runtime.timeout_s
+        self.timeout_s = cfg.runtime.rpc_timeout_s
         self.throttle, self.link = throttle, link
         self.stage = build_stage(model_path, 0, cut, device=device, **stage_kwargs(self.cfg))
         inject_layers(self.stage, spec, target_ranks(0, cut, spec, cut_rank))
@@ -127,13 +129,18 @@ class Client:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_round(self, steps: int) -> dict:
-        """Runs ``steps`` split steps; returns the round's loss, token and timing figures."""
+    def train_round(self, steps: int, stop: Callable[[], bool]) -> dict | None:
+        """Runs ``steps`` split steps; returns the round's loss, token and timing figures, or None if a
+        stop was requested (checked before every step: this rank's signal, or the server's, which
+        comes back with every step's reply)."""
         optimizer = make_optimizer(self.params, self.cfg)
         loss_sum = tokens = correct = input_tokens = 0.0
         step_times, step_losses, compute_times = [], [], []
         start = time.perf_counter()
-        for _ in range(steps):
+        server_stopping = False
+        for step in range(1, steps + 1):
+            if server_stopping or stop():
+                return None
             t0 = time.perf_counter()
             cpu_batch = self.stream.next()
             input_tokens += float(cpu_batch["attention_mask"].sum())  # on CPU: no device sync
@@ -162,7 +169,9 @@ class Client:
             loss_sum += step_losses[-1] * n
             tokens += n
             correct += float(stats[1])
+            server_stopping = bool(stats[2])
             step_times.append(time.perf_counter() - t0)
+            faults.injector.hit("step", step)
         return {
             "steps": steps,
             "train_loss": loss_sum / max(tokens, 1.0),

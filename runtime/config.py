@@ -132,16 +132,27 @@ class SimulateConfig:
 class RuntimeConfig:
     device: str = "auto"
     """auto (CUDA when every rank has a GPU, else CPU), cpu or cuda."""
-    timeout_s: float = 300.0
-    """Timeout of every collective, RPC and the shutdown."""
+    rpc_timeout_s: float = 600.0
+    """Timeout of one RPC (a training step's forward, an evaluation batch) and of the RPC shutdown."""
+    round_timeout_s: float = 86400.0
+    """Timeout of a collective: rank 0 waits in one for the clients' whole round of training, so this
+    bounds a round, not a step. Only a peer that is alive but stuck ever reaches it; a dead or silent
+    peer is noticed by the liveness check (``peer_timeout_s``) first."""
+    peer_timeout_s: float = 60.0
+    """A rank whose heartbeat has not changed for this long is declared lost: every rank that watches it
+    stops with a message naming it (clients watch the server, the server watches every client)."""
     rpc_threads: int = 16
     """TensorPipe worker threads on each rank."""
     rpc_transports: list[str] = field(default_factory=lambda: ["uv"])
     """TensorPipe transports. ``uv`` (TCP, event-driven) by default: the same-host ``shm`` transport
     busy-polls a core in every process, which halved split throughput on a 2-core host. Use
     ``[shm, uv]`` where every process has a spare core."""
-    resume: bool = False
-    """Continue from output_dir/checkpoint if it exists."""
+    resume: str | bool = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir if there is one, else start
+    (what ``torchrun --max-restarts`` and requeued batch jobs need); true: continue, and refuse to
+    start if there is no checkpoint; false: start, and refuse an output_dir that holds a checkpoint."""
+    keep_checkpoints: int = 2
+    """How many round checkpoints (output_dir/checkpoint/round-NNNNNN) to keep, newest first."""
     debug: bool = False
     """Write every holder's pre-aggregation adapter each round and what the server received (tests)."""
     malloc_arenas: int = 2
@@ -180,6 +191,12 @@ class Config:
     def moves_cuts(self) -> bool:
         """Whether cut layers may change during the run (adaptive, or a schedule of forced moves)."""
         return self.policy == "adaptive" or bool(self.split.schedule)
+
+    @property
+    def resume(self) -> str:
+        """``runtime.resume`` as one of "auto", "true", "false" (YAML reads true/false as booleans)."""
+        r = self.runtime.resume
+        return r if isinstance(r, str) else str(r).lower()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -314,7 +331,13 @@ def validate(cfg: Config) -> None:
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
     _require(t.aggregation == "fedavg", f"train.aggregation={t.aggregation!r}: only fedavg is available")
     _require(rt.device in ("auto", "cpu", "cuda"), f"runtime.device={rt.device!r}: use auto, cpu or cuda")
-    _require(rt.timeout_s > 0, f"runtime.timeout_s={rt.timeout_s}: must be > 0")
+    for name in ("rpc_timeout_s", "round_timeout_s", "peer_timeout_s"):
+        _require(getattr(rt, name) > 0, f"runtime.{name}={getattr(rt, name)}: must be > 0")
+    _require(
+        rt.resume in ("auto", True, False),
+        f"runtime.resume={rt.resume!r}: use auto (continue if a checkpoint exists), true or false",
+    )
+    _require(rt.keep_checkpoints >= 1, f"runtime.keep_checkpoints={rt.keep_checkpoints}: must be >= 1")
     _require(rt.rpc_threads >= 1, f"runtime.rpc_threads={rt.rpc_threads}: must be >= 1")
     _require(
         bool(rt.rpc_transports) and set(rt.rpc_transports) <= {"uv", "shm", "ibv"},
@@ -402,3 +425,28 @@ def _check_cuts(cuts: list[int], n_clients: int, n_layers: int, where: str) -> N
             1 <= k <= n_layers - 1,
             f"{where}[{i}]={k}: the model has {n_layers} layers, so a cut must be in 1..{n_layers - 1}",
         )
+
+
+# Settings that do not change what a run computes: where it writes, how long it goes on, how the
+# processes talk and wait, and the simulated speeds (the plan comes from the checkpoint on resume).
+NOT_IN_FINGERPRINT = ("output_dir", "train.rounds", "runtime.", "simulate.")
+
+
+def fingerprint(cfg: Config, n_clients: int) -> dict[str, Any]:
+    """Every setting a resumed run must share with its checkpoint, as flat ``section.key`` names."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and key != "schedule":
+                walk(value, f"{name}.")
+            elif not name.startswith(NOT_IN_FINGERPRINT):
+                flat[name] = value
+
+    walk(cfg.to_dict(), "")
+    if flat.get("split.schedule"):  # JSON keys are strings: compare like with like
+        flat["split.schedule"] = {str(k): v for k, v in flat["split.schedule"].items()}
+    flat["split.policy"] = cfg.policy
+    flat["clients"] = n_clients
+    return flat

@@ -7,6 +7,7 @@ known to deadlock. When every rank drives a GPU, the adapter all-reduce runs on 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
 SERVER = "server"
+log = logging.getLogger("splitft")
 
 
 def worker_name(rank: int) -> str:
@@ -30,7 +32,7 @@ class World:
     local_world_size: int
     device: torch.device
     aggregation: dist.ProcessGroup | None  # NCCL group on GPUs; None means the default (gloo) group
-    timeout_s: float
+    rpc_timeout_s: float
 
     @property
     def is_server(self) -> bool:
@@ -65,13 +67,19 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def start(device_request: str, timeout_s: float, rpc_threads: int, transports: list[str]) -> World:
-    """Initialises the process group and RPC on this rank (call once, on every rank)."""
+def start(
+    device_request: str, rpc_timeout_s: float, round_timeout_s: float, rpc_threads: int, transports: list[str]
+) -> World:
+    """Initialises the process group and RPC on this rank (call once, on every rank).
+
+    Collectives get ``round_timeout_s`` (rank 0 waits in one while the clients train a round); one
+    RPC gets ``rpc_timeout_s``. Neither is how a dead peer is noticed (``runtime.faults.Heartbeat``).
+    """
     rank, world_size, local_rank, local_world_size = env_world()
     device = pick_device(device_request, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    timeout = timedelta(seconds=timeout_s)
+    timeout = timedelta(seconds=round_timeout_s)
     # NCCL only if every rank has a GPU: agree first over a gloo group.
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     flags = torch.tensor([1 if device.type == "cuda" else 0])
@@ -82,14 +90,14 @@ def start(device_request: str, timeout_s: float, rpc_threads: int, transports: l
     elif device.type == "cuda":
         device = torch.device("cpu")  # a mixed GPU/CPU world computes on CPU everywhere
     options = rpc.TensorPipeRpcBackendOptions(
-        num_worker_threads=rpc_threads, rpc_timeout=timeout_s, _transports=transports
+        num_worker_threads=rpc_threads, rpc_timeout=rpc_timeout_s, _transports=transports
     )
     if device.type == "cuda" and rank != 0:
         # Activations go straight GPU to GPU (the server, rank 0, is on cuda:0 of the first node);
         # replies use the reverse map.
         options.set_device_map(SERVER, {device.index: 0})
     rpc.init_rpc(worker_name(rank), rank=rank, world_size=world_size, rpc_backend_options=options)
-    return World(rank, world_size, local_rank, local_world_size, device, aggregation, timeout_s)
+    return World(rank, world_size, local_rank, local_world_size, device, aggregation, rpc_timeout_s)
 
 
 def gather_objects(world: World, obj: object) -> list[object]:
@@ -109,11 +117,19 @@ def barrier(world: World) -> None:
 
 
 def stop(world: World | None, graceful: bool = True) -> None:
-    """Shuts RPC down with a timeout (the default waits forever on a dead peer), then the group."""
+    """Shuts RPC down with a timeout (the default waits forever on a dead peer), then the group.
+
+    Never raises: it runs on the way out of a failed run too, where it must not hide the error.
+    A graceful shutdown that fails has already torn the RPC agent down (a second, non-graceful
+    call would only raise "RPC has not been initialized"), so there is no second call.
+    """
     if world is not None:
         try:
-            rpc.shutdown(graceful=graceful, timeout=world.timeout_s)
-        except Exception:  # a peer already gone: nothing left to wait for
-            rpc.shutdown(graceful=False)
+            rpc.shutdown(graceful=graceful, timeout=world.rpc_timeout_s)
+        except Exception as e:
+            log.debug("RPC shutdown: %s", e)
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as e:
+            log.debug("destroy_process_group: %s", e)

@@ -65,7 +65,7 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     stream = BatchStream(data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, 0), data.pad_id)
     evals = eval_batches(data.eval_examples, data.eval_indices, cfg.train.eval_batch_size, data.pad_id)
     out = Path(cfg.output_dir)
-    writer = MetricsWriter(out / "metrics.jsonl", 0)
+    writer = MetricsWriter(out / "metrics.jsonl", [])
 
     def evaluate() -> tuple[float, float, float]:
         totals = torch.zeros(3, dtype=torch.float64)

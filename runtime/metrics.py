@@ -12,18 +12,15 @@ COLUMNS = ("round", "train_loss", "eval_loss", "eval_acc", "eval_ppl", "round_s"
 
 
 class MetricsWriter:
-    def __init__(self, path: Path, resume_round: int):
+    """Appends one line per round. On resume the file is rewritten (atomically) from the records the
+    checkpoint holds, so rounds recomputed after it, or a half-written last line, leave no trace."""
+
+    def __init__(self, path: Path, records: list[dict]):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        # On resume keep the rounds the checkpoint covers and drop any written after it.
-        kept = []
-        if resume_round > 0 and path.is_file():
-            kept = [
-                ln
-                for ln in path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["round"] <= resume_round
-            ]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:

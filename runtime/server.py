@@ -13,6 +13,7 @@ import copy
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -23,6 +24,7 @@ from models.lora import AdapterLayout, LoraSpec, add_lora, lora_parameters
 from models.loss import mean_loss, token_stats
 from models.moves import restage
 from models.stages import Stage, build_layers, build_stage, load_config
+from runtime import faults
 from runtime.config import Config
 from runtime.job import make_optimizer, stage_kwargs
 
@@ -45,7 +47,15 @@ class _Mark(torch.autograd.Function):
 class ServerReplica:
     """Layers ``cut..L-1`` + head for one client. Called over RPC through an RRef, one call at a time."""
 
-    def __init__(self, base: Stage, cut: int, spec: LoraSpec, device: torch.device, cfg: Config):
+    def __init__(
+        self,
+        base: Stage,
+        cut: int,
+        spec: LoraSpec,
+        device: torch.device,
+        cfg: Config,
+        stopping: Callable[[], bool] = lambda: False,
+    ):
         hf = _share(base.hf)  # new modules, same frozen tensors
         layers = base.family.layers
         owned = hf.get_submodule(layers)
@@ -61,11 +71,14 @@ class ServerReplica:
         self.lock = threading.Lock()  # guards against a misbehaving client issuing calls in parallel
         self.marks: dict[str, float] = {}
         self.step_times: list[float] = []  # this round's server compute (forward + backward) per step
+        self.steps = 0  # forwards served this round
+        self.stopping = stopping
         # runtime.debug: a summary of every tensor that arrived, to show what crosses the wire.
         self.received: set[str] | None = set() if cfg.runtime.debug else None
 
     def new_round(self) -> None:
         self.optimizer = make_optimizer(self.params, self.cfg)
+        self.steps = 0
 
     def take_step_time(self) -> float | None:
         """Median server compute per step this round (None if no step ran), and a fresh record."""
@@ -93,8 +106,11 @@ class ServerReplica:
             self.new_round()
 
     def train_forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor):
-        """Runs the rest of the model and returns (loss, [tokens, correct]); autograd spans the RPC."""
+        """Runs the rest of the model and returns (loss, [tokens, correct, stopping]); autograd spans the
+        RPC. ``stopping`` tells the client that the server was asked to stop (a signal)."""
         with self.lock:
+            self.steps += 1
+            faults.injector.hit("step", self.steps)
             if self.received is not None:
                 self.received.update(_describe(t) for t in (hidden, mask, labels))
             t0 = time.perf_counter()
@@ -102,7 +118,8 @@ class ServerReplica:
             loss, n_tokens, correct = mean_loss(logits, labels)
             self.marks["forward_s"] = time.perf_counter() - t0
             loss = _Mark.apply(loss, self.marks, "start")
-            return loss, torch.stack([n_tokens, correct]).to(torch.float64)
+            flag = n_tokens.new_tensor(float(self.stopping()), dtype=torch.float64)
+            return loss, torch.stack([n_tokens.double(), correct.double(), flag])
 
     def step(self, context_id: int) -> None:
         """Applies this replica's gradients from the client's distributed-autograd context."""
@@ -142,12 +159,22 @@ def _describe(t: torch.Tensor | None) -> str:
 class Server:
     """Holds the shared base and a replica per client rank."""
 
-    def __init__(self, model_path, cuts: dict[int, int], spec: LoraSpec, device: torch.device, cfg: Config):
+    def __init__(
+        self,
+        model_path,
+        cuts: dict[int, int],
+        spec: LoraSpec,
+        device: torch.device,
+        cfg: Config,
+        stopping: Callable[[], bool] = lambda: False,
+    ):
         n_layers = load_config(model_path).num_hidden_layers
         self.model_path, self.device, self.cfg = model_path, device, cfg
         base = build_stage(model_path, min(cuts.values()), n_layers, device=device, **stage_kwargs(self.cfg))
         self.base = base
-        self.replicas = {rank: ServerReplica(base, k, spec, device, cfg) for rank, k in cuts.items()}
+        self.replicas = {
+            rank: ServerReplica(base, k, spec, device, cfg, stopping) for rank, k in cuts.items()
+        }
 
     def move(
         self, cuts: dict[int, int], old: dict[int, tuple[int, int]], layout: AdapterLayout, flat: torch.Tensor

@@ -1,8 +1,19 @@
-"""The split run: every rank's life from start-up to shutdown (DESIGN.md, "round protocol").
+"""The split run: rank 0 plays the server role, every other rank a client role, round after round.
 
-Per round: clients train concurrently through their server replicas; all ranks aggregate the
-adapters in one all-reduce; the global model is evaluated on the held-out set; rank 0 logs,
-exports the adapter and checkpoints.
+The round protocol (``Role.run``) is the same on every rank, so the collectives line up; each role
+says what it does in each phase:
+
+    start      probe every process one at a time, plan the cuts (or take the checkpoint's), build
+               the stages, load the initial or checkpointed adapter (replaying a move it recorded)
+    train      clients take ``local_steps`` steps through their server replicas, all at once
+    settle     every rank says whether it was asked to stop (SIGTERM/SIGUSR1): one stops all
+    aggregate  one all-reduce gives every holder the global adapter
+    evaluate   the global model on the held-out set
+    re-plan    rank 0 may move cuts; every rank moves the layers concerned
+    record     rank 0 writes metrics.jsonl, the PEFT adapter and the round's checkpoint
+
+Failure handling has one home, ``run``: a stop request leaves after the last complete round
+with ``EXIT_PREEMPTED``; a lost peer is named; everything else is logged once and re-raised.
 """
 
 from __future__ import annotations
@@ -10,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -28,10 +40,11 @@ from models.lora import (
 )
 from models.stages import DTYPES
 from partition.planner import PlanError
-from runtime import checkpoint, dist
+from runtime import checkpoint, dist, faults
 from runtime.aggregate import aggregate
+from runtime.checkpoint import CheckpointMismatch
 from runtime.client import COMM_KEYS, Client
-from runtime.config import Config, validate_for_world
+from runtime.config import Config, fingerprint, validate_for_world
 from runtime.dist import SERVER
 from runtime.job import (
     ClientData,
@@ -51,6 +64,9 @@ from runtime.simulate import Link, Throttle, apply_memory_limit
 
 log = logging.getLogger("splitft")
 
+# Errors of the user's making that every rank learns of together (rank 0 decides, all raise).
+USER_ERRORS = {"PlanError": PlanError, "CheckpointMismatch": CheckpointMismatch}
+
 
 def setup_logging(rank: int) -> None:
     role = "server" if rank == 0 else f"client{rank}"
@@ -67,219 +83,468 @@ def setup_logging(rank: int) -> None:
 
 
 def run(cfg: Config, data: ClientData | None = None) -> None:
-    """Runs this rank's role to the end; ``data`` is a client's already-loaded data (loaded here if None)."""
-    world = None
+    """Runs this rank's role to the end; ``data`` is a client's already-loaded data (loaded here if None).
+
+    Raises ``SystemExit(EXIT_PREEMPTED)`` after a stop signal, ``PlanError``/``CheckpointMismatch``
+    for user errors (every rank), and re-raises anything else after logging it once.
+    """
+    rt = cfg.runtime
+    limit_malloc_arenas(rt.malloc_arenas)
+    stop = faults.StopSignals()
+    world = heartbeat = None
     try:
-        rt = cfg.runtime
-        limit_malloc_arenas(rt.malloc_arenas)
-        world = dist.start(rt.device, rt.timeout_s, rt.rpc_threads, rt.rpc_transports)
+        world = dist.start(rt.device, rt.rpc_timeout_s, rt.round_timeout_s, rt.rpc_threads, rt.rpc_transports)
         setup_logging(world.rank)
-        torch.set_num_threads(cfg.runtime.intra_op_threads or default_threads(world.local_world_size))
-        _run(cfg, world, data)
-        dist.stop(world)
-    except PlanError:  # a user error (a client cannot hold its layers), not a crash: no traceback
-        dist.stop(world, graceful=False)
-        raise
-    except BaseException:
-        log.exception("run failed")
-        dist.stop(world, graceful=False)
-        raise
-
-
-def _run(cfg: Config, world: dist.World, data: ClientData | None) -> None:
-    torch.manual_seed(cfg.seed)
-    model_path = resolve_model_path(cfg)
-    mcfg = model_config(model_path)
-    validate_for_world(cfg, world.world_size, mcfg.num_hidden_layers)
-    spec = lora_spec(cfg, mcfg)
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoint"
-    throttle, link = Throttle(1.0), Link(None)
-    if not world.is_server:
-        slowdown, memory_gb, bandwidth = cfg.simulate.for_client(world.rank - 1)
-        apply_memory_limit(memory_gb, world.device)
-        throttle, link = Throttle(slowdown), Link(bandwidth)
-        if data is None:
-            data = client_data(cfg, model_path, world.rank - 1, world.n_clients)
-
-    # Resume: rank 0 reads the checkpoint; its plan replaces planning.
-    resumed = None
-    if world.is_server and cfg.runtime.resume:
-        resumed = checkpoint.load(ckpt_dir, _fingerprint(cfg, model_path, world.n_clients))
-        if resumed is None:
-            log.info("runtime.resume: no checkpoint in %s yet, starting at round 1", ckpt_dir)
-
-    # Probe every process (one at a time, so they do not disturb each other's timings), then plan.
-    full_layout = build_layout(mcfg, spec, [])
-    seqs = dist.gather_objects(
-        world,
-        typical_seq_len(data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, world.rank - 1))
-        if data
-        else 0,
-    )
-    seq = max(1, round(sum(seqs[1:]) / world.n_clients))
-    profile = _probe(cfg, world, model_path, spec, mcfg, seqs[world.rank] or seq, throttle, link)
-    profiles = dist.gather_objects(world, profile)
-    scheduler, decision = None, None
-    if world.is_server:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "profiles.json").write_text(json.dumps({str(r): p.to_dict() for r, p in enumerate(profiles)}))
-        try:
-            costs = model_costs(mcfg, cfg, full_layout, seq, max(p.activation_bytes for p in profiles[1:]))
-            scheduler = Scheduler(cfg, costs, profiles[1:], profiles[0], torch.get_num_threads())
-            if resumed is None:
-                decision = {r: (k, spec.r_cut) for r, k in enumerate(scheduler.initial(), start=1)}
-            else:
-                decision = {int(r): tuple(v) for r, v in resumed[0]["plan"].items()}
-                scheduler.load_state_dict(resumed[0]["scheduler"])
-        except PlanError as e:
-            decision = str(e)
-    decision = dist.broadcast_object(world, decision)
-    if isinstance(decision, str):
-        raise PlanError(decision)
-    plan: dict[int, tuple[int, int]] = decision
-    cut_map = {r: k for r, (k, _) in plan.items()}
-    layout = full_layout if cfg.moves_cuts else build_layout(mcfg, spec, list(cut_map.values()))
-
-    server = client = None
-    if world.is_server:
-        server = Server(model_path, cut_map, spec, world.device, cfg)
-        install(server)
-        n_local = 0
-    else:
-        k, cut_rank = plan[world.rank]
-        client = Client(world.rank, k, cut_rank, cfg, model_path, spec, data, world.device, throttle, link)
-        n_local = client.n_samples
-    counts = dist.gather_objects(world, n_local)
-    total = sum(counts)
-    weights = {rank: counts[rank] / total for rank in range(1, world.world_size)}
-    if world.is_server:
-        holders = [(server.replicas[r].stage.hf, weights[r]) for r in sorted(server.replicas)]
-        first = scheduler.predict([cut_map[r] for r in sorted(cut_map)])
-        log.info(
-            "model %s, %d layers; policy %s, cuts %s (predicted round %.2fs, bound by %s); samples %s",
-            model_path,
-            mcfg.num_hidden_layers,
-            cfg.policy,
-            cut_map,
-            first.round_time_s,
-            first.bottleneck,
-            counts[1:],
-        )
-    else:
-        holders = [(client.stage.hf, weights[world.rank])]
-    dist.barrier(world)  # replicas exist before any client asks for its RRef
-    if client is not None:
-        client.connect()
-
-    # Round 0: the initial adapter, or the checkpoint's when resuming (rank 0 reads, everyone gets it).
-    start_round, elapsed0, flat = 0, 0.0, initial_adapter(layout, cfg.seed)
-    if resumed is not None:
-        state, flat = resumed
-        start_round, elapsed0 = state["round"], state["elapsed_s"]
-        log.info("resuming after round %d from %s", start_round, ckpt_dir)
-    start_round, elapsed0, flat = dist.broadcast_object(world, (start_round, elapsed0, flat))
-    for model, _ in holders:
-        write_adapter(model, layout, flat.to(world.device))
-    if client is not None:
-        client.stream.skip(start_round * cfg.train.local_steps)
-    dist.barrier(world)
-
-    writer = MetricsWriter(out / "metrics.jsonl", start_round) if world.is_server else None
-    if start_round == 0:
-        baseline = _evaluate(world, client)
-        if world.is_server:
-            log.info("before training: eval_loss %.4f, token accuracy %.4f", baseline[0], baseline[1])
-            (out / "baseline.json").write_text(
-                json.dumps(
-                    {"eval_loss": baseline[0], "eval_token_accuracy": baseline[1], "eval_tokens": baseline[2]}
-                )
-            )
-            log.info(header())
-
-    t_start = time.perf_counter() - elapsed0
-    for rnd in range(start_round + 1, cfg.train.rounds + 1):
-        t_round = time.perf_counter()
-        prediction = scheduler.predict([cut_map[r] for r in sorted(cut_map)]) if scheduler else None
-        stats = client.train_round(cfg.train.local_steps) if client is not None else {}
-        # The server reads its replicas' adapters, so every client's last step must be done first.
+        torch.set_num_threads(rt.intra_op_threads or default_threads(world.local_world_size))
+        faults.injector = faults.FaultInjector(world.rank)
+        token = dist.broadcast_object(world, uuid.uuid4().hex)  # heartbeat keys of this attempt only
+        heartbeat = faults.Heartbeat(world.rank, world.world_size, token, rt.peer_timeout_s)
         dist.barrier(world)
-        if cfg.runtime.debug:
-            _dump_copies(out / "debug" / f"round{rnd}", world, server, client, weights)
-        flat = aggregate(holders, layout, world.device, world.aggregation)
-        if client is not None:
-            adapter_bytes = flat.numel() * flat.element_size()
-            client.comm["adapters_up"] += adapter_bytes
-            client.comm["adapters_down"] += adapter_bytes
-            client.link.delay(2 * adapter_bytes)
-        else:
-            for replica in server.replicas.values():
-                replica.new_round()
-        dist.barrier(world)  # every holder has the global adapter before anyone evaluates
-        evaluation = _evaluate(world, client)
-        if client is None:
-            stats = {"peak_rss_mb": peak_rss_mb()}
-            stats["server_s"] = {r: rep.take_step_time() for r, rep in server.replicas.items()}
-        report = {"stats": stats, "comm": client.take_comm() if client else {}}
-        reports = dist.gather_objects(world, report)
-
-        # Re-plan: rank 0 decides, every process moves the layers concerned.
-        new_plan = None
-        if world.is_server and rnd < cfg.train.rounds:
-            order = sorted(cut_map)
-            cuts = scheduler.after_round(
-                rnd,
-                [cut_map[r] for r in order],
-                [{**reports[r]["stats"], "server_s": stats["server_s"][r]} for r in order],
-                evaluation[0],
+        heartbeat.start()
+        role = ServerRole(cfg, world, stop) if world.is_server else ClientRole(cfg, world, stop, data)
+        role.run()
+        dist.stop(world)
+    except faults.Preempted:
+        log.warning(
+            "stopped by %s; the last complete round's checkpoint in %s is kept: launch the same command "
+            "again to continue (runtime.resume=auto)",
+            stop.signal.name if stop.signal else "a peer's stop request",
+            Path(cfg.output_dir) / "checkpoint",
+        )
+        dist.stop(world, graceful=False)
+        raise SystemExit(faults.EXIT_PREEMPTED) from None
+    except tuple(USER_ERRORS.values()):  # a user error, not a crash: no traceback
+        dist.stop(world, graceful=False)
+        raise
+    except BaseException as e:
+        lost = heartbeat.silent(wait_s=4 * heartbeat.interval) if heartbeat else []
+        if stop.requested:
+            log.warning("stopping on %s (%s: %s)", stop.signal.name, type(e).__name__, e)
+        elif lost:
+            log.error(
+                "lost %s: it stopped answering (%s: %s). Every complete round is checkpointed in %s; "
+                "launch the same command again to continue (runtime.resume=auto), or use "
+                "torchrun --max-restarts=N to have torchrun do it",
+                ", ".join(f"rank {r} ({dist.worker_name(r)})" for r in lost),
+                type(e).__name__,
+                e,
+                Path(cfg.output_dir) / "checkpoint",
             )
-            if cuts is not None:
-                new_plan = {
-                    r: plan[r] if k == cut_map[r] else (k, _cut_rank(layout, flat, k, spec))
-                    for r, k in zip(order, cuts)
-                }
-        new_plan = dist.broadcast_object(world, new_plan)
-        after_move = None
+        else:
+            log.exception("run failed")
+        dist.stop(world, graceful=False)
+        raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.close()
+        stop.close()
+
+
+def round_seed(seed: int, rank: int, rnd: int) -> int:
+    """Every rank's global RNG is reseeded each round from (seed, rank, round): dropout and anything
+    else that draws from it does the same on a resumed run as on the uninterrupted one, whatever the
+    start-up (probes, a different number of earlier rounds in this process) consumed."""
+    return (seed * 1_000_003 + rank) * 100_003 + rnd
+
+
+class Role:
+    """What both roles share: the run's settings and the round protocol."""
+
+    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals):
+        self.cfg, self.world, self.stop = cfg, world, stop
+        torch.manual_seed(cfg.seed)
+        self.model_path = resolve_model_path(cfg)
+        self.mcfg = model_config(self.model_path)
+        validate_for_world(cfg, world.world_size, self.mcfg.num_hidden_layers)
+        self.spec = lora_spec(cfg, self.mcfg)
+        self.out = Path(cfg.output_dir)
+        self.full_layout = build_layout(self.mcfg, self.spec, [])
+        self.throttle, self.link = Throttle(1.0), Link(None)
+        self.plan: dict[int, tuple[int, int]] = {}  # client rank -> (cut layer, rank at the cut)
+        self.layout: AdapterLayout = self.full_layout
+        self.flat = torch.zeros(0)
+        self.weights: dict[int, float] = {}
+        self.t_start = 0.0
+
+    @property
+    def cut_map(self) -> dict[int, int]:
+        return {r: k for r, (k, _) in self.plan.items()}
+
+    # ------------------------------------------------------------------ the protocol
+    def run(self) -> None:
+        done = self.start()
+        for rnd in range(done + 1, self.cfg.train.rounds + 1):
+            self.round(rnd)
+        self.finish()
+        dist.barrier(self.world)
+
+    def start(self) -> int:
+        """Probes, plans, builds and loads; returns the last completed round (0 for a new run)."""
+        w = self.world
+        seqs = dist.gather_objects(w, self.typical_seq_len())
+        seq = max(1, round(sum(seqs[1:]) / w.n_clients))
+        profiles = dist.gather_objects(w, self.probe_in_turn(seqs[w.rank] or seq))
+        decision = dist.broadcast_object(w, self.decide(profiles, seq))
+        if isinstance(decision[0], str):
+            raise USER_ERRORS[decision[0]](decision[1])
+        self.plan, resume = decision
+        self.layout = (
+            self.full_layout
+            if self.cfg.moves_cuts
+            else build_layout(self.mcfg, self.spec, list(self.cut_map.values()))
+        )
+        self.build()
+        counts = dist.gather_objects(w, self.n_samples())
+        total = sum(counts)
+        self.weights = {r: counts[r] / total for r in range(1, w.world_size)}
+        self.announce(counts[1:])
+        dist.barrier(w)  # replicas exist before any client asks for its RRef
+        self.connect()
+        done = resume["round"] if resume else 0
+        self.flat = resume["flat"] if resume else initial_adapter(self.layout, self.cfg.seed)
+        self.load(self.flat.to(w.device), resume)
+        if resume and resume["next_plan"]:  # the move decided at the end of that round, replayed
+            self.move({int(r): tuple(v) for r, v in resume["next_plan"].items()})
+            dist.barrier(w)
+            self.plan = {int(r): tuple(v) for r, v in resume["next_plan"].items()}
+        dist.barrier(w)
+        self.t_start = time.perf_counter() - (resume["elapsed_s"] if resume else 0.0)
+        if done == 0:
+            self.baseline(self.evaluate())
+        return done
+
+    def round(self, rnd: int) -> None:
+        t_round = time.perf_counter()
+        faults.injector.round = rnd
+        torch.manual_seed(round_seed(self.cfg.seed, self.world.rank, rnd))
+        prediction = self.predict()
+        stats = self.train()
+        # settle: the round counts only if every rank finished it
+        if any(dist.gather_objects(self.world, self.stop.requested or stats is None)):
+            raise faults.Preempted()
+        if self.cfg.runtime.debug:
+            self.dump_copies(self.out / "debug" / f"round{rnd}")
+        self.aggregate()
+        dist.barrier(self.world)  # every holder has the global adapter before anyone evaluates
+        evaluation = self.evaluate()
+        reports = dist.gather_objects(self.world, self.report(stats))
+        new_plan = dist.broadcast_object(self.world, self.replan(rnd, reports, evaluation))
+        after_move, move_s = None, 0.0
         if new_plan is not None:
             t_move = time.perf_counter()
-            if client is not None:
-                k, cut_rank = new_plan[world.rank]
-                if k != client.cut:
-                    client.move(k, cut_rank, layout, flat)
-            else:
-                server.move({r: k for r, (k, _) in new_plan.items()}, plan, layout, flat)
-            dist.barrier(world)
+            self.move(new_plan)
+            dist.barrier(self.world)
             move_s = time.perf_counter() - t_move
-            if cfg.runtime.debug:  # the model must be the same function after the move
-                after_move = _evaluate(world, client)[0]
-        if world.is_server:
-            now = time.perf_counter()
-            record = _record(rnd, now - t_start, now - t_round, reports, evaluation, cut_map, weights)
-            record["plan"] = _plan_record(
-                cfg, plan, new_plan, prediction, after_move, move_s if new_plan else 0.0
-            )
-            for i, r in enumerate(sorted(cut_map)):
-                record["clients"][str(r)]["predicted_time_s"] = prediction.client_time_s[i]
-                record["clients"][str(r)]["server_s"] = stats["server_s"][r]
-            writer.write(record)
-            log.info(row(record))
-            if new_plan is not None:
-                log.info(
-                    "re-plan after round %d: cuts %s -> %s",
-                    rnd,
-                    cut_map,
-                    {r: v[0] for r, v in new_plan.items()},
-                )
+            if self.cfg.runtime.debug:  # the model must be the same function after the move
+                after_move = self.evaluate()[0]
+        self.record(rnd, t_round, prediction, reports, evaluation, new_plan, after_move, move_s)
         if new_plan is not None:
-            plan = new_plan
-            cut_map = {r: k for r, (k, _) in plan.items()}
-        if world.is_server:
-            _save(out, flat, layout, spec, mcfg, model_path, cfg, plan, scheduler, rnd, now - t_start)
-    if world.is_server and cfg.runtime.debug:
-        (out / "debug" / "wire.json").write_text(
-            json.dumps({r: sorted(rep.received) for r, rep in server.replicas.items()}, indent=1)
+            self.plan = new_plan
+
+    def evaluate(self) -> tuple[float, float, float]:
+        """(loss, token accuracy, tokens) of the global model over the whole held-out set."""
+        totals = torch.stack(dist.gather_objects(self.world, self.eval_totals())).sum(0)
+        loss_sum, tokens, correct = totals.tolist()
+        return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
+
+    def probe_in_turn(self, seq: int) -> ResourceProfile:
+        """This rank's ResourceProfile, measured one rank at a time (barriers in between)."""
+        w, cfg = self.world, self.cfg
+        payload = cfg.train.batch_size * seq * self.mcfg.hidden_size * DTYPES[cfg.model.dtype].itemsize
+        profile = None
+        for turn in range(w.world_size):
+            if turn == w.rank:
+                profile = probe(
+                    self.model_path,
+                    self.spec,
+                    cfg.train.batch_size,
+                    seq,
+                    w.device,
+                    cfg.model.dtype,
+                    cfg.model.attn_implementation,
+                    self.throttle,
+                    send=None if w.is_server else lambda t: rpc.rpc_sync(SERVER, sink, args=(t,)),
+                    payload_bytes=payload,
+                    link=self.link,
+                    server=w.is_server,
+                )
+            dist.barrier(w)
+        return profile
+
+    # ------------------------------------------------------------------ role hooks (defaults: nothing)
+    def typical_seq_len(self) -> int:
+        return 0
+
+    def decide(self, profiles: list[ResourceProfile], seq: int):
+        return None
+
+    def announce(self, counts: list[int]) -> None:
+        pass
+
+    def connect(self) -> None:
+        pass
+
+    def baseline(self, evaluation: tuple[float, float, float]) -> None:
+        pass
+
+    def predict(self):
+        return None
+
+    def replan(self, rnd: int, reports: list[dict], evaluation) -> dict | None:
+        return None
+
+    def record(self, rnd, t_round, prediction, reports, evaluation, new_plan, after_move, move_s) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class ServerRole(Role):
+    """Rank 0: the shared frozen base, one LoRA replica per client, the scheduler, metrics and checkpoints."""
+
+    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals):
+        super().__init__(cfg, world, stop)
+        self.ckpt_root = self.out / "checkpoint"
+        self.scheduler: Scheduler | None = None
+        self.server: Server | None = None
+        self.records: list[dict] = []
+        self.writer: MetricsWriter | None = None
+
+    def decide(self, profiles: list[ResourceProfile], seq: int):
+        """The plan and the resume state: ((plan, resume) or (error kind, message)), sent to every rank."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "profiles.json").write_text(
+            json.dumps({str(r): p.to_dict() for r, p in enumerate(profiles)})
         )
-    dist.barrier(world)
+        try:
+            resume = self.load_checkpoint()
+            costs = model_costs(
+                self.mcfg, self.cfg, self.full_layout, seq, max(p.activation_bytes for p in profiles[1:])
+            )
+            self.scheduler = Scheduler(self.cfg, costs, profiles[1:], profiles[0], torch.get_num_threads())
+            if resume is None:
+                plan = {r: (k, self.spec.r_cut) for r, k in enumerate(self.scheduler.initial(), start=1)}
+            else:
+                plan = {int(r): tuple(v) for r, v in resume["plan"].items()}
+                self.scheduler.load_state_dict(resume["scheduler"])
+        except (PlanError, CheckpointMismatch) as e:
+            return (type(e).__name__, str(e))
+        self.records = resume["metrics"] if resume else []
+        self.writer = MetricsWriter(self.out / "metrics.jsonl", self.records)
+        return plan, resume
+
+    def load_checkpoint(self) -> dict | None:
+        """The newest complete checkpoint's state (with its adapter as ``flat``), per runtime.resume."""
+        if self.cfg.resume == "false":
+            return None
+        found = checkpoint.latest(self.ckpt_root)
+        if found is None:
+            if self.cfg.resume == "true":
+                raise CheckpointMismatch(
+                    f"runtime.resume=true but {str(self.ckpt_root)!r} holds no complete checkpoint: "
+                    "use runtime.resume=auto to start when there is none"
+                )
+            return None
+        state, flat = found
+        checkpoint.check_fingerprint(self.ckpt_root, state, fingerprint(self.cfg, self.world.n_clients))
+        log.info("resuming after round %d from %s", state["round"], self.ckpt_root)
+        return {**state, "flat": flat}
+
+    def build(self) -> None:
+        self.server = Server(
+            self.model_path, self.cut_map, self.spec, self.world.device, self.cfg, lambda: self.stop.requested
+        )
+        install(self.server)
+
+    def n_samples(self) -> int:
+        return 0
+
+    def holders(self) -> list[tuple[torch.nn.Module, float]]:
+        return [(rep.stage.hf, self.weights[r]) for r, rep in sorted(self.server.replicas.items())]
+
+    def announce(self, counts: list[int]) -> None:
+        first = self.scheduler.predict([self.cut_map[r] for r in sorted(self.cut_map)])
+        log.info(
+            "model %s, %d layers; policy %s, cuts %s (predicted round %.2fs, bound by %s); samples %s",
+            self.model_path,
+            self.mcfg.num_hidden_layers,
+            self.cfg.policy,
+            self.cut_map,
+            first.round_time_s,
+            first.bottleneck,
+            counts,
+        )
+
+    def load(self, flat: torch.Tensor, resume: dict | None) -> None:
+        for model, _ in self.holders():
+            write_adapter(model, self.layout, flat)
+
+    def baseline(self, evaluation: tuple[float, float, float]) -> None:
+        loss, acc, tokens = evaluation
+        log.info("before training: eval_loss %.4f, token accuracy %.4f", loss, acc)
+        (self.out / "baseline.json").write_text(
+            json.dumps({"eval_loss": loss, "eval_token_accuracy": acc, "eval_tokens": tokens})
+        )
+        log.info(header())
+
+    def predict(self):
+        return self.scheduler.predict([self.cut_map[r] for r in sorted(self.cut_map)])
+
+    def train(self) -> dict:
+        return {}  # the replicas serve the clients' steps on RPC threads
+
+    def aggregate(self) -> None:
+        self.flat = aggregate(self.holders(), self.layout, self.world.device, self.world.aggregation)
+        for replica in self.server.replicas.values():
+            replica.new_round()
+
+    def eval_totals(self) -> torch.Tensor:
+        return torch.zeros(3, dtype=torch.float64)
+
+    def report(self, stats: dict) -> dict:
+        server_s = {r: rep.take_step_time() for r, rep in self.server.replicas.items()}
+        return {"stats": {"peak_rss_mb": peak_rss_mb(), "server_s": server_s}, "comm": {}}
+
+    def replan(self, rnd: int, reports: list[dict], evaluation) -> dict | None:
+        if rnd >= self.cfg.train.rounds:
+            return None
+        order = sorted(self.cut_map)
+        server_s = reports[0]["stats"]["server_s"]
+        cuts = self.scheduler.after_round(
+            rnd,
+            [self.cut_map[r] for r in order],
+            [{**reports[r]["stats"], "server_s": server_s[r]} for r in order],
+            evaluation[0],
+        )
+        if cuts is None:
+            return None
+        return {
+            r: self.plan[r] if k == self.cut_map[r] else (k, _cut_rank(self.layout, self.flat, k, self.spec))
+            for r, k in zip(order, cuts)
+        }
+
+    def move(self, new_plan: dict[int, tuple[int, int]]) -> None:
+        self.server.move({r: k for r, (k, _) in new_plan.items()}, self.plan, self.layout, self.flat)
+
+    def record(self, rnd, t_round, prediction, reports, evaluation, new_plan, after_move, move_s) -> None:
+        now = time.perf_counter()
+        server_s = reports[0]["stats"]["server_s"]
+        rec = _record(rnd, now - self.t_start, now - t_round, reports, evaluation, self.cut_map, self.weights)
+        rec["plan"] = _plan_record(self.cfg, self.plan, new_plan, prediction, after_move, move_s)
+        for i, r in enumerate(sorted(self.cut_map)):
+            rec["clients"][str(r)]["predicted_time_s"] = prediction.client_time_s[i]
+            rec["clients"][str(r)]["server_s"] = server_s[r]
+        self.writer.write(rec)
+        self.records.append(rec)
+        log.info(row(rec))
+        if new_plan is not None:
+            log.info(
+                "re-plan after round %d: cuts %s -> %s",
+                rnd,
+                self.cut_map,
+                {r: v[0] for r, v in new_plan.items()},
+            )
+        checkpoint.export_adapter(self.out, self.layout, self.flat, self.spec, self.mcfg, self.model_path)
+        plan_json = lambda p: None if p is None else {str(r): list(v) for r, v in p.items()}
+        state = {
+            "round": rnd,
+            "elapsed_s": now - self.t_start,
+            "fingerprint": fingerprint(self.cfg, self.world.n_clients),
+            "plan": plan_json(self.plan),
+            "next_plan": plan_json(new_plan),
+            "scheduler": self.scheduler.state_dict(),
+            "data_positions": {str(r): reports[r]["stream"] for r in sorted(self.cut_map)},
+            "metrics": self.records,
+        }
+        checkpoint.save(self.ckpt_root, rnd, self.flat, state, self.cfg.runtime.keep_checkpoints)
+
+    def dump_copies(self, folder: Path) -> None:
+        _dump_copies(
+            folder,
+            {f"server_for{r}": (rep.stage.hf, self.weights[r]) for r, rep in self.server.replicas.items()},
+        )
+
+    def finish(self) -> None:
+        if self.cfg.runtime.debug:
+            (self.out / "debug" / "wire.json").write_text(
+                json.dumps({r: sorted(rep.received) for r, rep in self.server.replicas.items()}, indent=1)
+            )
+
+
+class ClientRole(Role):
+    """Rank r >= 1: its own data, the embeddings and layers ``0..k-1``, its optimizer."""
+
+    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals, data: ClientData | None):
+        super().__init__(cfg, world, stop)
+        slowdown, memory_gb, bandwidth = cfg.simulate.for_client(world.rank - 1)
+        apply_memory_limit(memory_gb, world.device)
+        self.throttle, self.link = Throttle(slowdown), Link(bandwidth)
+        self.data = data or client_data(cfg, self.model_path, world.rank - 1, world.n_clients)
+        self.client: Client | None = None
+
+    def typical_seq_len(self) -> int:
+        d = self.data
+        return typical_seq_len(
+            d.examples, d.shard, self.cfg.train.batch_size, data_seed(self.cfg, self.world.rank - 1)
+        )
+
+    def build(self) -> None:
+        k, cut_rank = self.plan[self.world.rank]
+        self.client = Client(
+            self.world.rank,
+            k,
+            cut_rank,
+            self.cfg,
+            self.model_path,
+            self.spec,
+            self.data,
+            self.world.device,
+            self.throttle,
+            self.link,
+        )
+
+    def n_samples(self) -> int:
+        return self.client.n_samples
+
+    def connect(self) -> None:
+        self.client.connect()
+
+    def load(self, flat: torch.Tensor, resume: dict | None) -> None:
+        write_adapter(self.client.stage.hf, self.layout, flat)
+        if resume is not None:
+            self.client.stream.load_state_dict(resume["data_positions"][str(self.world.rank)])
+
+    def train(self) -> dict | None:
+        return self.client.train_round(self.cfg.train.local_steps, lambda: self.stop.requested)
+
+    def aggregate(self) -> None:
+        c = self.client
+        self.flat = aggregate(
+            [(c.stage.hf, self.weights[self.world.rank])],
+            self.layout,
+            self.world.device,
+            self.world.aggregation,
+        )
+        adapter_bytes = self.flat.numel() * self.flat.element_size()
+        c.comm["adapters_up"] += adapter_bytes
+        c.comm["adapters_down"] += adapter_bytes
+        c.link.delay(2 * adapter_bytes)
+
+    def eval_totals(self) -> torch.Tensor:
+        return self.client.evaluate()
+
+    def report(self, stats: dict) -> dict:
+        return {"stats": stats, "comm": self.client.take_comm(), "stream": self.client.stream.state_dict()}
+
+    def move(self, new_plan: dict[int, tuple[int, int]]) -> None:
+        k, cut_rank = new_plan[self.world.rank]
+        if k != self.client.cut:
+            self.client.move(k, cut_rank, self.layout, self.flat)
+
+    def dump_copies(self, folder: Path) -> None:
+        r = self.world.rank
+        _dump_copies(folder, {f"client{r}": (self.client.stage.hf, self.weights[r])})
 
 
 def _cut_rank(layout: AdapterLayout, flat: torch.Tensor, k: int, spec: LoraSpec) -> int:
@@ -299,38 +564,6 @@ def _plan_record(cfg, plan, new_plan, prediction, after_move, move_s) -> dict:
     if after_move is not None:
         record["eval_loss_after_move"] = after_move
     return record
-
-
-def _probe(cfg, world, model_path, spec, mcfg, seq, throttle, link) -> ResourceProfile:
-    """Every rank's ResourceProfile, measured one rank at a time (barriers in between)."""
-    width = DTYPES[cfg.model.dtype].itemsize
-    payload = cfg.train.batch_size * seq * mcfg.hidden_size * width
-    profile = None
-    for turn in range(world.world_size):
-        if turn == world.rank:
-            profile = probe(
-                model_path,
-                spec,
-                cfg.train.batch_size,
-                seq,
-                world.device,
-                cfg.model.dtype,
-                cfg.model.attn_implementation,
-                throttle,
-                send=None if world.is_server else lambda t: rpc.rpc_sync(SERVER, sink, args=(t,)),
-                payload_bytes=payload,
-                link=link,
-                server=world.is_server,
-            )
-        dist.barrier(world)
-    return profile
-
-
-def _evaluate(world: dist.World, client: Client | None) -> tuple[float, float, float]:
-    totals = client.evaluate() if client is not None else torch.zeros(3, dtype=torch.float64)
-    totals = torch.stack(dist.gather_objects(world, totals)).sum(0)
-    loss_sum, tokens, correct = totals.tolist()
-    return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
 
 
 def _record(rnd, elapsed, round_time, reports, evaluation, cut_map, weights) -> dict:
@@ -371,45 +604,12 @@ def _record(rnd, elapsed, round_time, reports, evaluation, cut_map, weights) -> 
     )
 
 
-def _fingerprint(cfg: Config, model_path: Path, n_clients: int) -> dict:
-    """What a resumed run must share with the checkpoint (the plan itself comes from the checkpoint)."""
-    return {
-        "model_path": str(model_path),
-        "clients": n_clients,
-        "policy": cfg.policy,
-        "cut_layers": cfg.split.cut_layers if cfg.policy in ("fixed", "manual") else None,
-        "lora": [cfg.lora.r, cfg.lora.r_cut],
-        "seed": cfg.seed,
-        "local_steps": cfg.train.local_steps,
-    }
-
-
-def _save(out, flat, layout, spec, mcfg, model_path, cfg, plan, scheduler, rnd, elapsed) -> None:
-    checkpoint.export_adapter(out, layout, flat, spec, mcfg, model_path)
-    state = {
-        "round": rnd,
-        "elapsed_s": elapsed,
-        **_fingerprint(cfg, model_path, len(plan)),
-        "plan": {str(r): list(v) for r, v in plan.items()},
-        "scheduler": scheduler.state_dict(),
-    }
-    checkpoint.save(out / "checkpoint", flat, state)
-
-
-def _dump_copies(
-    folder: Path, world: dist.World, server: Server | None, client: Client | None, weights: dict[int, float]
-) -> None:
-    """Writes every holder's pre-aggregation LoRA weights (runtime.debug; used by the tests)."""
+def _dump_copies(folder: Path, copies: dict[str, tuple[torch.nn.Module, float]]) -> None:
+    """Writes each holder's pre-aggregation LoRA weights and its weight (runtime.debug; used by the tests)."""
     folder.mkdir(parents=True, exist_ok=True)
-    copies = (
-        {f"client{world.rank}": client.stage.hf}
-        if client
-        else {f"server_for{r}": rep.stage.hf for r, rep in server.replicas.items()}
-    )
-    for name, model in copies.items():
+    for name, (model, weight) in copies.items():
         tensors = {}
         for module, m in lora_modules(model).items():
             tensors[f"{module}.A"] = m.lora_A["default"].weight.detach().cpu().contiguous()
             tensors[f"{module}.B"] = m.lora_B["default"].weight.detach().cpu().contiguous()
-        rank = world.rank if client else int(name.removeprefix("server_for"))
-        save_file(tensors, str(folder / f"{name}.safetensors"), metadata={"weight": repr(weights[rank])})
+        save_file(tensors, str(folder / f"{name}.safetensors"), metadata={"weight": repr(weight)})

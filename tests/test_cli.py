@@ -77,11 +77,46 @@ def test_more_cut_layers_than_clients(files):
     assert "3 entries for 2 clients" in res.stderr
 
 
-def test_checkpointed_output_dir_is_not_overwritten(files):
-    ckpt = Path(files["out"]) / "checkpoint"
-    ckpt.mkdir(parents=True)
-    (ckpt / "state.json").write_text(json.dumps({"round": 3}))
-    res = launch("launch.train", *base_args(files))
+def _checkpoint(out: str, state: dict) -> Path:
+    import torch
+
+    from runtime import checkpoint
+
+    return checkpoint.save(Path(out) / "checkpoint", 3, torch.zeros(4), state, keep=2)
+
+
+def test_checkpointed_output_dir_is_not_overwritten_with_resume_false(files):
+    saved = _checkpoint(files["out"], {"round": 3})
+    before = (saved / "state.json").read_bytes()
+    res = launch("launch.train", *base_args(files), "runtime.resume=false")
     assert res.returncode == 2
-    assert "runtime.resume=true" in res.stderr
-    assert json.loads((ckpt / "state.json").read_text()) == {"round": 3}
+    assert "round 3" in res.stderr and "runtime.resume=auto" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert (saved / "state.json").read_bytes() == before
+
+
+def test_resume_true_without_checkpoint_is_refused(files):
+    res = launch("launch.train", *base_args(files), "runtime.resume=true")
+    assert res.returncode == 2
+    assert "holds no complete checkpoint" in res.stderr and "runtime.resume=auto" in res.stderr
+
+
+def test_changed_batch_size_on_resume_is_refused_naming_the_field(files):
+    from runtime.config import fingerprint, load_config
+
+    cfg = load_config(base_args(files)[0], base_args(files)[1:])
+    saved = _checkpoint(files["out"], {"round": 3, "fingerprint": fingerprint(cfg, 1)})
+    before = (saved / "state.json").read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "2"}
+    res = subprocess.run(
+        [sys.executable, "-m", "launch.train", *base_args(files), "train.batch_size=4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "train.batch_size=8" in res.stderr and "train.batch_size=4" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert (saved / "state.json").read_bytes() == before

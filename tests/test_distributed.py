@@ -49,7 +49,7 @@ def common_args(setup: dict[str, str], out: Path) -> list[str]:
         "data.min_samples=8",
         "data.max_eval_samples=48",
         "train.eval_batch_size=16",
-        "runtime.timeout_s=120",
+        "runtime.rpc_timeout_s=120",
     ]
 
 

@@ -1,0 +1,99 @@
+"""Round checkpoints: atomic, pruned, skipped when unreadable; a kill mid-write keeps the previous one;
+the fingerprint names the setting that changed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime import checkpoint
+from runtime.config import fingerprint, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_save_is_a_whole_round_directory_and_keeps_the_newest(tmp_path):
+    root = tmp_path / "checkpoint"
+    for rnd in range(1, 5):
+        checkpoint.save(root, rnd, torch.full((3,), float(rnd)), {"round": rnd}, keep=2)
+    assert [p.name for p in checkpoint.rounds(root)] == ["round-000003", "round-000004"]
+    state, flat = checkpoint.latest(root)
+    assert state["round"] == 4 and flat.tolist() == [4.0, 4.0, 4.0]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    root = tmp_path / "checkpoint"
+    for rnd in (1, 2):
+        checkpoint.save(root, rnd, torch.full((2,), float(rnd)), {"round": rnd}, keep=3)
+    (checkpoint.round_dir(root, 2) / checkpoint.ADAPTER_FILE).write_bytes(b"garbage")
+    state, flat = checkpoint.latest(root)
+    assert state["round"] == 1 and flat.tolist() == [1.0, 1.0]
+    assert checkpoint.latest(tmp_path / "nothing") is None
+
+
+KILL_MID_WRITE = """
+import os, signal, sys, torch
+from safetensors import torch as st
+from runtime import checkpoint
+real = st.save_file
+def save_then_die(*a, **k):
+    real(*a, **k)          # the adapter is on disk ...
+    os.kill(os.getpid(), signal.SIGKILL)  # ... and the process dies before the state is written
+checkpoint.save_file = save_then_die
+checkpoint.save(checkpoint.Path(sys.argv[1]), 2, torch.ones(3), {"round": 2}, keep=2)
+"""
+
+
+def test_a_kill_between_the_adapter_and_the_state_write_keeps_the_previous_checkpoint(tmp_path):
+    root = tmp_path / "checkpoint"
+    checkpoint.save(root, 1, torch.zeros(3), {"round": 1}, keep=2)
+    res = subprocess.run(
+        [sys.executable, "-c", KILL_MID_WRITE, str(root)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert res.returncode == -9
+    assert (root / ".round-000002.tmp" / checkpoint.ADAPTER_FILE).is_file()  # it really died mid-write
+    state, flat = checkpoint.latest(root)
+    assert state["round"] == 1 and flat.tolist() == [0.0, 0.0, 0.0]
+    # The next save of that round clears the leftover and lands whole.
+    checkpoint.save(root, 2, torch.ones(3), {"round": 2}, keep=2)
+    assert checkpoint.latest(root)[0]["round"] == 2
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.batch_size=4", "train.batch_size"),
+        ("lora.alpha=8", "lora.alpha"),
+        ("lora.dropout=0.1", "lora.dropout"),
+        ("lora.targets=[q_proj]", "lora.targets"),
+        ("data.max_seq_len=64", "data.max_seq_len"),
+        ("data.train_path=/other.jsonl", "data.train_path"),
+        ("train.lr=0.1", "train.lr"),
+    ],
+)
+def test_a_changed_setting_is_named(tmp_path, override, field):
+    cfg = load_config("torchrun_configs/tiny_cpu.yaml")
+    state = {"round": 1, "fingerprint": fingerprint(cfg, 4)}
+    changed = load_config("torchrun_configs/tiny_cpu.yaml", [override])
+    with pytest.raises(checkpoint.CheckpointMismatch, match=rf"{field}=.*this run has {field}="):
+        checkpoint.check_fingerprint(tmp_path, state, fingerprint(changed, 4))
+    with pytest.raises(checkpoint.CheckpointMismatch, match="clients=4"):
+        checkpoint.check_fingerprint(tmp_path, state, fingerprint(cfg, 3))
+
+
+def test_settings_that_do_not_change_the_run_are_not_in_the_fingerprint(tmp_path):
+    cfg = load_config("torchrun_configs/tiny_cpu.yaml")
+    other = load_config(
+        "torchrun_configs/tiny_cpu.yaml",
+        ["train.rounds=50", "output_dir=/elsewhere", "runtime.peer_timeout_s=5", "simulate.slowdown=3"],
+    )
+    checkpoint.check_fingerprint(tmp_path, {"fingerprint": fingerprint(cfg, 4)}, fingerprint(other, 4))
