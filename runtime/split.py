@@ -72,8 +72,9 @@ def setup_logging(rank: int) -> None:
     role = "server" if rank == 0 else f"client{rank}"
     logging.basicConfig(
         level=logging.INFO,
-        format=f"%(asctime)s [rank {rank} {role}] %(message)s",
+        format=f"%(asctime)s.%(msecs)03d [rank {rank} {role}] %(message)s",
         datefmt="%H:%M:%S",
+        # milliseconds: recovery timings (benchmarks/recovery.py) are read from these stamps
         force=True,
     )
     import transformers
@@ -118,9 +119,7 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
         raise
     except BaseException as e:
         lost = heartbeat.silent(wait_s=4 * heartbeat.interval) if heartbeat else []
-        if stop.requested:
-            log.warning("stopping on %s (%s: %s)", stop.signal.name, type(e).__name__, e)
-        elif lost:
+        if lost:
             log.error(
                 "lost %s: it stopped answering (%s: %s). Every complete round is checkpointed in %s; "
                 "launch the same command again to continue (runtime.resume=auto), or use "
@@ -130,6 +129,8 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
                 e,
                 Path(cfg.output_dir) / "checkpoint",
             )
+        elif stop.requested:
+            log.warning("stopping on %s (%s: %s)", stop.signal.name, type(e).__name__, e)
         else:
             log.exception("run failed")
         dist.stop(world, graceful=False)

@@ -1,0 +1,136 @@
+"""Runs that survive (multi-process, real torchrun, gloo on CPU): a rank killed with SIGKILL at a chosen
+point under ``--max-restarts``, a kill inside the checkpoint write, and a SIGTERM followed by a relaunch
+all end with the same per-round eval losses and the same final adapter as an uninterrupted run.
+
+The reference run moves both clients' cuts after round 1 (``split.schedule``), so every recovery
+after round 1 also checks that resuming right after a move is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_distributed import REPO, common_args, metrics, setup  # noqa: F401  (setup is a fixture)
+
+TIMEOUT_S = 420
+
+
+def launch(args: list[str], *, restarts: int = 0, fault: str | None = None, sigterm_after_round: int = 0):
+    """torchrun with 1 server + 2 clients; optionally SIGTERM the whole job (as Slurm does) once
+    metrics.jsonl holds ``sigterm_after_round`` rounds."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+        f"--max-restarts={restarts}", "--monitor-interval=0.5", "-m", "launch.train", *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("SPLITFT_FAULT", None)
+    if fault:
+        env["SPLITFT_FAULT"] = fault
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    out_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
+    try:
+        if sigterm_after_round:
+            deadline = time.monotonic() + TIMEOUT_S
+            while time.monotonic() < deadline and proc.poll() is None:
+                path = out_dir / "metrics.jsonl"
+                if path.is_file() and len(path.read_text().splitlines()) >= sigterm_after_round:
+                    time.sleep(1.0)  # into the next round's steps
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    break
+                time.sleep(0.2)
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{out[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing may outlive the test
+        except ProcessLookupError:
+            pass
+    return proc.returncode, out
+
+
+SETTINGS = [
+    "split.cut_layers=[1,3]",
+    "split.schedule={1: [3, 1]}",
+    "train.rounds=3",
+    "train.local_steps=4",
+    "lora.dropout=0.1",  # exact resume must hold with random draws in training too
+    "runtime.peer_timeout_s=20",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("ref") / "run"
+    code, log = launch([*common_args(setup, out), *SETTINGS])
+    assert code == 0, log[-4000:]
+    return out
+
+
+def assert_same_run(out: Path, ref: Path) -> None:
+    ours, theirs = metrics(out), metrics(ref)
+    assert [r["round"] for r in ours] == [1, 2, 3]
+    assert [r["cut_layers"] for r in ours] == [r["cut_layers"] for r in theirs]
+    for a, b in zip(ours, theirs):
+        assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-5, (a["round"], a["eval_loss"], b["eval_loss"])
+        for rank in a["clients"]:
+            steps = zip(a["clients"][rank]["step_losses"], b["clients"][rank]["step_losses"])
+            assert max(abs(x - y) for x, y in steps) < 1e-5
+    mine = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    ref_adapter = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    assert mine.keys() == ref_adapter.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], ref_adapter[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "step@2:2:2",  # client 2, round 2 (right after the move), after its 2nd step
+        "step@0:3:3",  # the server, round 3, while serving a 3rd forward
+        "checkpoint@0:2",  # rank 0 between the adapter and the state of round 2's checkpoint
+    ],
+)
+def test_a_killed_rank_is_recovered_by_torchrun_restarts(setup, reference, tmp_path, fault):  # noqa: F811
+    out = tmp_path / "run"
+    code, log = launch([*common_args(setup, out), *SETTINGS], restarts=2, fault=fault)
+    assert code == 0, log[-6000:]
+    assert "SPLITFT_FAULT: killing rank" in log
+    assert "resuming after round" in log
+    assert_same_run(out, reference)
+
+
+def test_sigterm_stops_the_job_and_a_relaunch_continues_exactly(setup, reference, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    code, log = launch([*common_args(setup, out), *SETTINGS], sigterm_after_round=1)
+    assert code != 0
+    assert "SIGTERM received" in log and "launch the same command again" in log
+    done = len(metrics(out))
+    assert 1 <= done < 3, log[-4000:]
+    code, log = launch([*common_args(setup, out), *SETTINGS])
+    assert code == 0, log[-4000:]
+    assert f"resuming after round {done}" in log
+    assert_same_run(out, reference)
+
+
+def test_without_restarts_a_lost_client_is_named_with_the_way_to_continue(setup, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    code, log = launch([*common_args(setup, out), *SETTINGS], fault="step@1:2:1")
+    assert code != 0
+    assert "lost rank 1 (client1)" in log and "launch the same command again" in log, log[-4000:]
+    assert json.loads((out / "checkpoint" / "round-000001" / "state.json").read_text())["round"] == 1
