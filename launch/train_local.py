@@ -8,7 +8,6 @@ Same config file and overrides as ``launch.train``; ``split.*`` is ignored.
 from __future__ import annotations
 
 import sys
-
 from pathlib import Path
 
 from launch.train import parse

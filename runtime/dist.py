@@ -59,6 +59,41 @@ def env_world() -> tuple[int, int, int, int]:
         ) from None
 
 
+_ATTEMPT_STORE: dist.Store | None = None
+
+
+def _attempt_rendezvous(url: str, timeout=None, **kwargs):
+    """``splitft://`` rendezvous: torchrun's store, under a prefix of this attempt's own.
+
+    torch 2.13's ``env://`` under torchrun reuses the agent's store across ``--max-restarts`` with
+    no per-attempt prefix, so restarted workers read the dead workers' gloo and TensorPipe
+    addresses and fail to connect (seen here on every restart). Each worker therefore adds one
+    to a counter in that store; the attempt is ``(count - 1) // world_size``, the same on every
+    rank of the attempt, and its keys live under ``splitft/attempt-N/``. Both the process group
+    and RPC use it (one store per process).
+    """
+    global _ATTEMPT_STORE
+    rank, world_size, _, _ = env_world()
+    if _ATTEMPT_STORE is None:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timeout or timedelta(minutes=10),
+        )
+        joined = store.add(f"splitft/joined/{os.environ.get('TORCHELASTIC_RUN_ID', '')}", 1)
+        _ATTEMPT_STORE = dist.PrefixStore(f"splitft/attempt-{(joined - 1) // world_size}/", store)
+    yield (_ATTEMPT_STORE, rank, world_size)
+
+
+dist.register_rendezvous_handler("splitft", _attempt_rendezvous)
+
+
+def init_method() -> str:
+    """``splitft://`` under torchrun's agent store, else the plain ``env://``."""
+    return "splitft://" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "env://"
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -81,7 +116,9 @@ def start(
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=round_timeout_s)
     # NCCL only if every rank has a GPU: agree first over a gloo group.
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(
+        "gloo", init_method=init_method(), rank=rank, world_size=world_size, timeout=timeout
+    )
     flags = torch.tensor([1 if device.type == "cuda" else 0])
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     aggregation = None
@@ -90,7 +127,10 @@ def start(
     elif device.type == "cuda":
         device = torch.device("cpu")  # a mixed GPU/CPU world computes on CPU everywhere
     options = rpc.TensorPipeRpcBackendOptions(
-        num_worker_threads=rpc_threads, rpc_timeout=rpc_timeout_s, _transports=transports
+        num_worker_threads=rpc_threads,
+        rpc_timeout=rpc_timeout_s,
+        _transports=transports,
+        init_method=init_method(),
     )
     if device.type == "cuda" and rank != 0:
         # Activations go straight GPU to GPU (the server, rank 0, is on cuda:0 of the first node);

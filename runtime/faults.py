@@ -7,13 +7,14 @@ with the same arguments; each then finds the newest complete round checkpoint by
 says why, and leaves the checkpoint as it was.
 
 - **Signals** (``StopSignals``): SIGTERM (Slurm preemption; the agent stopping its workers) and
-  SIGUSR1 (Slurm's time-limit warning, forwarded by torchrun when it is listed in
-  ``TORCHELASTIC_SIGNALS_TO_HANDLE``) ask for a stop. Clients stop at the next step boundary and
-  every rank leaves the round together; the round in progress is dropped, since its optimizer
-  and server-replica state are not saved, and the last complete round's checkpoint is what the
-  next launch continues from. A rank blocked in a collective cannot run Python signal handlers,
-  so a thread woken through ``signal.set_wakeup_fd`` sees the signal and, if the rank has not left
-  within ``STOP_GRACE_S``, ends the process (still before torchrun's own 30 s SIGKILL).
+  SIGUSR1 (Slurm's time-limit warning; torchrun forwards it when it is in
+  ``--signals-to-handle``, i.e. ``PET_SIGNALS_TO_HANDLE``, which the sbatch scripts set) ask for
+  a stop. Clients stop at the next step boundary and every rank leaves the round together; the
+  round in progress is dropped, since its optimizer and server-replica state are not saved, and
+  the last complete round's checkpoint is what the next launch continues from. A rank blocked in
+  a collective cannot run Python signal handlers, so a thread woken through
+  ``signal.set_wakeup_fd`` sees the signal and, if the rank has not left within
+  ``STOP_GRACE_S``, ends the process (still before torchrun's own 30 s SIGKILL).
 - **Liveness** (``Heartbeat``): a dead peer closes its connections and collectives fail at once,
   but a silent one (a hung node, a network partition) would hold a collective for its whole
   timeout, which must be as long as a round. So every rank bumps a counter in the rendezvous

@@ -129,10 +129,13 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
                 e,
                 Path(cfg.output_dir) / "checkpoint",
             )
-        elif stop.requested:
+            dist.stop(world, graceful=False)
+            raise SystemExit(faults.EXIT_PEER_LOST) from None
+        if stop.requested:  # torchrun stopping the workers after another one failed, or a preemption
             log.warning("stopping on %s (%s: %s)", stop.signal.name, type(e).__name__, e)
-        else:
-            log.exception("run failed")
+            dist.stop(world, graceful=False)
+            raise SystemExit(faults.EXIT_PREEMPTED) from None
+        log.exception("run failed")
         dist.stop(world, graceful=False)
         raise
     finally:
