@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.lora import export_peft_adapter
+from runtime import faults
 
 log = logging.getLogger("splitft")
 
@@ -65,6 +66,7 @@ def save(root: Path, rnd: int, flat: torch.Tensor, state: dict, keep: int) -> Pa
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file({"flat": flat.detach().cpu().contiguous()}, str(tmp / ADAPTER_FILE))
+    faults.injector.hit("checkpoint")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     for f in (ADAPTER_FILE, STATE_FILE):
         _fsync(tmp / f)
