@@ -25,35 +25,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.random_models import save_random_model
-from models.tiny import generate_examples, write_jsonl
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailable, free_port, wait_for
+from tests.test_distributed import common_args, setup  # noqa: F401  (setup is a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT_S = 240
 JOB_TIMEOUT_S = 300
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("launch")
-    model = save_random_model("llama", root / "model", n_layers=4, hidden=64)
-    write_jsonl(generate_examples("sort", 240, 0), root / "train.jsonl")
-    write_jsonl(generate_examples("sort", 48, 1), root / "eval.jsonl")
-    return {"model": str(model), "train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl")}
-
-
-def common_args(setup: dict[str, str], out: Path) -> list[str]:
-    return [
-        "torchrun_configs/tiny_cpu.yaml",
-        f"model.path={setup['model']}",
-        f"data.train_path={setup['train']}",
-        f"data.eval_path={setup['eval']}",
-        f"output_dir={out}",
-        "data.min_samples=8",
-        "data.max_eval_samples=48",
-        "train.eval_batch_size=16",
-    ]
 
 
 def env() -> dict[str, str]:
