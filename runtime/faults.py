@@ -22,7 +22,8 @@ says why, and leaves the checkpoint as it was.
   whose counter has not moved for ``runtime.peer_timeout_s`` is declared lost: the watching rank
   logs its name and exits, and torchrun restarts or stops the job.
 - **Injected faults** (``SPLITFT_FAULT``, tests only): ``POINT@RANK:ROUND[:STEP]`` sends SIGKILL
-  to that rank at that point, on the first attempt only (``TORCHELASTIC_RESTART_COUNT=0``).
+  (or ``SPLITFT_FAULT_SIGNAL``, e.g. STOP for a silent peer) to that rank at that point, on the
+  first attempt only (``TORCHELASTIC_RESTART_COUNT=0``).
 """
 
 from __future__ import annotations
@@ -204,11 +205,14 @@ class FaultInjector:
             return
         t_point, t_rank, t_round, t_step = self.target
         if (point, self.rank, self.round) == (t_point, t_rank, t_round) and t_step in (None, step):
+            sig = signal.Signals[f"SIG{os.environ.get('SPLITFT_FAULT_SIGNAL', 'KILL')}"]
+            verb = "killing" if sig == signal.SIGKILL else f"sending {sig.name} to"
             log.warning(
-                "SPLITFT_FAULT: killing rank %d at %s, round %d, step %s", self.rank, point, self.round, step
+                "SPLITFT_FAULT: %s rank %d at %s, round %d, step %s", verb, self.rank, point, self.round, step
             )
-            logging.shutdown()
-            os.kill(os.getpid(), signal.SIGKILL)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.kill(os.getpid(), sig)
 
 
 # Set once per process by runtime.split (the checkpoint writer and the server replicas consult it).

@@ -134,3 +134,20 @@ def test_without_restarts_a_lost_client_is_named_with_the_way_to_continue(setup,
     assert code != 0
     assert "lost rank 1 (client1)" in log and "launch the same command again" in log, log[-4000:]
     assert json.loads((out / "checkpoint" / "round-000001" / "state.json").read_text())["round"] == 1
+
+
+def test_a_silent_client_is_noticed_within_the_peer_timeout(setup, tmp_path):
+    """SIGSTOP: the client's connections stay open, so no collective fails; the server's heartbeat
+    watch names it after runtime.peer_timeout_s, although a round may take a day (round_timeout_s)."""
+    out = tmp_path / "run"
+    args = [*common_args(setup, out), *SETTINGS, "runtime.peer_timeout_s=5"]
+    os.environ["SPLITFT_FAULT_SIGNAL"] = "STOP"
+    try:
+        t0 = time.monotonic()
+        code, log = launch(args, fault="step@1:2:1")
+    finally:
+        del os.environ["SPLITFT_FAULT_SIGNAL"]
+    assert code != 0
+    assert "sending SIGSTOP to rank 1" in log
+    assert "lost rank 1 (client1): no heartbeat for" in log, log[-4000:]
+    assert time.monotonic() - t0 < 150  # not the 24 h round timeout
