@@ -1,6 +1,6 @@
 """The client side of the split: embeddings + layers ``0..k-1`` with LoRA, its own data, its optimizer.
 
-One training step (DESIGN.md, "round protocol")::
+One training step (the round protocol of runtime.split)::
 
     with dist_autograd.context() as ctx:
         h = stage(input_ids)                                   # layers 0..k-1 here

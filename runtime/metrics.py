@@ -45,7 +45,7 @@ def round_record(
     comm_bytes: dict,
     **extra: object,
 ) -> dict:
-    """One line of metrics.jsonl: the output contract's fields (DESIGN.md), then ``extra``."""
+    """One line of metrics.jsonl: the output contract's fields (listed in the README), then ``extra``."""
     eval_loss, eval_acc, eval_tokens = evaluation
     return {
         "round": rnd,
