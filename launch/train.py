@@ -41,7 +41,7 @@ def check_output_dir(cfg: Config, n_clients: int) -> None:
     checkpoint that auto or true would continue must come from a run with the same settings.
     """
     root = Path(cfg.output_dir) / "checkpoint"
-    found = checkpoint.latest(root)
+    found = checkpoint.latest(root, adapter=False)
     if found is None:
         if cfg.resume == "true":
             raise ConfigError(

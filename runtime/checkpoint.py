@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from models.lora import export_peft_adapter
@@ -88,16 +88,23 @@ def rounds(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
-def latest(root: Path) -> tuple[dict, torch.Tensor] | None:
+def latest(root: Path, adapter: bool = True) -> tuple[dict, torch.Tensor | None] | None:
     """(state, flat adapter) of the newest readable round checkpoint, or None if there is none.
 
     A directory that cannot be read (a disk error, a file removed by hand) is reported and skipped
-    in favour of the one before it.
+    in favour of the one before it. ``adapter=False`` reads only the adapter's header (the check
+    before launch), so the choice of checkpoint is the same without loading the tensor.
     """
     for path in reversed(rounds(root)):
         try:
             state = json.loads((path / STATE_FILE).read_text())
-            flat = load_file(str(path / ADAPTER_FILE))["flat"]
+            if adapter:
+                flat = load_file(str(path / ADAPTER_FILE))["flat"]
+            else:
+                with safe_open(str(path / ADAPTER_FILE), "pt") as f:
+                    if "flat" not in f.keys():
+                        raise KeyError("flat")
+                flat = None
         except (OSError, ValueError, KeyError, SafetensorError) as e:
             log.warning("checkpoint %s is unreadable (%s); trying the one before it", path, e)
             continue

@@ -183,7 +183,8 @@ def _name(rank: int) -> str:
 
 
 class FaultInjector:
-    """``SPLITFT_FAULT=POINT@RANK:ROUND[:STEP]`` kills this rank (SIGKILL) when it reaches that point.
+    """``SPLITFT_FAULT=POINT@RANK:ROUND[:STEP]`` sends this rank SIGKILL (or ``SPLITFT_FAULT_SIGNAL``)
+    when it reaches that point.
 
     Points: ``step`` (a client after its STEP-th step of the round; the server when one of its
     replicas has served its STEP-th forward of the round) and ``checkpoint`` (rank 0 between

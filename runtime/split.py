@@ -86,8 +86,9 @@ def setup_logging(rank: int) -> None:
 def run(cfg: Config, data: ClientData | None = None) -> None:
     """Runs this rank's role to the end; ``data`` is a client's already-loaded data (loaded here if None).
 
-    Raises ``SystemExit(EXIT_PREEMPTED)`` after a stop signal, ``PlanError``/``CheckpointMismatch``
-    for user errors (every rank), and re-raises anything else after logging it once.
+    Raises ``SystemExit(EXIT_PREEMPTED)`` after a stop signal, ``SystemExit(EXIT_PEER_LOST)`` when a
+    peer went away (named in the log), ``PlanError``/``CheckpointMismatch`` for user errors (every
+    rank), and re-raises anything else after logging it once.
     """
     rt = cfg.runtime
     limit_malloc_arenas(rt.malloc_arenas)
@@ -119,6 +120,7 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
         raise
     except BaseException as e:
         lost = heartbeat.silent(wait_s=4 * heartbeat.interval) if heartbeat else []
+        code = None
         if lost:
             log.error(
                 "lost %s: it stopped answering (%s: %s). Every complete round is checkpointed in %s; "
@@ -129,15 +131,16 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
                 e,
                 Path(cfg.output_dir) / "checkpoint",
             )
-            dist.stop(world, graceful=False)
-            raise SystemExit(faults.EXIT_PEER_LOST) from None
-        if stop.requested:  # torchrun stopping the workers after another one failed, or a preemption
+            code = faults.EXIT_PEER_LOST
+        elif stop.requested:  # torchrun stopping the workers after another one failed, or a preemption
             log.warning("stopping on %s (%s: %s)", stop.signal.name, type(e).__name__, e)
-            dist.stop(world, graceful=False)
-            raise SystemExit(faults.EXIT_PREEMPTED) from None
-        log.exception("run failed")
+            code = faults.EXIT_PREEMPTED
+        else:
+            log.exception("run failed")
         dist.stop(world, graceful=False)
-        raise
+        if code is None:
+            raise
+        raise SystemExit(code) from None
     finally:
         if heartbeat is not None:
             heartbeat.close()
@@ -314,6 +317,7 @@ class ServerRole(Role):
         self.server: Server | None = None
         self.records: list[dict] = []
         self.writer: MetricsWriter | None = None
+        self.fingerprint = fingerprint(cfg, world.n_clients)
 
     def decide(self, profiles: list[ResourceProfile], seq: int):
         """The plan and the resume state: ((plan, resume) or (error kind, message)), sent to every rank."""
@@ -351,7 +355,7 @@ class ServerRole(Role):
                 )
             return None
         state, flat = found
-        checkpoint.check_fingerprint(self.ckpt_root, state, fingerprint(self.cfg, self.world.n_clients))
+        checkpoint.check_fingerprint(self.ckpt_root, state, self.fingerprint)
         log.info("resuming after round %d from %s", state["round"], self.ckpt_root)
         return {**state, "flat": flat}
 
@@ -454,7 +458,7 @@ class ServerRole(Role):
         state = {
             "round": rnd,
             "elapsed_s": now - self.t_start,
-            "fingerprint": fingerprint(self.cfg, self.world.n_clients),
+            "fingerprint": self.fingerprint,
             "plan": plan_json(self.plan),
             "next_plan": plan_json(new_plan),
             "scheduler": self.scheduler.state_dict(),

@@ -34,6 +34,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     (checkpoint.round_dir(root, 2) / checkpoint.ADAPTER_FILE).write_bytes(b"garbage")
     state, flat = checkpoint.latest(root)
     assert state["round"] == 1 and flat.tolist() == [1.0, 1.0]
+    assert checkpoint.latest(root, adapter=False) == (state, None)  # the launch check picks the same one
     assert checkpoint.latest(tmp_path / "nothing") is None
 
 
