@@ -28,11 +28,13 @@ import torch
 import torch.distributed.rpc as rpc
 from safetensors.torch import save_file
 
+from models.aggregation import StackLayout
 from models.datasets import typical_seq_len
 from models.lora import (
     AdapterLayout,
     LoraSpec,
     build_layout,
+    chain_ranks,
     initial_adapter,
     lora_modules,
     reducible,
@@ -147,6 +149,11 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
         stop.close()
 
 
+def stack_seed(seed: int, rnd: int) -> int:
+    """The seed of the fresh LoRA that ``stack`` starts round ``rnd + 1`` from (the same at every holder)."""
+    return seed * 100_003 + rnd
+
+
 def round_seed(seed: int, rank: int, rnd: int) -> int:
     """Every rank's global RNG is reseeded each round from (seed, rank, round): dropout and anything
     else that draws from it does the same on a resumed run as on the uninterrupted one, whatever the
@@ -172,10 +179,20 @@ class Role:
         self.flat = torch.zeros(0)
         self.weights: dict[int, float] = {}
         self.t_start = 0.0
+        self.resume: dict | None = None
+        ranks = cfg.lora.client_ranks
+        self.caps = {r: ranks[r - 1] if ranks else None for r in range(1, world.world_size)}
 
     @property
     def cut_map(self) -> dict[int, int]:
         return {r: k for r, (k, _) in self.plan.items()}
+
+    def chains(self) -> dict[int, dict[str, int]]:
+        """Every client chain's rank on every module, from the plan (the same on every rank)."""
+        return {
+            r: chain_ranks(self.layout, self.spec, k, cut_rank, self.caps[r])
+            for r, (k, cut_rank) in self.plan.items()
+        }
 
     # ------------------------------------------------------------------ the protocol
     def run(self) -> None:
@@ -195,10 +212,14 @@ class Role:
         if isinstance(decision[0], str):
             raise USER_ERRORS[decision[0]](decision[1])
         self.plan, resume = decision
+        self.resume = resume
+        order = sorted(self.cut_map)
         self.layout = (
             self.full_layout
             if self.cfg.moves_cuts
-            else build_layout(self.mcfg, self.spec, list(self.cut_map.values()))
+            else build_layout(
+                self.mcfg, self.spec, [self.cut_map[r] for r in order], [self.caps[r] for r in order]
+            )
         )
         self.build()
         counts = dist.gather_objects(w, self.n_samples())
@@ -210,6 +231,7 @@ class Role:
         done = resume["round"] if resume else 0
         self.flat = resume["flat"] if resume else initial_adapter(self.layout, self.cfg.seed)
         self.load(self.flat.to(w.device), resume)
+        self.show_global()
         if resume and resume["next_plan"]:  # the move decided at the end of that round, replayed
             self.move({int(r): tuple(v) for r, v in resume["next_plan"].items()})
             dist.barrier(w)
@@ -231,7 +253,12 @@ class Role:
             raise faults.Preempted()
         if self.cfg.runtime.debug:
             self.dump_copies(self.out / "debug" / f"round{rnd}")
-        self.aggregate()
+        self.aggregate(rnd)
+        if self.cfg.runtime.debug and self.cfg.train.aggregation == "stack":
+            save_file(
+                self.merged_copy(),
+                str(self.out / "debug" / f"round{rnd}" / f"merged_rank{self.world.rank}.safetensors"),
+            )
         dist.barrier(self.world)  # every holder has the global adapter before anyone evaluates
         evaluation = self.evaluate()
         reports = dist.gather_objects(self.world, self.report(stats))
@@ -248,8 +275,31 @@ class Role:
         if new_plan is not None:
             self.plan = new_plan
 
+    def aggregate(self, rnd: int) -> None:
+        """One all-reduce (``train.aggregation``); every holder then loads the global adapter."""
+        rule = self.cfg.train.aggregation
+        result = aggregate(
+            rule,
+            self.holders(),
+            self.layout,
+            self.chains(),
+            self.flat,
+            self.spec,
+            stack_seed(self.cfg.seed, rnd),
+            self.world.device,
+            self.world.aggregation,
+        )
+        if result.summed is not None:
+            self.merge(result.stack, result.summed)
+        self.flat = result.flat
+        for _, model, _ in self.holders():
+            write_adapter(model, self.layout, self.flat.to(self.world.device))
+        self.show_global()
+        self.aggregated(result.nbytes)
+
     def evaluate(self) -> tuple[float, float, float]:
-        """(loss, token accuracy, tokens) of the global model over the whole held-out set."""
+        """(loss, token accuracy, tokens) of the global model over the whole held-out set: every holder
+        evaluates through the global adapter at its full rank, so this is the exported model's loss."""
         totals = torch.stack(dist.gather_objects(self.world, self.eval_totals())).sum(0)
         loss_sum, tokens, correct = totals.tolist()
         return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
@@ -292,6 +342,16 @@ class Role:
         pass
 
     def baseline(self, evaluation: tuple[float, float, float]) -> None:
+        pass
+
+    def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
+        pass
+
+    def merged_copy(self) -> dict[str, torch.Tensor]:
+        """stack: this rank's merged weights of the modules it holds (runtime.debug; used by the tests)."""
+        return {}
+
+    def aggregated(self, nbytes: int) -> None:
         pass
 
     def predict(self):
@@ -363,13 +423,24 @@ class ServerRole(Role):
         self.server = Server(
             self.model_path, self.cut_map, self.spec, self.world.device, self.cfg, lambda: self.stop.requested
         )
+        self.server.layout = self.layout
+        if self.server.merging:
+            self.server.init_shadow(self.layout)
+            if self.resume:
+                self.server.load_merged(
+                    self.layout, checkpoint.merged_weights(self.ckpt_root, self.resume["round"])
+                )
         install(self.server)
 
     def n_samples(self) -> int:
         return 0
 
-    def holders(self) -> list[tuple[torch.nn.Module, float]]:
-        return [(rep.stage.hf, self.weights[r]) for r, rep in sorted(self.server.replicas.items())]
+    def holders(self) -> list[tuple[int, torch.nn.Module, float]]:
+        return [(r, rep.stage.hf, self.weights[r]) for r, rep in sorted(self.server.replicas.items())]
+
+    def show_global(self) -> None:
+        for replica in self.server.replicas.values():
+            replica.global_adapter = (self.layout, self.flat.to(self.world.device))
 
     def announce(self, counts: list[int]) -> None:
         first = self.scheduler.predict([self.cut_map[r] for r in sorted(self.cut_map)])
@@ -385,7 +456,7 @@ class ServerRole(Role):
         )
 
     def load(self, flat: torch.Tensor, resume: dict | None) -> None:
-        for model, _ in self.holders():
+        for _, model, _ in self.holders():
             write_adapter(model, self.layout, flat)
 
     def baseline(self, evaluation: tuple[float, float, float]) -> None:
@@ -402,8 +473,13 @@ class ServerRole(Role):
     def train(self) -> dict:
         return {}  # the replicas serve the clients' steps on RPC threads
 
-    def aggregate(self) -> None:
-        self.flat = aggregate(self.holders(), self.layout, self.world.device, self.world.aggregation)
+    def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
+        self.server.merge(self.layout, stack, summed)
+
+    def merged_copy(self) -> dict[str, torch.Tensor]:
+        return self.server.merged_weights(self.layout, [s.name for s in self.layout.slots])
+
+    def aggregated(self, nbytes: int) -> None:
         for replica in self.server.replicas.values():
             replica.new_round()
 
@@ -465,7 +541,10 @@ class ServerRole(Role):
             "data_positions": {str(r): reports[r]["stream"] for r in sorted(self.cut_map)},
             "metrics": self.records,
         }
-        checkpoint.save(self.ckpt_root, rnd, self.flat, state, self.cfg.runtime.keep_checkpoints)
+        merged = None
+        if self.server.merging:
+            merged = self.server.merged_weights(self.layout, [s.name for s in self.layout.slots])
+        checkpoint.save(self.ckpt_root, rnd, self.flat, state, self.cfg.runtime.keep_checkpoints, merged)
 
     def dump_copies(self, folder: Path) -> None:
         _dump_copies(
@@ -510,6 +589,7 @@ class ClientRole(Role):
             self.world.device,
             self.throttle,
             self.link,
+            self.caps[self.world.rank],
         )
 
     def n_samples(self) -> int:
@@ -522,22 +602,33 @@ class ClientRole(Role):
         write_adapter(self.client.stage.hf, self.layout, flat)
         if resume is not None:
             self.client.stream.load_state_dict(resume["data_positions"][str(self.world.rank)])
+            if self.cfg.train.aggregation == "stack":
+                self.client.fetch_merged(self.layout, list(range(self.client.cut)))
+
+    def holders(self) -> list[tuple[int, torch.nn.Module, float]]:
+        r = self.world.rank
+        return [(r, self.client.stage.hf, self.weights[r])]
+
+    def show_global(self) -> None:
+        self.client.global_adapter = (self.layout, self.flat.to(self.world.device))
 
     def train(self) -> dict | None:
         return self.client.train_round(self.cfg.train.local_steps, lambda: self.stop.requested)
 
-    def aggregate(self) -> None:
+    def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
+        self.client.merge(self.layout, stack, summed)
+
+    def merged_copy(self) -> dict[str, torch.Tensor]:
+        return {
+            name: m.get_base_layer().weight.detach().cpu().clone()
+            for name, m in lora_modules(self.client.stage.hf).items()
+        }
+
+    def aggregated(self, nbytes: int) -> None:
         c = self.client
-        self.flat = aggregate(
-            [(c.stage.hf, self.weights[self.world.rank])],
-            self.layout,
-            self.world.device,
-            self.world.aggregation,
-        )
-        adapter_bytes = self.flat.numel() * self.flat.element_size()
-        c.comm["adapters_up"] += adapter_bytes
-        c.comm["adapters_down"] += adapter_bytes
-        c.link.delay(2 * adapter_bytes)
+        c.comm["adapters_up"] += nbytes
+        c.comm["adapters_down"] += nbytes
+        c.link.delay(2 * nbytes)
 
     def eval_totals(self) -> torch.Tensor:
         return self.client.evaluate()
