@@ -43,6 +43,12 @@ def fedavg_numel(layout: AdapterLayout) -> int:
     return layout.numel + sum(s.rank for s in layout.slots)
 
 
+def wire_numel(rule: str, layout: AdapterLayout, n_chains: int) -> int:
+    """Floats each rank all-reduces per round under ``rule`` (``stack``/``svd``: every chain at the
+    layout's rank, an upper bound when some clients hold lower ranks)."""
+    return fedavg_numel(layout) if rule == "fedavg" else n_chains * layout.numel
+
+
 def _mass_offsets(layout: AdapterLayout) -> dict[str, int]:
     offsets, offset = {}, layout.numel
     for s in layout.slots:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from models.families import Family, family_of
+from models.families import Family, family_of, get_module
 from models.stages import Stage
 
 ADAPTER = "default"
@@ -199,6 +199,10 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if ".lora_" in n]
 
 
+def named_lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if ".lora_" in n]
+
+
 def module_layer(name: str, family: Family) -> int:
     """The decoder layer index of a module named ``<layers>.<j>.<...>``."""
     return int(name[len(family.layers) + 1 :].split(".", 1)[0])
@@ -250,6 +254,19 @@ def target_shapes(config: PretrainedConfig, spec: LoraSpec) -> dict[str, tuple[i
             a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
             shapes[name] = (a.shape[1], b.shape[0], bool(getattr(m, "fan_in_fan_out", False)))
     return shapes
+
+
+def candidate_targets(config: PretrainedConfig) -> tuple[str, ...]:
+    """Every linear weight of a decoder layer (the candidates of ``lora.selection=importance``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    family = family_of(config)
+    with init_empty_weights():
+        hf = AutoModelForCausalLM.from_config(config)
+    layer = get_module(hf, family.layers)[0]
+    return tuple(
+        sorted({n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+    )
 
 
 def holder_rank(

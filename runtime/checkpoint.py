@@ -146,12 +146,18 @@ def check_fingerprint(root: Path, state: dict, expect: dict) -> None:
             )
 
 
-def export_adapter(out: Path, layout, flat: torch.Tensor, spec, model_config, model_path: Path) -> None:
-    """Writes ``out/adapter`` (PEFT format) via a temporary folder, so a crash keeps the last one."""
+def export_adapter(
+    out: Path, layout, flat: torch.Tensor, spec, model_config, model_path: Path, selection: dict | None = None
+) -> None:
+    """Writes ``out/adapter`` (PEFT format) via a temporary folder, so a crash keeps the last one.
+
+    With an importance selection, ``selection.json`` beside it gives every weight's score and rank."""
     tmp = out / "adapter.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     export_peft_adapter(layout, flat.cpu(), spec, model_config, tmp, str(Path(model_path).resolve()))
+    if selection is not None:
+        (tmp / "selection.json").write_text(json.dumps(selection, indent=1))
     replace_dir(tmp, out / "adapter")
 
 

@@ -23,6 +23,7 @@ import torch.distributed.rpc as rpc
 
 from models.aggregation import StackLayout, merge_delta
 from models.datasets import BatchStream, eval_batches
+from models.importance import Sensitivity
 from models.lora import (
     AdapterLayout,
     LoraSpec,
@@ -30,6 +31,8 @@ from models.lora import (
     inject_layers,
     lora_modules,
     lora_parameters,
+    named_lora_parameters,
+    strip_layers,
     target_ranks,
 )
 from models.moves import restage
@@ -159,7 +162,16 @@ class Client:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_round(self, steps: int, stop: Callable[[], bool]) -> dict | None:
+    def relora(self, spec: LoraSpec) -> None:
+        """Replaces this client's LoRA by ``spec``'s (after the importance selection)."""
+        strip_layers(self.stage, list(range(self.cut)))
+        self.spec = spec
+        inject_layers(self.stage, spec, target_ranks(0, self.cut, spec, self.cut_rank, self.cap))
+        self.params = lora_parameters(self.stage.hf)
+
+    def train_round(
+        self, steps: int, stop: Callable[[], bool], scorer: Sensitivity | None = None
+    ) -> dict | None:
         """Runs ``steps`` split steps; returns the round's loss, token and timing figures, or None if a
         stop was requested (checked before every step: this rank's signal, or the server's, which
         comes back with every step's reply)."""
@@ -190,6 +202,8 @@ class Client:
                 grads = dist_autograd.get_gradients(ctx)
                 for p in self.params:
                     p.grad = grads.get(p)
+                if scorer is not None:
+                    scorer.update(named_lora_parameters(self.stage.hf))
                 optimizer.step()
                 for p in self.params:
                     p.grad = None

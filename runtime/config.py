@@ -64,9 +64,10 @@ class LoraSection:
     """Target module names inside a decoder layer; None uses the family's defaults."""
     dropout: float = 0.0
     """LoRA dropout (0 keeps split and unsplit runs bit-comparable)."""
-    client_ranks: list[int] | None = None
+    client_ranks: list[int] | str | None = None
     """HSplitLoRA: each client's own LoRA rank on its layers (one per client, each in 1..lora.r; its cut
-    layer gets min(this, r_cut)); None: lora.r for every client. Server replicas always use lora.r."""
+    layer gets min(this, r_cut)); auto: the largest rank that fits each client's measured memory at its
+    planned cut; None: lora.r for every client. Server replicas always use lora.r."""
     selection: str = "all"
     """Which weights get LoRA: all (every lora.targets module at rank r) or importance (HSplitLoRA: a
     warm-up scores every linear weight of the decoder layers and ranks go where the score is high)."""
@@ -351,8 +352,16 @@ def validate(cfg: Config) -> None:
         0 < lo.budget <= 1,
         f"lora.budget={lo.budget}: must be in (0, 1] (a fraction of the uniform placement)",
     )
-    _require(lo.warmup_steps >= 1, f"lora.warmup_steps={lo.warmup_steps}: must be >= 1")
-    for r in lo.client_ranks or []:
+    _require(
+        lo.warmup_steps >= 2,
+        f"lora.warmup_steps={lo.warmup_steps}: must be >= 2 (LoRA's B starts at zero, so the first step "
+        "scores every weight 0)",
+    )
+    _require(
+        lo.client_ranks is None or lo.client_ranks == "auto" or isinstance(lo.client_ranks, list),
+        f"lora.client_ranks={lo.client_ranks!r}: use a list (one rank per client), auto or null",
+    )
+    for r in lo.client_ranks if isinstance(lo.client_ranks, list) else []:
         _require(
             isinstance(r, int) and 1 <= r <= lo.r,
             f"lora.client_ranks={lo.client_ranks}: every rank must be an int in 1..lora.r ({lo.r})",
@@ -436,7 +445,7 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
         _check_cuts(cuts, n_clients, n_layers, f"split.schedule[{rnd}]")
     ranks = cfg.lora.client_ranks
     _require(
-        ranks is None or len(ranks) == n_clients,
+        not isinstance(ranks, list) or len(ranks) == n_clients,
         f"lora.client_ranks has {len(ranks or [])} entries for {n_clients} clients: "
         "give one per client or null",
     )

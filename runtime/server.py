@@ -21,7 +21,16 @@ import torch.distributed.rpc as rpc
 from torch import nn
 
 from models.aggregation import StackLayout, merge_delta
-from models.lora import AdapterLayout, LoraSpec, add_lora, global_view, lora_parameters
+from models.importance import Sensitivity
+from models.lora import (
+    AdapterLayout,
+    LoraSpec,
+    add_lora,
+    global_view,
+    lora_parameters,
+    named_lora_parameters,
+    strip_layers,
+)
 from models.loss import mean_loss, token_stats
 from models.moves import restage
 from models.stages import Stage, build_layers, build_stage, load_config, read_tensors
@@ -75,12 +84,22 @@ class ServerReplica:
         self.steps = 0  # forwards served this round
         self.stopping = stopping
         self.global_adapter: tuple[AdapterLayout, torch.Tensor] | None = None  # what evaluate measures
+        self.scorer: Sensitivity | None = None  # lora.selection=importance: scores during the warm-up
         # runtime.debug: a summary of every tensor that arrived, to show what crosses the wire.
         self.received: set[str] | None = set() if cfg.runtime.debug else None
 
     def new_round(self) -> None:
         self.optimizer = make_optimizer(self.params, self.cfg)
         self.steps = 0
+
+    def relora(self, spec: LoraSpec) -> None:
+        """Replaces this replica's LoRA by ``spec``'s (after the importance selection)."""
+        with self.lock:
+            strip_layers(self.stage, list(range(self.stage.start, self.stage.end)))
+            self.spec = spec
+            add_lora(self.stage, spec, cut_rank=False)
+            self.params = lora_parameters(self.stage.hf)
+            self.new_round()
 
     def take_step_time(self) -> float | None:
         """Median server compute per step this round (None if no step ran), and a fresh record."""
@@ -133,6 +152,8 @@ class ServerReplica:
             grads = dist_autograd.get_gradients(context_id)
             for p in self.params:
                 p.grad = grads.get(p)
+            if self.scorer is not None:
+                self.scorer.update(named_lora_parameters(self.stage.hf))
             self.optimizer.step()
             for p in self.params:
                 p.grad = None

@@ -18,6 +18,7 @@ with ``EXIT_PREEMPTED``; a lost peer is named; everything else is logged once an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -30,14 +31,17 @@ from safetensors.torch import save_file
 
 from models.aggregation import StackLayout
 from models.datasets import typical_seq_len
+from models.importance import Sensitivity, allocate_ranks, combine, uniform_params
 from models.lora import (
     AdapterLayout,
     LoraSpec,
     build_layout,
+    candidate_targets,
     chain_ranks,
     initial_adapter,
     lora_modules,
     reducible,
+    with_selection,
     write_adapter,
 )
 from models.stages import DTYPES
@@ -171,6 +175,10 @@ class Role:
         self.mcfg = model_config(self.model_path)
         validate_for_world(cfg, world.world_size, self.mcfg.num_hidden_layers)
         self.spec = lora_spec(cfg, self.mcfg)
+        self.reference_targets = self.spec.targets  # the uniform placement lora.budget is a fraction of
+        if cfg.lora.selection == "importance":  # the warm-up trains and scores every linear weight
+            self.spec = dataclasses.replace(self.spec, targets=candidate_targets(self.mcfg))
+        self.selection: dict | None = None
         self.out = Path(cfg.output_dir)
         self.full_layout = build_layout(self.mcfg, self.spec, [])
         self.throttle, self.link = Throttle(1.0), Link(None)
@@ -180,8 +188,8 @@ class Role:
         self.weights: dict[int, float] = {}
         self.t_start = 0.0
         self.resume: dict | None = None
-        ranks = cfg.lora.client_ranks
-        self.caps = {r: ranks[r - 1] if ranks else None for r in range(1, world.world_size)}
+        ranks = cfg.lora.client_ranks  # "auto": decided by rank 0 with the plan
+        self.caps = {r: ranks[r - 1] if isinstance(ranks, list) else None for r in range(1, world.world_size)}
 
     @property
     def cut_map(self) -> dict[int, int]:
@@ -211,16 +219,12 @@ class Role:
         decision = dist.broadcast_object(w, self.decide(profiles, seq))
         if isinstance(decision[0], str):
             raise USER_ERRORS[decision[0]](decision[1])
-        self.plan, resume = decision
+        self.plan, resume, caps = decision
         self.resume = resume
-        order = sorted(self.cut_map)
-        self.layout = (
-            self.full_layout
-            if self.cfg.moves_cuts
-            else build_layout(
-                self.mcfg, self.spec, [self.cut_map[r] for r in order], [self.caps[r] for r in order]
-            )
-        )
+        self.caps.update({int(r): c for r, c in caps.items()})
+        self.layout = self.layout_for_plan()
+        if resume and resume.get("selection"):
+            self.use_selection(resume["selection"])
         self.build()
         counts = dist.gather_objects(w, self.n_samples())
         total = sum(counts)
@@ -232,6 +236,8 @@ class Role:
         self.flat = resume["flat"] if resume else initial_adapter(self.layout, self.cfg.seed)
         self.load(self.flat.to(w.device), resume)
         self.show_global()
+        if done == 0 and self.cfg.lora.selection == "importance":
+            self.select()
         if resume and resume["next_plan"]:  # the move decided at the end of that round, replayed
             self.move({int(r): tuple(v) for r, v in resume["next_plan"].items()})
             dist.barrier(w)
@@ -274,6 +280,41 @@ class Role:
         self.record(rnd, t_round, prediction, reports, evaluation, new_plan, after_move, move_s)
         if new_plan is not None:
             self.plan = new_plan
+
+    def use_selection(self, selection: dict) -> None:
+        """Per-module ranks from the importance selection; the layouts follow."""
+        self.selection = selection
+        self.spec = with_selection(self.spec, selection["ranks"])
+        self.full_layout = build_layout(self.mcfg, self.spec, [])
+        self.layout = self.layout_for_plan()
+
+    def layout_for_plan(self) -> AdapterLayout:
+        if self.cfg.moves_cuts:
+            return self.full_layout
+        order = sorted(self.cut_map)
+        return build_layout(
+            self.mcfg, self.spec, [self.cut_map[r] for r in order], [self.caps[r] for r in order]
+        )
+
+    def select(self) -> None:
+        """HSplitLoRA step 1 and 2: a warm-up scores every candidate weight, rank 0 allocates ranks under
+        the budget, and every holder starts again with LoRA on the chosen weights only."""
+        w = self.world
+        log.info(
+            "importance warm-up: %d steps scoring %d weights",
+            self.cfg.lora.warmup_steps,
+            len(self.layout.slots),
+        )
+        self.prepare_warmup()
+        dist.barrier(w)
+        scores = dist.gather_objects(w, self.warmup())
+        selection = dist.broadcast_object(w, self.choose(scores))
+        self.use_selection(selection)
+        self.relora()
+        self.flat = initial_adapter(self.layout, self.cfg.seed)
+        self.load(self.flat.to(w.device), None)
+        self.show_global()
+        dist.barrier(w)
 
     def aggregate(self, rnd: int) -> None:
         """One all-reduce (``train.aggregation``); every holder then loads the global adapter."""
@@ -351,6 +392,15 @@ class Role:
         """stack: this rank's merged weights of the modules it holds (runtime.debug; used by the tests)."""
         return {}
 
+    def prepare_warmup(self) -> None:
+        pass
+
+    def warmup(self) -> dict | None:
+        return None
+
+    def choose(self, scores: list[dict | None]) -> dict | None:
+        return None
+
     def aggregated(self, nbytes: int) -> None:
         pass
 
@@ -388,19 +438,30 @@ class ServerRole(Role):
         try:
             resume = self.load_checkpoint()
             costs = model_costs(
-                self.mcfg, self.cfg, self.full_layout, seq, max(p.activation_bytes for p in profiles[1:])
+                self.mcfg,
+                self.cfg,
+                self.full_layout,
+                seq,
+                max(p.activation_bytes for p in profiles[1:]),
+                self.world.n_clients,
             )
             self.scheduler = Scheduler(self.cfg, costs, profiles[1:], profiles[0], torch.get_num_threads())
             if resume is None:
-                plan = {r: (k, self.spec.r_cut) for r, k in enumerate(self.scheduler.initial(), start=1)}
+                cuts = self.scheduler.initial()
+                plan = {r: (k, self.spec.r_cut) for r, k in enumerate(cuts, start=1)}
+                caps = {}
+                if self.cfg.lora.client_ranks == "auto":
+                    caps = dict(enumerate(self.scheduler.client_ranks(cuts), start=1))
+                    log.info("client ranks from memory (lora.client_ranks=auto): %s", caps)
             else:
                 plan = {int(r): tuple(v) for r, v in resume["plan"].items()}
+                caps = {int(r): c for r, c in (resume.get("client_ranks") or {}).items()}
                 self.scheduler.load_state_dict(resume["scheduler"])
         except (PlanError, CheckpointMismatch) as e:
             return (type(e).__name__, str(e))
         self.records = resume["metrics"] if resume else []
         self.writer = MetricsWriter(self.out / "metrics.jsonl", self.records)
-        return plan, resume
+        return plan, resume, caps
 
     def load_checkpoint(self) -> dict | None:
         """The newest complete checkpoint's state (with its adapter as ``flat``), per runtime.resume."""
@@ -476,6 +537,53 @@ class ServerRole(Role):
     def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
         self.server.merge(self.layout, stack, summed)
 
+    def prepare_warmup(self) -> None:
+        for replica in self.server.replicas.values():
+            replica.scorer = Sensitivity()
+
+    def choose(self, scores: list[dict | None]) -> dict:
+        """Combines every chain's scores (client part + its replica's) and allocates the ranks."""
+        chains = []
+        for r, replica in sorted(self.server.replicas.items()):
+            chains.append(({**scores[r], **replica.scorer.scores()}, self.weights[r]))
+            replica.scorer = None
+            replica.take_step_time()
+            replica.new_round()
+        combined = combine(chains)
+        shapes = {s.name: (s.in_features, s.out_features) for s in self.full_layout.slots}
+        suffix = lambda name: name.rsplit(".", 1)[-1]
+        reference = {n: v for n, v in shapes.items() if suffix(n) in self.reference_targets}
+        uniform = uniform_params(reference, self.spec.r)
+        budget = self.cfg.lora.budget * uniform
+        ranks = allocate_ranks(combined, shapes, budget, self.spec.r)
+        params = sum(r * sum(shapes[n]) for n, r in ranks.items())
+        chosen = {n: r for n, r in ranks.items() if r > 0}
+        log.info(
+            "importance selection: %d of %d weights, %d trainable parameters (budget %d = %.2f x uniform %d)",
+            len(chosen),
+            len(ranks),
+            params,
+            budget,
+            self.cfg.lora.budget,
+            uniform,
+        )
+        return {
+            "ranks": ranks,
+            "scores": combined,
+            "trainable_params": params,
+            "budget_params": budget,
+            "uniform_params": uniform,
+            "warmup_steps": self.cfg.lora.warmup_steps,
+        }
+
+    def relora(self) -> None:
+        for replica in self.server.replicas.values():
+            replica.relora(self.spec)
+        self.server.layout = self.layout
+        if self.server.merging:
+            self.server.init_shadow(self.layout)
+        (self.out / "selection.json").write_text(json.dumps(self.selection, indent=1))
+
     def merged_copy(self) -> dict[str, torch.Tensor]:
         return self.server.merged_weights(self.layout, [s.name for s in self.layout.slots])
 
@@ -516,9 +624,15 @@ class ServerRole(Role):
         server_s = reports[0]["stats"]["server_s"]
         rec = _record(rnd, now - self.t_start, now - t_round, reports, evaluation, self.cut_map, self.weights)
         rec["plan"] = _plan_record(self.cfg, self.plan, new_plan, prediction, after_move, move_s)
+        rec["plan"]["client_ranks"] = {str(r): c or self.spec.r for r, c in self.caps.items()}
         for i, r in enumerate(sorted(self.cut_map)):
             rec["clients"][str(r)]["predicted_time_s"] = prediction.client_time_s[i]
             rec["clients"][str(r)]["server_s"] = server_s[r]
+        if self.selection is not None and rnd == 1:
+            rec["lora_selection"] = {
+                **{k: v for k, v in self.selection.items() if k not in ("ranks", "scores")},
+                "ranks": {n: r for n, r in self.selection["ranks"].items() if r > 0},
+            }
         self.writer.write(rec)
         self.records.append(rec)
         log.info(row(rec))
@@ -529,7 +643,10 @@ class ServerRole(Role):
                 self.cut_map,
                 {r: v[0] for r, v in new_plan.items()},
             )
-        checkpoint.export_adapter(self.out, self.layout, self.flat, self.spec, self.mcfg, self.model_path)
+        if not self.server.merging:  # under stack the model is the merged weights (launch.export --merged)
+            checkpoint.export_adapter(
+                self.out, self.layout, self.flat, self.spec, self.mcfg, self.model_path, self.selection
+            )
         plan_json = lambda p: None if p is None else {str(r): list(v) for r, v in p.items()}
         state = {
             "round": rnd,
@@ -539,6 +656,8 @@ class ServerRole(Role):
             "next_plan": plan_json(new_plan),
             "scheduler": self.scheduler.state_dict(),
             "data_positions": {str(r): reports[r]["stream"] for r in sorted(self.cut_map)},
+            "selection": self.selection,
+            "client_ranks": {str(r): c for r, c in self.caps.items() if c is not None},
             "metrics": self.records,
         }
         merged = None
@@ -617,6 +736,15 @@ class ClientRole(Role):
 
     def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
         self.client.merge(self.layout, stack, summed)
+
+    def warmup(self) -> dict:
+        scorer = Sensitivity()
+        self.client.train_round(self.cfg.lora.warmup_steps, lambda: False, scorer)
+        self.client.take_comm()
+        return scorer.scores()
+
+    def relora(self) -> None:
+        self.client.relora(self.spec)
 
     def merged_copy(self) -> dict[str, torch.Tensor]:
         return {

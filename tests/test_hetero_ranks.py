@@ -3,6 +3,8 @@ holder through a move and a resume, and each round's eval loss is the loss of th
 
 from __future__ import annotations
 
+import json
+
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -81,9 +83,13 @@ def test_stack_keeps_one_merged_base_through_a_move_and_a_resume(setup, tmp_path
     assert len(rounds(out / "checkpoint")) == 2
 
 
-def test_fedavg_with_heterogeneous_ranks_evaluates_the_exported_adapter(setup, tmp_path):  # noqa: F811
-    """Clients of ranks 2 and 8 cut at 1 and 3: the eval loss is the exported PEFT adapter's loss,
-    not an average of the clients' truncated copies."""
+def test_fedavg_with_importance_selection_and_client_ranks_evaluates_the_exported_adapter(
+    setup,  # noqa: F811
+    tmp_path,
+):
+    """Importance-chosen weights at half the uniform budget, clients of ranks 2 and 8 cut at 1 and 3:
+    the eval loss is the exported PEFT adapter's loss, not an average of the clients' truncated copies,
+    and the selection is in the metrics and the adapter's config."""
     out = tmp_path / "fedavg"
     args = [
         *common_args(setup, out),
@@ -91,11 +97,22 @@ def test_fedavg_with_heterogeneous_ranks_evaluates_the_exported_adapter(setup, t
         "lora.r=8",
         "lora.r_cut=4",
         "lora.client_ranks=[2,8]",
+        "lora.selection=importance",
+        "lora.budget=0.5",
+        "lora.warmup_steps=3",
         "train.local_steps=6",
         "train.rounds=2",
     ]
     res = torchrun(3, args)
     assert res.returncode == 0, res.stdout[-4000:]
-    final = metrics(out)[-1]
+    records = metrics(out)
+    final = records[-1]
+    chosen = records[0]["lora_selection"]
+    assert 0 < chosen["trainable_params"] <= chosen["budget_params"] == 0.5 * chosen["uniform_params"]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(chosen["ranks"])
+    assert (
+        json.loads((out / "adapter" / "selection.json").read_text())["ranks"].keys() >= chosen["ranks"].keys()
+    )
     model = PeftModel.from_pretrained(full_model(setup["model"]), str(out / "adapter"))
     assert abs(exported_eval_loss(model, args, setup["model"]) - final["eval_loss"]) < 1e-5
