@@ -486,6 +486,12 @@ class ServerRole(Role):
         )
         self.server.layout = self.layout
         if self.server.merging:
+            if self.cfg.model.dtype != "float32":
+                log.warning(
+                    "train.aggregation=stack merges every round's delta into %s weights, where a small "
+                    "delta can round away: model.dtype=float32 keeps it",
+                    self.cfg.model.dtype,
+                )
             self.server.init_shadow(self.layout)
             if self.resume:
                 self.server.load_merged(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -83,16 +84,19 @@ def test_stack_keeps_one_merged_base_through_a_move_and_a_resume(setup, tmp_path
     assert len(rounds(out / "checkpoint")) == 2
 
 
-def test_fedavg_with_importance_selection_and_client_ranks_evaluates_the_exported_adapter(
+@pytest.mark.parametrize("rule", ["fedavg", "svd"])
+def test_importance_selection_and_client_ranks_evaluate_the_exported_adapter(
     setup,  # noqa: F811
     tmp_path,
+    rule,
 ):
     """Importance-chosen weights at half the uniform budget, clients of ranks 2 and 8 cut at 1 and 3:
     the eval loss is the exported PEFT adapter's loss, not an average of the clients' truncated copies,
     and the selection is in the metrics and the adapter's config."""
-    out = tmp_path / "fedavg"
+    out = tmp_path / rule
     args = [
         *common_args(setup, out),
+        f"train.aggregation={rule}",
         "split.cut_layers=[1,3]",
         "lora.r=8",
         "lora.r_cut=4",
