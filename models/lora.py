@@ -270,11 +270,18 @@ def candidate_targets(config: PretrainedConfig) -> tuple[str, ...]:
 
 
 def holder_rank(
-    layer: int, cut: int, spec: LoraSpec, cut_rank: int | None = None, cap: int | None = None
+    layer: int,
+    cut: int,
+    spec: LoraSpec,
+    cut_rank: int | None = None,
+    cap: int | None = None,
+    tail_start: int | None = None,
 ) -> int:
     """The rank of layer ``layer`` in the chain of a client cut at ``cut``: on the client ``cap`` (its own
     rank, default ``spec.r``) and ``cut_rank`` (default ``spec.r_cut``) on its cut layer; ``spec.r`` on
-    its server replica."""
+    its server replica. Layers from ``tail_start`` on (a U-shaped split's tail) are the client's again."""
+    if tail_start is not None and layer >= tail_start:
+        return cap or spec.r
     if layer >= cut:
         return spec.r
     cap = cap or spec.r
@@ -282,17 +289,26 @@ def holder_rank(
 
 
 def chain_ranks(
-    layout: AdapterLayout, spec: LoraSpec, cut: int, cut_rank: int, cap: int | None = None
+    layout: AdapterLayout,
+    spec: LoraSpec,
+    cut: int,
+    cut_rank: int,
+    cap: int | None = None,
+    tail_start: int | None = None,
 ) -> dict[str, int]:
     """The rank of every module of the layout in one client's chain (its layers and its server replica's)."""
     return {
-        s.name: min(spec.module_rank(s.name), holder_rank(s.layer, cut, spec, cut_rank, cap))
+        s.name: min(spec.module_rank(s.name), holder_rank(s.layer, cut, spec, cut_rank, cap, tail_start))
         for s in layout.slots
     }
 
 
 def build_layout(
-    config: PretrainedConfig, spec: LoraSpec, cut_layers: list[int], caps: list[int | None] | None = None
+    config: PretrainedConfig,
+    spec: LoraSpec,
+    cut_layers: list[int],
+    caps: list[int | None] | None = None,
+    tail_start: int | None = None,
 ) -> AdapterLayout:
     """The layout for clients cut at ``cut_layers`` (own ranks ``caps``): each module's rank is the largest
     among its holders; modules the selection leaves out (rank 0) have no slot.
@@ -304,7 +320,9 @@ def build_layout(
     slots = []
     for name, (n_in, n_out, fan) in target_shapes(config, spec).items():
         j = module_layer(name, family)
-        held = max((holder_rank(j, k, spec, None, c) for k, c in zip(cut_layers, caps)), default=spec.r)
+        held = max(
+            (holder_rank(j, k, spec, None, c, tail_start) for k, c in zip(cut_layers, caps)), default=spec.r
+        )
         rank = min(spec.module_rank(name), held)
         if rank > 0:
             slots.append(Slot(name, j, rank, n_in, n_out, fan))

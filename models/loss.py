@@ -1,7 +1,9 @@
 """Causal-LM loss and token accuracy with the label shift done right.
 
-Position ``t`` predicts token ``t + 1``: logits ``[:, :-1]`` are compared with labels ``[:, 1:]``,
-ignoring -100. (Comparing unshifted positions gives the near-zero "accuracy" seen in some peers.)
+Position ``t`` predicts token ``t + 1``. The shift is done on the labels, never on the logits: the
+client sends ``targets = labels[:, 1:]`` (int32, -100 where there is nothing to predict), and the
+loss pads them with one -100 column so the ``(batch, seq, vocab)`` logits are used as they are,
+without a copy. (Comparing unshifted positions gives the near-zero "accuracy" seen in some peers.)
 """
 
 from __future__ import annotations
@@ -12,20 +14,42 @@ import torch.nn.functional as F
 from models.datasets import IGNORE_INDEX
 
 
+def shift_targets(labels: torch.Tensor) -> torch.Tensor:
+    """What position ``t`` must predict: ``labels[:, t + 1]``, as int32 ``(batch, seq - 1)``."""
+    return labels[:, 1:].to(torch.int32)
+
+
+def _flat(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    full = F.pad(targets.long(), (0, 1), value=IGNORE_INDEX)  # the last position predicts nothing
+    return logits.reshape(-1, logits.shape[-1]), full.reshape(-1)
+
+
+def target_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token-mean cross-entropy, number of target tokens): the training objective, no argmax."""
+    flat_logits, flat_targets = _flat(logits, targets)
+    loss_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    n_tokens = (flat_targets != IGNORE_INDEX).sum()
+    return loss_sum / n_tokens.clamp(min=1), n_tokens
+
+
+def target_stats(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, number of target tokens, number predicted right) for one eval batch."""
+    flat_logits, flat_targets = _flat(logits, targets)
+    loss_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = flat_targets != IGNORE_INDEX
+    correct = ((flat_logits.argmax(-1) == flat_targets) & valid).sum()
+    return loss_sum, valid.sum(), correct
+
+
 def token_stats(
     logits: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy, number of target tokens, number predicted right) for one batch."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1).long()
-    loss_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    valid = shift_labels != IGNORE_INDEX
-    n_tokens = valid.sum()
-    correct = ((shift_logits.argmax(-1) == shift_labels) & valid).sum()
-    return loss_sum, n_tokens, correct
+    """``target_stats`` from unshifted labels (the label at each position is that position's token)."""
+    return target_stats(logits, shift_targets(labels))
 
 
-def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token-mean loss (the training objective) plus the token count and correct count."""
-    loss_sum, n_tokens, correct = token_stats(logits, labels)
-    return loss_sum / n_tokens.clamp(min=1), n_tokens, correct
+def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``target_loss`` from unshifted labels."""
+    return target_loss(logits, shift_targets(labels))

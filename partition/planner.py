@@ -65,6 +65,19 @@ class ModelCosts:
     payload_bytes: float  # sent up per step (hidden, mask, labels)
     gradient_bytes: float  # sent down per step
     adapter_bytes: float  # global adapter; each client sends and receives it once per round
+    # split.mode=u_shape: the client also runs ``tail_layers`` layers above the cut range (n_layers counts
+    # only the range the cut falls in) and the final norm + head + loss; the server runs no head
+    tail_layers: int = 0
+    head_on_client: bool = False
+    head_param_bytes: float = 0.0
+
+
+def _client_extra(model: ModelCosts, server: ServerCosts) -> float:
+    """Work a client does besides its cut's layers, in layers (U-shaped split: its tail and the head,
+    whose time is the server's head time relative to a server layer)."""
+    if not model.head_on_client:
+        return 0.0
+    return model.tail_layers + (server.head_time_s / server.layer_time_s if server.layer_time_s > 0 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,9 @@ def _gb(x: float) -> str:
 def memory_need(model: ModelCosts, k: int) -> float:
     """Bytes a client needs at cut ``k``: embeddings, k layers with LoRA training state and activations."""
     per_layer = model.layer_param_bytes + 4 * model.lora_param_bytes + model.activation_bytes
-    return model.embed_param_bytes + k * per_layer + model.payload_bytes + model.gradient_bytes
+    held = k + model.tail_layers if model.head_on_client else k
+    head = model.head_param_bytes if model.head_on_client else 0.0
+    return model.embed_param_bytes + head + held * per_layer + model.payload_bytes + model.gradient_bytes
 
 
 def max_cut(model: ModelCosts, client: ClientCosts, headroom: float = 0.1) -> int:
@@ -149,9 +164,11 @@ def _evaluate(model, clients, server, cores, cuts):
     col = lambda attr: np.array([getattr(c, attr) for c in clients], dtype=float)
     c, cpu, bw = col("layer_time_s"), col("layer_cpu_s"), col("bandwidth_Bps")
     link = np.array([_link(model, cl) for cl in clients])
-    remote = (L - K) * server.layer_time_s + server.head_time_s
+    head_s, head_cpu = (0.0, 0.0) if model.head_on_client else (server.head_time_s, server.head_cpu_s)
+    Kc = K + _client_extra(model, server)  # the client's work in layers
+    remote = (L - K) * server.layer_time_s + head_s
     fixed = steps * (link + col("overhead_s")) + 2 * model.adapter_bytes / bw
-    crit = steps * (K * c + remote) + fixed
+    crit = steps * (Kc * c + remote) + fixed
     server_load = steps * remote.sum(axis=1) / server.parallel
     hosts: dict[str, np.ndarray] = {}
     for h in dict.fromkeys([cl.host for cl in clients] + [server.host]):
@@ -161,18 +178,18 @@ def _evaluate(model, clients, server, cores, cuts):
         if not n_cores > 0:
             raise ValueError(f"cores[{h!r}] must be > 0, got {n_cores}")
         on_h = np.array([cl.host == h for cl in clients])
-        work = (K[:, on_h] * cpu[on_h]).sum(axis=1)
+        work = (Kc[:, on_h] * cpu[on_h]).sum(axis=1)
         if server.host == h:
-            work = work + ((L - K) * server.layer_cpu_s + server.head_cpu_s).sum(axis=1)
+            work = work + ((L - K) * server.layer_cpu_s + head_cpu).sum(axis=1)
         hosts[h] = steps * work / n_cores
     # Segments of each chain: (ideal wall s, resource s, pool). Resource s are CPU seconds on a host,
     # or server busy time in the "server" pool (a GPU server, or a CPU server whose host is unknown).
     segments = []
     client_pool = [cl.host if cl.host in hosts and cl.layer_cpu_s > 0 else None for cl in clients]
-    segments.append((steps * K * c, steps * K * cpu, client_pool))
+    segments.append((steps * Kc * c, steps * Kc * cpu, client_pool))
     server_pool = server.host if server.host in hosts and server.layer_cpu_s > 0 else "server"
     if server_pool != "server":
-        server_cpu = steps * ((L - K) * server.layer_cpu_s + server.head_cpu_s)
+        server_cpu = steps * ((L - K) * server.layer_cpu_s + head_cpu)
         segments.append((steps * remote, server_cpu, [server.host] * len(clients)))
     else:
         segments.append((steps * remote, steps * remote, ["server"] * len(clients)))
@@ -490,14 +507,15 @@ class AdaptivePlanner:
         a, L = self.smoothing, self.model.n_layers
         sv = self._server
         s, head = sv.layer_time_s, sv.head_time_s
-        head_ratio = head / s if s > 0 else 0.0
+        extra = _client_extra(self.model, sv)
+        head_ratio = 0.0 if self.model.head_on_client else (head / s if s > 0 else 0.0)
         _, _, _, _, (u_client, u_server) = _evaluate(self.model, self._clients, sv, self.cores, [list(cuts)])
         s_busy = min(s, sv.layer_cpu_s) if sv.layer_cpu_s > 0 else s
         fits = []
         for i, (k, m) in enumerate(zip(cuts, measured)):
             cl = self._clients[i]
             busy = min(cl.layer_time_s, cl.layer_cpu_s)
-            c_alone = max(1e-9, m.compute_s / k - busy * (u_client[0, i] - 1))
+            c_alone = max(1e-9, m.compute_s / (k + extra) - busy * (u_client[0, i] - 1))
             if m.server_s is not None:
                 server_alone = m.server_s - (L - k + head_ratio) * s_busy * (u_server[0, i] - 1)
                 fits.append(max(0.0, server_alone) / ((L - k) + head_ratio))

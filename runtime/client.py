@@ -1,14 +1,17 @@
 """The client side of the split: embeddings + layers ``0..k-1`` with LoRA, its own data, its optimizer.
 
-One training step (the round protocol of runtime.split)::
+One training step (the round protocol of runtime.split), two round trips::
 
     with dist_autograd.context() as ctx:
-        h = stage(input_ids)                                   # layers 0..k-1 here
-        loss = replica.rpc_sync().train_forward(h, mask, labels)  # layers k..L-1 on the server
+        h = encode(stage(input_ids))                           # layers 0..k-1 here, in wire.dtype
+        loss = replica.rpc_sync().train_forward(h, mask, targets)  # layers k..L-1 + head on the server
         dist_autograd.backward(ctx, [loss])                    # dL/dh comes back over RPC
-        server step (async) + local step, both from get_gradients(ctx)
+        local step from get_gradients(ctx)                     # the server steps at its next call
 
-Only hidden states, the padding mask and the labels cross the wire; ``input_ids`` never do.
+U-shaped (``split.mode=u_shape``) the client also keeps the top ``split.tail_layers`` layers, the
+norm and the head: ``h2 = replica.u_forward(h, mask)`` comes back down, the loss is computed here,
+and the backward crosses twice. ``input_ids`` never leave the client; in the U-shaped split neither
+do the labels or the logits.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from models.lora import (
     strip_layers,
     target_ranks,
 )
+from models.loss import shift_targets, target_loss, target_stats
 from models.moves import restage
-from models.stages import build_layers, build_stage, stage_parameter_bytes
+from models.stages import DTYPES, Stage, build_layers, build_stage, stage_parameter_bytes
+from models.wire import decode, encode
 from runtime import faults
 from runtime.config import Config
 from runtime.dist import SERVER
@@ -45,7 +50,14 @@ from runtime.metrics import peak_rss_mb
 from runtime.server import merged_weights, replica_rref
 from runtime.simulate import Link, Throttle, vmdata_bytes
 
-COMM_KEYS = ("activations_up", "gradients_down", "adapters_up", "adapters_down")
+COMM_KEYS = (
+    "activations_up",
+    "gradients_down",
+    "activations_down",
+    "gradients_up",
+    "adapters_up",
+    "adapters_down",
+)
 
 
 def nbytes(t: torch.Tensor | None) -> int:
@@ -70,11 +82,33 @@ class _GradArrives(torch.autograd.Function):
         return grad, None
 
 
-def server_payload(batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> tuple:
-    """What one step sends up: hidden states, the padding mask (bool, None if no padding), labels (int32)."""
+class _GradLeaves(torch.autograd.Function):
+    """Identity on the hidden states that came back down (U-shaped split): its backward runs when their
+    gradient leaves for the server; it counts those bytes and charges the link."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, client: Client) -> torch.Tensor:
+        ctx.client = client
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        client = ctx.client
+        client.comm["gradients_up"] += nbytes(grad)
+        client.link.delay(nbytes(grad))
+        client.grad_left = time.perf_counter()
+        return grad, None
+
+
+def server_payload(batch: dict[str, torch.Tensor], sent: torch.Tensor, u_shape: bool = False) -> tuple:
+    """What one step sends up: the hidden states in the wire's format, the padding mask (bool, None if
+    no padding) and, in the standard split, the targets (the labels shifted by one, int32: what each
+    position must predict). In the U-shaped split the targets stay here."""
     mask = batch["attention_mask"]
     mask = None if bool(mask.all()) else mask.bool()
-    return hidden, mask, batch["labels"].to(torch.int32)
+    if u_shape:
+        return sent, mask
+    return sent, mask, shift_targets(batch["labels"])
 
 
 class Client:
@@ -96,12 +130,26 @@ class Client:
         self.cap = cap  # this client's own LoRA rank (lora.client_ranks); None: lora.r
         self.model_path, self.spec = model_path, spec
         self.timeout_s = cfg.runtime.rpc_timeout_s
+        self.wire_dtype = cfg.wire.dtype
         self.throttle, self.link = throttle, link
         self.stage = build_stage(model_path, 0, cut, device=device, **stage_kwargs(self.cfg))
         inject_layers(self.stage, spec, target_ranks(0, cut, spec, cut_rank, cap))
         self._hooks = {j: throttle.attach(self.stage.layers[str(j)]) for j in range(cut)}
-        self.params = lora_parameters(self.stage.hf)
-        self.grad_arrived = 0.0
+        # split.mode=u_shape: the top split.tail_layers layers, the final norm and the head stay here
+        self.tail: Stage | None = None
+        self.u_shape = cfg.split.mode == "u_shape"
+        if self.u_shape:
+            n = self.stage.config.num_hidden_layers
+            self.tail = build_stage(
+                model_path, n - cfg.split.tail_layers, n, device=device, **stage_kwargs(cfg)
+            )
+            inject_layers(self.tail, spec, self._tail_ranks(spec))
+            for j in range(self.tail.start, self.tail.end):
+                throttle.attach(self.tail.layers[str(j)])
+        self.hidden_size = self.stage.config.hidden_size
+        self.stage_dtype = DTYPES[cfg.model.dtype]
+        self.params = self._lora_parameters()
+        self.grad_arrived = self.grad_left = 0.0
         self.n_samples = len(data.shard)
         self.stream = BatchStream(
             data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, rank - 1), data.pad_id
@@ -142,22 +190,40 @@ class Client:
         for j in added:
             self._hooks[j] = self.throttle.attach(self.stage.layers[str(j)])
         self.cut, self.cut_rank = cut, cut_rank
-        self.params = lora_parameters(self.stage.hf)
+        self.params = self._lora_parameters()
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        """The HF modules this client adapts: its bottom stage and, U-shaped, its tail."""
+        return [self.stage.hf] + ([self.tail.hf] if self.tail is not None else [])
+
+    @property
+    def layers(self) -> list[int]:
+        tail = range(self.tail.start, self.tail.end) if self.tail is not None else range(0)
+        return [*range(self.cut), *tail]
+
+    def _lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.models for p in lora_parameters(m)]
+
+    def _tail_ranks(self, spec: LoraSpec) -> dict[int, int]:
+        return {j: self.cap or spec.r for j in range(self.tail.start, self.tail.end)}
 
     def merge(self, layout: AdapterLayout, stack: StackLayout, summed: torch.Tensor) -> None:
         """stack: adds this round's exact delta to the frozen weights of every module this client adapts."""
-        for name, m in lora_modules(self.stage.hf).items():
-            s = layout.by_name[name]
-            merge_delta(m.get_base_layer().weight, *stack.factors(summed, name), s.fan_in_fan_out)
+        for model in self.models:
+            for name, m in lora_modules(model).items():
+                s = layout.by_name[name]
+                merge_delta(m.get_base_layer().weight, *stack.factors(summed, name), s.fan_in_fan_out)
 
     def fetch_merged(self, layout: AdapterLayout, layers: list[int]) -> None:
         """stack: takes the merged weights of ``layers`` from the server (after a move or on resume)."""
         names = [s.name for s in layout.slots if s.layer in set(layers)]
         weights = rpc.rpc_sync(SERVER, merged_weights, args=(names,), timeout=self.timeout_s)
         self.comm["adapters_down"] += sum(nbytes(t) for t in weights.values())
+        modules = {n: m for model in self.models for n, m in lora_modules(model).items()}
         with torch.no_grad():
             for name, w in weights.items():
-                self.stage.hf.get_submodule(name).get_base_layer().weight.copy_(w)
+                modules[name].get_base_layer().weight.copy_(w)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -167,7 +233,10 @@ class Client:
         strip_layers(self.stage, list(range(self.cut)))
         self.spec = spec
         inject_layers(self.stage, spec, target_ranks(0, self.cut, spec, self.cut_rank, self.cap))
-        self.params = lora_parameters(self.stage.hf)
+        if self.tail is not None:
+            strip_layers(self.tail, list(range(self.tail.start, self.tail.end)))
+            inject_layers(self.tail, spec, self._tail_ranks(spec))
+        self.params = self._lora_parameters()
 
     def train_round(
         self, steps: int, stop: Callable[[], bool], scorer: Sensitivity | None = None
@@ -176,7 +245,7 @@ class Client:
         stop was requested (checked before every step: this rank's signal, or the server's, which
         comes back with every step's reply)."""
         optimizer = make_optimizer(self.params, self.cfg)
-        loss_sum = tokens = correct = input_tokens = 0.0
+        loss_sum = tokens = input_tokens = 0.0
         step_times, step_losses, compute_times = [], [], []
         start = time.perf_counter()
         server_stopping = False
@@ -189,31 +258,45 @@ class Client:
             batch = self._to_device(cpu_batch)
             with dist_autograd.context() as ctx:
                 hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                hidden = _GradArrives.apply(hidden, self)
-                payload = server_payload(batch, hidden)
+                wire = _GradArrives.apply(encode(hidden, self.wire_dtype), self)  # counts what comes back
+                payload = server_payload(batch, wire, self.u_shape)
                 sent = sum(nbytes(t) for t in payload)
                 forward_s = time.perf_counter() - t0  # on a GPU: queued kernels finish during the send
                 self.comm["activations_up"] += sent
                 self.link.delay(sent)
-                loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload)
+                if self.u_shape:
+                    back, flag = self.replica.rpc_sync(timeout=self.timeout_s).u_forward(*payload)
+                    self.comm["activations_down"] += nbytes(back)
+                    self.link.delay(nbytes(back))
+                    t_tail = time.perf_counter()
+                    h2 = decode(
+                        _GradLeaves.apply(back, self), self.wire_dtype, self.hidden_size, self.stage_dtype
+                    )
+                    logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
+                    loss, n_tokens = target_loss(logits, shift_targets(batch["labels"]))
+                    t_backward = time.perf_counter()
+                    forward_s += t_backward - t_tail
+                    stats = torch.stack([n_tokens.double(), flag.double()])
+                else:
+                    loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload)
                 dist_autograd.backward(ctx, [loss])
-                compute_times.append(forward_s + time.perf_counter() - self.grad_arrived)
-                server_step = self.replica.rpc_async(timeout=self.timeout_s).step(ctx)
+                tail_backward_s = self.grad_left - t_backward if self.u_shape else 0.0
+                compute_times.append(forward_s + tail_backward_s + time.perf_counter() - self.grad_arrived)
+                # The server steps lazily (at its next forward): no call of its own, no wait here.
                 grads = dist_autograd.get_gradients(ctx)
                 for p in self.params:
                     p.grad = grads.get(p)
                 if scorer is not None:
-                    scorer.update(named_lora_parameters(self.stage.hf))
+                    for model in self.models:
+                        scorer.update(named_lora_parameters(model))
                 optimizer.step()
                 for p in self.params:
                     p.grad = None
-                server_step.wait()
             n = float(stats[0])
             step_losses.append(float(loss.detach()))
             loss_sum += step_losses[-1] * n
             tokens += n
-            correct += float(stats[1])
-            server_stopping = bool(stats[2])
+            server_stopping = bool(stats[1])
             step_times.append(time.perf_counter() - t0)
             faults.injector.hit("step", step)
         return {
@@ -221,32 +304,41 @@ class Client:
             "train_loss": loss_sum / max(tokens, 1.0),
             "train_tokens": tokens,
             "input_tokens": input_tokens,
-            "train_token_accuracy": correct / max(tokens, 1.0),
             "train_time_s": time.perf_counter() - start,
             "step_time_s": sorted(step_times)[len(step_times) // 2],
             "compute_s": sorted(compute_times)[len(compute_times) // 2],
             "step_losses": step_losses,
             "peak_rss_mb": peak_rss_mb(),
             "vmdata_mb": vmdata_bytes() / 2**20,  # what simulate.memory_limit_gb (RLIMIT_DATA) caps
-            "stage_param_mb": stage_parameter_bytes(self.stage) / 2**20,
+            "stage_param_mb": sum(stage_parameter_bytes(st) for st in (self.stage, self.tail) if st) / 2**20,
         }
 
     @torch.no_grad()
     def evaluate(self) -> torch.Tensor:
         """[loss_sum, tokens, correct] of the current model over this client's share of the held-out set."""
         totals = torch.zeros(3, dtype=torch.float64)
-        self.stage.eval()
+        for model in self.models:
+            model.eval()
         try:
-            with global_view([self.stage.hf], *self.global_adapter):
+            with global_view(self.models, *self.global_adapter):
                 for batch in self.eval_set:
                     batch = self._to_device(batch)
                     hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    payload = server_payload(batch, hidden)
+                    payload = server_payload(batch, encode(hidden, self.wire_dtype), self.u_shape)
                     self.comm["eval_activations_up"] += sum(nbytes(t) for t in payload)
                     self.link.delay(sum(nbytes(t) for t in payload))
-                    totals += self.replica.rpc_sync(timeout=self.timeout_s).evaluate(*payload).cpu()
+                    if not self.u_shape:
+                        totals += self.replica.rpc_sync(timeout=self.timeout_s).evaluate(*payload).cpu()
+                        continue
+                    back = self.replica.rpc_sync(timeout=self.timeout_s).u_evaluate(*payload)
+                    self.link.delay(nbytes(back))
+                    h2 = decode(back, self.wire_dtype, self.hidden_size, self.stage_dtype)
+                    logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
+                    stats = target_stats(logits, shift_targets(batch["labels"]))
+                    totals += torch.stack([t.double() for t in stats]).cpu()
         finally:
-            self.stage.train()
+            for model in self.models:
+                model.train()
         return totals
 
     def take_comm(self) -> dict[str, int]:

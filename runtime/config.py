@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from models.wire import WIRE_DTYPES
+
 
 class ConfigError(ValueError):
     """A config field is wrong; the message names the field and the fix."""
@@ -120,6 +122,13 @@ class SplitConfig:
     """adaptive: weight of the newest measurement in the running estimates (1: newest only)."""
     memory_headroom: float = 0.1
     """A cut fits a client when its predicted memory times (1 + this) is below what the client has."""
+    mode: str = "standard"
+    """standard: the server runs every layer from the cut up, the final norm and the LM head (it receives
+    the targets). u_shape: each client also keeps the last tail_layers layers, the final norm and the
+    head; hidden states go up at the cut and come back down, and the loss is computed on the client, so
+    labels, input_ids and logits never leave it."""
+    tail_layers: int = 0
+    """u_shape: decoder layers at the top of the model that stay on every client (0: norm and head only)."""
     schedule: dict[int, list[int]] | None = None
     """Forced moves, e.g. {2: [3, 1]}: after round 2 switch to these cuts (experiments and tests)."""
 
@@ -178,6 +187,14 @@ class RuntimeConfig:
 
 
 @dataclass
+class WireConfig:
+    dtype: str = "auto"
+    """Hidden states up and their gradients down: auto (the model's dtype), float32, bfloat16, float16
+    or int8 (float16/int8: per-token absmax scales travel with the values; the gradient through the
+    quantiser is straight-through)."""
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/demo"
     """Where metrics.jsonl, adapter/ and checkpoint/ go."""
@@ -189,6 +206,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def cut_layers_for(self, n_clients: int) -> list[int]:
@@ -366,6 +384,7 @@ def validate(cfg: Config) -> None:
             isinstance(r, int) and 1 <= r <= lo.r,
             f"lora.client_ranks={lo.client_ranks}: every rank must be an int in 1..lora.r ({lo.r})",
         )
+    _require(cfg.wire.dtype in WIRE_DTYPES, f"wire.dtype={cfg.wire.dtype!r}: use one of {list(WIRE_DTYPES)}")
     _require(rt.device in ("auto", "cpu", "cuda"), f"runtime.device={rt.device!r}: use auto, cpu or cuda")
     for name in ("rpc_timeout_s", "round_timeout_s", "peer_timeout_s"):
         _require(getattr(rt, name) > 0, f"runtime.{name}={getattr(rt, name)}: must be > 0")
@@ -397,6 +416,12 @@ def validate(cfg: Config) -> None:
         cfg.policy != "manual" or isinstance(sp.cut_layers, list),
         f"split.policy=manual takes a list split.cut_layers (one per client), got {sp.cut_layers}",
     )
+    _require(sp.mode in ("standard", "u_shape"), f"split.mode={sp.mode!r}: use standard or u_shape")
+    _require(
+        sp.tail_layers == 0 or sp.mode == "u_shape",
+        f"split.tail_layers={sp.tail_layers} keeps layers on the clients only in split.mode=u_shape",
+    )
+    _require(sp.tail_layers >= 0, f"split.tail_layers={sp.tail_layers}: must be >= 0")
     _require(sp.replan_every >= 1, f"split.replan_every={sp.replan_every}: must be >= 1")
     _require(0 <= sp.hysteresis < 1, f"split.hysteresis={sp.hysteresis}: must be in [0, 1)")
     _require(0 < sp.smoothing <= 1, f"split.smoothing={sp.smoothing}: must be in (0, 1]")
@@ -434,6 +459,12 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
             f"launch with --nproc_per_node={cfg.split.clients + 1} (or set split.clients={n_clients})",
         )
     _require(n_layers >= 2, f"the model has {n_layers} decoder layer(s): a split needs at least 2")
+    tail = cfg.split.tail_layers
+    _require(
+        n_layers - tail >= 2,
+        f"split.tail_layers={tail} leaves {n_layers - tail} of the model's {n_layers} layers below the "
+        "tail: the server needs at least one and every client one; lower split.tail_layers",
+    )
     for name in ("slowdown", "memory_limit_gb", "bandwidth_mbps"):
         value = getattr(cfg.simulate, name)
         _require(
@@ -442,7 +473,7 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
             "clients: give one per client or a single value",
         )
     for rnd, cuts in (cfg.split.schedule or {}).items():
-        _check_cuts(cuts, n_clients, n_layers, f"split.schedule[{rnd}]")
+        _check_cuts(cuts, n_clients, n_layers, f"split.schedule[{rnd}]", tail)
     ranks = cfg.lora.client_ranks
     _require(
         not isinstance(ranks, list) or len(ranks) == n_clients,
@@ -452,11 +483,11 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
     if cfg.policy in ("resource", "adaptive"):
         return None
     cuts = cfg.cut_layers_for(n_clients)
-    _check_cuts(cuts, n_clients, n_layers, "split.cut_layers")
+    _check_cuts(cuts, n_clients, n_layers, "split.cut_layers", tail)
     return cuts
 
 
-def _check_cuts(cuts: list[int], n_clients: int, n_layers: int, where: str) -> None:
+def _check_cuts(cuts: list[int], n_clients: int, n_layers: int, where: str, tail: int = 0) -> None:
     _require(
         len(cuts) == n_clients,
         f"{where} has {len(cuts)} entries for {n_clients} clients: give one per client "
@@ -464,8 +495,10 @@ def _check_cuts(cuts: list[int], n_clients: int, n_layers: int, where: str) -> N
     )
     for i, k in enumerate(cuts):
         _require(
-            1 <= k <= n_layers - 1,
-            f"{where}[{i}]={k}: the model has {n_layers} layers, so a cut must be in 1..{n_layers - 1}",
+            1 <= k <= n_layers - tail - 1,
+            f"{where}[{i}]={k}: the model has {n_layers} layers"
+            + (f" and split.tail_layers={tail} stay on the clients" if tail else "")
+            + f", so a cut must be in 1..{n_layers - tail - 1}",
         )
 
 

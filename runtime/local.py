@@ -93,7 +93,7 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
         for _ in range(cfg.train.local_steps):
             b = stream.next()
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss, n_tokens, _ = mean_loss(logits, b["labels"])
+            loss, n_tokens = mean_loss(logits, b["labels"])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ from models.aggregation import wire_numel
 from models.families import family_of, get_module
 from models.lora import AdapterLayout
 from models.stages import DTYPES
+from models.wire import wire_bytes_per_element
 from partition.planner import (
     AdaptivePlanner,
     ClientCosts,
@@ -56,17 +57,26 @@ def model_costs(
     layer = count(get_module(hf, family.layers)[0]) * width
     embed = sum(count(get_module(hf, path)) for path in family.embed) * width
     tokens = cfg.train.batch_size * seq
-    hidden = tokens * mcfg.hidden_size * width
+    hidden = tokens * mcfg.hidden_size * wire_bytes_per_element(cfg.wire.dtype, mcfg.hidden_size, width)
+    targets = cfg.train.batch_size * (seq - 1)  # int32 labels shifted by one
+    u_shape = cfg.split.mode == "u_shape"
+    tail = cfg.split.tail_layers if u_shape else 0
+    head = sum(count(m) for path in family.head if (m := get_module(hf, path)) is not None) * width
     return ModelCosts(
-        n_layers=mcfg.num_hidden_layers,
+        n_layers=mcfg.num_hidden_layers - tail,
         steps=cfg.train.local_steps,
         layer_param_bytes=float(layer),
         embed_param_bytes=float(embed),
         lora_param_bytes=layout.numel * 4 / mcfg.num_hidden_layers,
         activation_bytes=float(activation_bytes) * ACTIVATION_FACTOR,
-        payload_bytes=float(hidden + tokens * (1 + 4)),  # hidden states, bool mask, int32 labels
-        gradient_bytes=float(hidden),
+        # standard: hidden states, bool mask and int32 targets up, their gradient down; U-shaped: hidden
+        # states up and back down (and the mask), a gradient each way
+        payload_bytes=float(2 * hidden + tokens if u_shape else hidden + tokens + 4 * targets),
+        gradient_bytes=float(2 * hidden if u_shape else hidden),
         adapter_bytes=float(wire_numel(cfg.train.aggregation, layout, n_clients) * 4),
+        tail_layers=tail,
+        head_on_client=u_shape,
+        head_param_bytes=float(head),
     )
 
 

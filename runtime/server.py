@@ -4,7 +4,12 @@ The base layers ``min(k)..L-1``, final norm and head are loaded once and shared 
 client gets a ``ServerReplica``: a shallow copy of the base holding only layers ``k_i..L-1``,
 with its own LoRA weights and optimizer. Concurrent clients therefore never step weights
 another client's graph still needs (the "modified by an inplace operation" hazard), and no
-module-global PEFT state (``set_adapter``) is touched from RPC threads.
+module-global PEFT state (``set_adapter``) is touched from RPC threads. (U-shaped split: the base
+ends below the clients' tail layers and holds no norm or head.)
+
+A replica's optimizer step costs no call: hooks on its LoRA parameters collect distributed
+autograd's gradients during the backward, and the step is applied at the replica's next forward
+call, or when the round ends (``flush``).
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ import copy
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
-import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 from torch import nn
 
@@ -31,9 +36,10 @@ from models.lora import (
     named_lora_parameters,
     strip_layers,
 )
-from models.loss import mean_loss, token_stats
+from models.loss import target_loss, target_stats
 from models.moves import restage
-from models.stages import Stage, build_layers, build_stage, load_config, read_tensors
+from models.stages import DTYPES, Stage, build_layers, build_stage, load_config, read_tensors
+from models.wire import decode, encode
 from runtime import faults
 from runtime.config import Config
 from runtime.job import make_optimizer, stage_kwargs
@@ -75,9 +81,15 @@ class ServerReplica:
         add_lora(self.stage, spec, cut_rank=False)
         self.stage.to(device)
         self.device = device
+        self.stage_dtype = DTYPES[cfg.model.dtype]
         self.cfg, self.spec = cfg, spec
-        self.params = lora_parameters(self.stage.hf)
+        self.params: list[nn.Parameter] = []
+        self.watch_parameters()
         self.optimizer = make_optimizer(self.params, cfg)
+        self.pending = False  # gradients of the last step are on .grad, not yet applied
+        self.calls = Counter()  # RPCs served this round, by method (round trips per step, tested)
+        self.wire_dtype = cfg.wire.dtype
+        self.hidden_size = base.config.hidden_size
         self.lock = threading.Lock()  # guards against a misbehaving client issuing calls in parallel
         self.marks: dict[str, float] = {}
         self.step_times: list[float] = []  # this round's server compute (forward + backward) per step
@@ -85,12 +97,48 @@ class ServerReplica:
         self.stopping = stopping
         self.global_adapter: tuple[AdapterLayout, torch.Tensor] | None = None  # what evaluate measures
         self.scorer: Sensitivity | None = None  # lora.selection=importance: scores during the warm-up
-        # runtime.debug: a summary of every tensor that arrived, to show what crosses the wire.
+        # runtime.debug: a summary of every tensor that arrived and that left, to show what crosses the wire.
         self.received: set[str] | None = set() if cfg.runtime.debug else None
+        self.sent: set[str] = set()
+
+    def watch_parameters(self) -> None:
+        """Takes the current LoRA parameters and hooks each one so that distributed autograd's gradient
+        for it also lands on ``.grad``: the step then needs no call of its own (it runs lazily, at the
+        next forward or at the round's end), which saves a round trip per step."""
+        self.params = lora_parameters(self.stage.hf)
+        for p in self.params:
+            if not getattr(p, "_splitft_hooked", False):
+                p.register_hook(_accumulate_into(p))
+                p._splitft_hooked = True
 
     def new_round(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self.pending = False
         self.optimizer = make_optimizer(self.params, self.cfg)
         self.steps = 0
+        self.calls.clear()
+
+    def flush(self) -> None:
+        """Applies the last step's gradients if they are still pending (the round's last step)."""
+        with self.lock:
+            self._apply_step()
+
+    def _apply_step(self) -> None:
+        if not self.pending:
+            return
+        m = self.marks
+        if "start" in m:  # the distributed backward of the last step reached this replica
+            self.calls["backward"] += 1
+        if {"start", "end", "forward_s"} <= m.keys():
+            self.step_times.append(m["forward_s"] + m["end"] - m["start"])
+        m.clear()
+        if self.scorer is not None:
+            self.scorer.update(named_lora_parameters(self.stage.hf))
+        self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        self.pending = False
 
     def relora(self, spec: LoraSpec) -> None:
         """Replaces this replica's LoRA by ``spec``'s (after the importance selection)."""
@@ -98,7 +146,7 @@ class ServerReplica:
             strip_layers(self.stage, list(range(self.stage.start, self.stage.end)))
             self.spec = spec
             add_lora(self.stage, spec, cut_rank=False)
-            self.params = lora_parameters(self.stage.hf)
+            self.watch_parameters()
             self.new_round()
 
     def take_step_time(self) -> float | None:
@@ -123,51 +171,85 @@ class ServerReplica:
                 self.cfg.seed,
                 arriving_ranks,
             )
-            self.params = lora_parameters(self.stage.hf)
+            self.watch_parameters()
             self.new_round()
 
-    def train_forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor):
-        """Runs the rest of the model and returns (loss, [tokens, correct, stopping]); autograd spans the
-        RPC. ``stopping`` tells the client that the server was asked to stop (a signal)."""
+    def train_forward(self, sent: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor):
+        """Applies the previous step (lazily), runs the rest of the model and returns (loss, [tokens,
+        stopping]); autograd spans the RPC. ``sent`` is the hidden states in the wire's format,
+        ``targets`` the shifted labels (int32). ``stopping`` tells the client that the server was asked
+        to stop (a signal). A step is this call and the distributed backward: two round trips."""
         with self.lock:
+            self.calls["train_forward"] += 1
+            self._apply_step()
             self.steps += 1
             faults.injector.hit("step", self.steps)
             if self.received is not None:
-                self.received.update(_describe(t) for t in (hidden, mask, labels))
+                self.received.update(_describe(t) for t in (sent, mask, targets))
+                sent.register_hook(lambda g: self.sent.add("grad:" + _describe(g)))
             t0 = time.perf_counter()
+            hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
             logits = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
-            loss, n_tokens, correct = mean_loss(logits, labels)
+            loss, n_tokens = target_loss(logits, targets)
             self.marks["forward_s"] = time.perf_counter() - t0
             loss = _Mark.apply(loss, self.marks, "start")
+            self.pending = True
             flag = n_tokens.new_tensor(float(self.stopping()), dtype=torch.float64)
-            return loss, torch.stack([n_tokens.double(), correct.double(), flag])
+            stats = torch.stack([n_tokens.double(), flag])
+            if self.received is not None:
+                self.sent.update(_describe(t) for t in (loss, stats))
+            return loss, stats
 
-    def step(self, context_id: int) -> None:
-        """Applies this replica's gradients from the client's distributed-autograd context."""
+    def u_forward(self, sent: torch.Tensor, mask: torch.Tensor | None):
+        """U-shaped split: applies the previous step, runs this replica's layers and returns their output in
+        the wire's format (and the stopping flag); the client's tail and head compute the loss, so nothing
+        here sees labels, token ids or logits. Two round trips a step, as in the standard split."""
         with self.lock:
-            m = self.marks
-            if {"start", "end", "forward_s"} <= m.keys():
-                self.step_times.append(m["forward_s"] + m["end"] - m["start"])
-            m.clear()
-            grads = dist_autograd.get_gradients(context_id)
-            for p in self.params:
-                p.grad = grads.get(p)
-            if self.scorer is not None:
-                self.scorer.update(named_lora_parameters(self.stage.hf))
-            self.optimizer.step()
-            for p in self.params:
-                p.grad = None
+            self.calls["u_forward"] += 1
+            self._apply_step()
+            self.steps += 1
+            faults.injector.hit("step", self.steps)
+            t0 = time.perf_counter()
+            hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
+            out = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
+            self.marks["forward_s"] = time.perf_counter() - t0
+            back = encode(_Mark.apply(out, self.marks, "start"), self.wire_dtype)
+            self.pending = True
+            if self.received is not None:
+                self.received.update(_describe(t) for t in (sent, mask))
+                self.sent.add(_describe(back))
+                back.register_hook(lambda g: self.received.add("grad:" + _describe(g)))
+                sent.register_hook(lambda g: self.sent.add("grad:" + _describe(g)))
+            return back, torch.tensor(float(self.stopping()), dtype=torch.float64)
 
     @torch.no_grad()
-    def evaluate(self, hidden: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+    def u_evaluate(self, sent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         with self.lock, global_view([self.stage.hf], *self.global_adapter):
             self.stage.eval()
             try:
+                hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
+                return encode(self.stage(hidden=hidden, attention_mask=mask), self.wire_dtype)
+            finally:
+                self.stage.train()
+
+    @torch.no_grad()
+    def evaluate(self, sent: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+        with self.lock, global_view([self.stage.hf], *self.global_adapter):
+            self.stage.eval()
+            try:
+                hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
                 logits = self.stage(hidden=hidden, attention_mask=mask)
-                loss_sum, n_tokens, correct = token_stats(logits, labels)
+                loss_sum, n_tokens, correct = target_stats(logits, targets)
             finally:
                 self.stage.train()
             return torch.stack([loss_sum.double(), n_tokens.double(), correct.double()])
+
+
+def _accumulate_into(p: nn.Parameter) -> Callable[[torch.Tensor], None]:
+    def hook(grad: torch.Tensor) -> None:
+        p.grad = grad.detach().clone() if p.grad is None else p.grad + grad
+
+    return hook
 
 
 def _share(module: nn.Module) -> nn.Module:
@@ -201,7 +283,9 @@ class Server:
     ):
         n_layers = load_config(model_path).num_hidden_layers
         self.model_path, self.device, self.cfg = model_path, device, cfg
-        base = build_stage(model_path, min(cuts.values()), n_layers, device=device, **stage_kwargs(self.cfg))
+        # split.mode=u_shape: the top split.tail_layers layers and the head stay on the clients
+        top = n_layers - cfg.split.tail_layers if cfg.split.mode == "u_shape" else n_layers
+        base = build_stage(model_path, min(cuts.values()), top, device=device, **stage_kwargs(self.cfg))
         self.base = base
         self.replicas = {
             rank: ServerReplica(base, k, spec, device, cfg, stopping) for rank, k in cuts.items()
@@ -212,12 +296,13 @@ class Server:
         self.layout: AdapterLayout | None = None  # the global adapter's layout (set by the server role)
 
     def init_shadow(self, layout: AdapterLayout) -> None:
-        """stack: the base weights of the target modules below the shared base, read from the checkpoint."""
-        below = [s.name for s in layout.slots if s.layer < self.base.start]
-        self.shadow = read_tensors(self.model_path, below, self.cfg.model.dtype, self.device)
+        """stack: the base weights of the target modules outside the shared base (below it, and a U-shaped
+        split's tail above it), read from the checkpoint."""
+        outside = [s.name for s in layout.slots if not self.base.start <= s.layer < self.base.end]
+        self.shadow = read_tensors(self.model_path, outside, self.cfg.model.dtype, self.device)
 
     def target_weight(self, name: str, layer: int) -> torch.Tensor:
-        if layer >= self.base.start:
+        if self.base.start <= layer < self.base.end:
             return self.base.hf.get_submodule(name).weight
         return self.shadow[name]
 
@@ -255,7 +340,7 @@ class Server:
             self.base.add_layers(gained)
             with torch.no_grad():  # stack: the merged weights, not the checkpoint's, for these layers
                 for s in layout.slots:
-                    if s.name in self.shadow and s.layer >= self.base.start:
+                    if s.name in self.shadow and self.base.start <= s.layer < self.base.end:
                         self.base.hf.get_submodule(s.name).weight.copy_(self.shadow.pop(s.name))
         for rank, k in cuts.items():
             old_k, old_rank = old[rank]

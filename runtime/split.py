@@ -190,6 +190,9 @@ class Role:
         self.resume: dict | None = None
         ranks = cfg.lora.client_ranks  # "auto": decided by rank 0 with the plan
         self.caps = {r: ranks[r - 1] if isinstance(ranks, list) else None for r in range(1, world.world_size)}
+        # split.mode=u_shape: layers from here up (and the head) stay on every client
+        n_layers = self.mcfg.num_hidden_layers
+        self.tail_start = n_layers - cfg.split.tail_layers if cfg.split.mode == "u_shape" else None
 
     @property
     def cut_map(self) -> dict[int, int]:
@@ -198,7 +201,7 @@ class Role:
     def chains(self) -> dict[int, dict[str, int]]:
         """Every client chain's rank on every module, from the plan (the same on every rank)."""
         return {
-            r: chain_ranks(self.layout, self.spec, k, cut_rank, self.caps[r])
+            r: chain_ranks(self.layout, self.spec, k, cut_rank, self.caps[r], self.tail_start)
             for r, (k, cut_rank) in self.plan.items()
         }
 
@@ -257,6 +260,7 @@ class Role:
         # settle: the round counts only if every rank finished it
         if any(dist.gather_objects(self.world, self.stop.requested or stats is None)):
             raise faults.Preempted()
+        self.end_training()
         if self.cfg.runtime.debug:
             self.dump_copies(self.out / "debug" / f"round{rnd}")
         self.aggregate(rnd)
@@ -293,7 +297,11 @@ class Role:
             return self.full_layout
         order = sorted(self.cut_map)
         return build_layout(
-            self.mcfg, self.spec, [self.cut_map[r] for r in order], [self.caps[r] for r in order]
+            self.mcfg,
+            self.spec,
+            [self.cut_map[r] for r in order],
+            [self.caps[r] for r in order],
+            self.tail_start,
         )
 
     def select(self) -> None:
@@ -388,6 +396,9 @@ class Role:
     def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
         pass
 
+    def end_training(self) -> None:
+        pass
+
     def merged_copy(self) -> dict[str, torch.Tensor]:
         """stack: this rank's merged weights of the modules it holds (runtime.debug; used by the tests)."""
         return {}
@@ -427,6 +438,7 @@ class ServerRole(Role):
         self.server: Server | None = None
         self.records: list[dict] = []
         self.writer: MetricsWriter | None = None
+        self.round_calls: dict[int, dict[str, int]] = {}
         self.fingerprint = fingerprint(cfg, world.n_clients)
 
     def decide(self, profiles: list[ResourceProfile], seq: int):
@@ -540,6 +552,11 @@ class ServerRole(Role):
     def train(self) -> dict:
         return {}  # the replicas serve the clients' steps on RPC threads
 
+    def end_training(self) -> None:
+        for replica in self.server.replicas.values():
+            replica.flush()  # each client's last step, applied lazily
+        self.round_calls = {r: dict(rep.calls) for r, rep in self.server.replicas.items()}
+
     def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
         self.server.merge(self.layout, stack, summed)
 
@@ -551,6 +568,7 @@ class ServerRole(Role):
         """Combines every chain's scores (client part + its replica's) and allocates the ranks."""
         chains = []
         for r, replica in sorted(self.server.replicas.items()):
+            replica.flush()
             chains.append(({**scores[r], **replica.scorer.scores()}, self.weights[r]))
             replica.scorer = None
             replica.take_step_time()
@@ -634,6 +652,9 @@ class ServerRole(Role):
         for i, r in enumerate(sorted(self.cut_map)):
             rec["clients"][str(r)]["predicted_time_s"] = prediction.client_time_s[i]
             rec["clients"][str(r)]["server_s"] = server_s[r]
+            # RPCs the replica served for this client's training steps; with each step's distributed
+            # backward ("backward") they are the step's round trips
+            rec["clients"][str(r)]["server_calls"] = self.round_calls.get(r, {})
         if self.selection is not None and rnd == 1:
             rec["lora_selection"] = {
                 **{k: v for k, v in self.selection.items() if k not in ("ranks", "scores")},
@@ -680,7 +701,13 @@ class ServerRole(Role):
     def finish(self) -> None:
         if self.cfg.runtime.debug:
             (self.out / "debug" / "wire.json").write_text(
-                json.dumps({r: sorted(rep.received) for r, rep in self.server.replicas.items()}, indent=1)
+                json.dumps(
+                    {
+                        r: {"received": sorted(rep.received), "sent": sorted(rep.sent)}
+                        for r, rep in self.server.replicas.items()
+                    },
+                    indent=1,
+                )
             )
 
 
@@ -724,15 +751,16 @@ class ClientRole(Role):
         self.client.connect()
 
     def load(self, flat: torch.Tensor, resume: dict | None) -> None:
-        write_adapter(self.client.stage.hf, self.layout, flat)
+        for model in self.client.models:
+            write_adapter(model, self.layout, flat)
         if resume is not None:
             self.client.stream.load_state_dict(resume["data_positions"][str(self.world.rank)])
             if self.cfg.train.aggregation == "stack":
-                self.client.fetch_merged(self.layout, list(range(self.client.cut)))
+                self.client.fetch_merged(self.layout, self.client.layers)
 
     def holders(self) -> list[tuple[int, torch.nn.Module, float]]:
         r = self.world.rank
-        return [(r, self.client.stage.hf, self.weights[r])]
+        return [(r, model, self.weights[r]) for model in self.client.models]
 
     def show_global(self) -> None:
         self.client.global_adapter = (self.layout, self.flat.to(self.world.device))
@@ -755,7 +783,8 @@ class ClientRole(Role):
     def merged_copy(self) -> dict[str, torch.Tensor]:
         return {
             name: m.get_base_layer().weight.detach().cpu().clone()
-            for name, m in lora_modules(self.client.stage.hf).items()
+            for model in self.client.models
+            for name, m in lora_modules(model).items()
         }
 
     def aggregated(self, nbytes: int) -> None:
@@ -777,7 +806,10 @@ class ClientRole(Role):
 
     def dump_copies(self, folder: Path) -> None:
         r = self.world.rank
-        _dump_copies(folder, {f"client{r}": (self.client.stage.hf, self.weights[r])})
+        copies = {f"client{r}": (self.client.stage.hf, self.weights[r])}
+        if self.client.tail is not None:
+            copies[f"client{r}_tail"] = (self.client.tail.hf, self.weights[r])
+        _dump_copies(folder, copies)
 
 
 def _cut_rank(layout: AdapterLayout, flat: torch.Tensor, k: int, spec: LoraSpec) -> int:

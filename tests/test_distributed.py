@@ -153,6 +153,9 @@ def test_three_clients_with_different_cuts_train_concurrently(setup, tmp_path):
             c = r["comm_bytes"][rank]
             assert c["activations_up"] > 0 and c["gradients_down"] > 0 and c["adapters_up"] > 0
             assert len(r["clients"][rank]["step_losses"]) == 16
+            # two round trips a step: the forward call and the distributed backward; the server's
+            # optimizer step needs no call of its own
+            assert r["clients"][rank]["server_calls"] == {"train_forward": 16, "backward": 16}
     assert records[1]["eval_loss"] < json.loads((out / "baseline.json").read_text())["eval_loss"]
 
     # The global adapter is the sample-weighted average of the holders' copies, component by component
@@ -189,10 +192,12 @@ def test_three_clients_with_different_cuts_train_concurrently(setup, tmp_path):
     for key, value in exported.items():
         torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=1e-5)
 
-    # What crossed the wire: float hidden states, a bool mask, int32 labels; never int64 token ids.
+    # What crossed the wire: float hidden states, a bool mask, the int32 targets (labels shifted by
+    # one: batch x (seq - 1)); never int64 token ids.
     wire = json.loads((out / "debug" / "wire.json").read_text())
-    for kinds in wire.values():
+    for kinds in (w["received"] for w in wire.values()):
         assert "torch.float32:3d:last=64" in kinds
+        assert any(k.startswith("torch.int32:2d") for k in kinds), kinds
         assert not any(k.startswith("torch.int64") for k in kinds), kinds
 
     # Resume: a third round continues from the checkpoint and the metrics are appended, not restarted.

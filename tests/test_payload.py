@@ -37,18 +37,21 @@ def _contains_run(haystack: list[int], needle: list[int]) -> bool:
     return any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
-def test_payload_is_hidden_mask_labels(client, examples, tokenizer):
+def test_payload_is_hidden_mask_targets(client, examples, tokenizer):
     lengths = {len(e.input_ids) for e in examples[:4]}
     assert len(lengths) > 1, "the test batch must need padding"
     batch = collate(examples[:4], tokenizer.pad_token_id)
     hidden, payload = _send(client, batch)
     assert isinstance(payload, tuple) and len(payload) == 3
-    sent_hidden, mask, labels = payload
+    sent_hidden, mask, targets = payload
     assert sent_hidden is hidden and sent_hidden.is_floating_point()
     assert mask is not None and mask.dtype == torch.bool
     assert torch.equal(mask, batch["attention_mask"].bool())
-    assert labels.dtype == torch.int32
-    assert torch.equal(labels.long(), batch["labels"])
+    # the targets: the labels shifted by one (what each position predicts), int32, nothing more
+    assert targets.dtype == torch.int32 and targets.shape[1] == batch["labels"].shape[1] - 1
+    assert torch.equal(targets.long(), batch["labels"][:, 1:])
+    # U-shaped: the targets stay on the client
+    assert len(server_payload(batch, hidden, u_shape=True)) == 2
 
 
 def test_no_token_ids_cross_the_wire(client, examples, tokenizer):
@@ -60,7 +63,7 @@ def test_no_token_ids_cross_the_wire(client, examples, tokenizer):
         if t.shape == input_ids.shape:
             assert not torch.equal(t.long(), input_ids)
     integer = [t for t in payload if not t.is_floating_point() and t.dtype != torch.bool]
-    assert len(integer) == 1  # the labels, and only them
+    assert len(integer) == 1  # the targets, and only them
 
 
 def test_prompt_tokens_are_not_sent(client, sort_jsonl, examples, tokenizer):
@@ -70,8 +73,9 @@ def test_prompt_tokens_are_not_sent(client, sort_jsonl, examples, tokenizer):
     for row, record in zip(labels.tolist(), records[:4], strict=True):
         prompt = [tokenizer.bos_token_id, *tokenizer.encode(record["prompt"], add_special_tokens=False)]
         response = [*tokenizer.encode(record["response"], add_special_tokens=False), tokenizer.eos_token_id]
-        # The prompt positions carry no label; the labels are exactly the response and </s>.
-        assert row[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+        # The prompt positions carry no target; the targets are exactly the response and </s>
+        # (shifted by one: position t holds the token at t + 1).
+        assert row[: len(prompt) - 1] == [IGNORE_INDEX] * (len(prompt) - 1)
         assert [x for x in row if x != IGNORE_INDEX] == response
         # "sort: 4 1 ... =" as a run of ids appears nowhere in what is sent.
         assert not _contains_run(row, prompt[1:])
@@ -85,4 +89,4 @@ def test_mask_is_none_without_padding(client, examples, tokenizer):
         assert bool(batch["attention_mask"].all())
         _, (_, mask, labels) = _send(client, batch)
         assert mask is None
-        assert labels.dtype == torch.int32 and labels.shape == batch["input_ids"].shape
+        assert labels.dtype == torch.int32 and labels.shape[1] == batch["input_ids"].shape[1] - 1

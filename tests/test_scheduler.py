@@ -9,6 +9,7 @@ import torch
 
 from models.lora import build_layout
 from models.stages import build_stage, load_config, stage_parameter_bytes
+from models.wire import encode
 from partition.planner import PlanError
 from runtime.client import nbytes, server_payload
 from runtime.config import load_config as load_run_config
@@ -58,6 +59,17 @@ def test_model_costs_match_what_the_stages_hold_and_send(random_model):
     batch["attention_mask"][0, -1] = 0  # with padding the mask travels too: the bound the planner uses
     assert costs.payload_bytes == sum(nbytes(t) for t in server_payload(batch, hidden))
     assert costs.gradient_bytes == nbytes(hidden)
+    # the wire's dtype: int8 values and a float32 scale per token, hidden states only
+    cfg.wire.dtype = "int8"
+    int8 = model_costs(mcfg, cfg, layout, seq=11, activation_bytes=1000.0)
+    assert int8.gradient_bytes == nbytes(encode(hidden, "int8")) == 3 * 11 * (32 + 4)
+    # U-shaped: no targets; hidden states up and back down, a gradient each way, the head on the client
+    cfg.wire.dtype, cfg.split.mode, cfg.split.tail_layers = "auto", "u_shape", 1
+    u = model_costs(mcfg, cfg, layout, seq=11, activation_bytes=1000.0)
+    sent = server_payload(batch, hidden, u_shape=True)
+    assert u.payload_bytes == sum(nbytes(t) for t in sent) + nbytes(hidden)
+    assert u.gradient_bytes == 2 * nbytes(hidden)
+    assert u.n_layers == 3 and u.tail_layers == 1 and u.head_on_client and u.head_param_bytes > 0
 
 
 def test_a_gpu_client_is_limited_by_gpu_memory_and_loads_no_host_cores():
