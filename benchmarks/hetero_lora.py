@@ -89,8 +89,9 @@ def run(name: str, args: list[str], out: Path) -> dict:
 
 def main() -> None:
     results = {}
+    chosen = sys.argv[1:] or list(SETTINGS)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, args in SETTINGS.items():
+        for name, args in ((n, SETTINGS[n]) for n in chosen):
             print(f"[{name}] running", flush=True)
             results[name] = run(name, args, Path(tmp) / name)
             r = results[name]
@@ -103,7 +104,7 @@ def main() -> None:
                 f"round {r['mean_round_time_s']:.2f}s",
                 flush=True,
             )
-    ok = all("error" not in r for r in results.values())
+    ok = all("error" not in r for r in results.values()) and set(results) == set(SETTINGS)
     if ok:
         results["goals"] = {
             "stack_below_fedavg": results["stack"]["final_eval_loss"] < results["fedavg"]["final_eval_loss"],
@@ -114,7 +115,8 @@ def main() -> None:
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     results["rounds"], results["local_steps"] = ROUNDS, STEPS
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=1))
+    out = OUT if set(chosen) == set(SETTINGS) else OUT.with_name(f"hetero_lora__{'_'.join(chosen)}.json")
+    out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results.get("goals", {}), indent=1))
 
 

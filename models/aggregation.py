@@ -17,8 +17,9 @@ goes into that vector and what comes out of the sum.
 ``stack`` (noise-free: FLoRA, HSplitLoRA)
     Copy ``i`` contributes the block ``(p_i * A_i, s_i * B_i)``; stacking the blocks of all chains
     along the rank axis gives ``B_stack @ A_stack = sum_i p_i s_i B_i A_i`` exactly. That delta is
-    merged into the frozen weight at every holder of the module, and LoRA starts again from the
-    seed next round. Bytes: ``sum_m sum_i r_i,m (in_m + out_m)`` floats.
+    merged into the frozen weight at every holder of the module, and LoRA starts the next round
+    from ``B = 0`` and the per-component average of the copies' ``A``. Bytes:
+    ``sum_m sum_i r_i,m (in_m + out_m)`` floats.
 
 ``svd`` (FlexLoRA)
     The same stacked blocks give the exact weighted product, which is cut back by SVD to the
@@ -125,6 +126,25 @@ class StackLayout:
         if not views:
             return vec.new_zeros(0, s.in_features), vec.new_zeros(s.out_features, 0)
         return torch.cat([a for a, _ in views], 0), torch.cat([b for _, b in views], 1)
+
+
+def stack_restart(summed: torch.Tensor, stack: StackLayout, weights: dict[int, float]) -> torch.Tensor:
+    """The LoRA every holder starts the next round from under ``stack``: ``B = 0`` (the merged weights
+    already hold every copy's product, so the model is unchanged) and, per component, the average of
+    the copies' ``A`` over the chains that hold it (from the same summed blocks, no extra bytes).
+    Keeping the learned ``A`` directions lets training go on where it was, as ``fedavg`` does."""
+    layout = stack.layout
+    flat = torch.zeros(layout.numel, dtype=torch.float64)
+    for s in layout.slots:
+        fa, _ = layout.views(flat, s.name)
+        mass = torch.zeros(s.rank, dtype=torch.float64)
+        for chain, r, _ in stack.blocks[s.name]:
+            a, _ = stack.views(summed, s.name, chain)  # holds p_i * A_i
+            fa[:r] += a
+            mass[:r] += weights[chain]
+        held = mass > 0
+        fa[held] /= mass[held, None]
+    return flat.float()
 
 
 def stack_vector(holders: list[tuple[int, nn.Module, float]], stack: StackLayout) -> torch.Tensor:

@@ -18,29 +18,24 @@ from torch import nn
 
 from models.aggregation import (
     StackLayout,
-    fedavg_numel,
     fedavg_result,
     fedavg_vector,
+    stack_restart,
     stack_vector,
     svd_result,
 )
-from models.lora import AdapterLayout, LoraSpec, initial_adapter
+from models.lora import AdapterLayout, LoraSpec
 
 
 @dataclass
 class Aggregated:
     flat: torch.Tensor
-    """The global adapter every holder loads next (under ``stack``: the fresh LoRA of the next round)."""
+    """The global adapter every holder loads next (under ``stack``: ``B = 0`` and the averaged ``A``)."""
     stack: StackLayout | None
     summed: torch.Tensor | None
     """``stack``: the summed blocks, whose products each holder merges into its frozen weights."""
     nbytes: int
     """Bytes of the vector this rank sent into the all-reduce."""
-
-
-def vector_numel(rule: str, layout: AdapterLayout, chains: dict[int, dict[str, int]]) -> int:
-    """Length of the all-reduced vector under ``rule`` (what the cost model charges per round)."""
-    return fedavg_numel(layout) if rule == "fedavg" else StackLayout(layout, chains).numel
 
 
 def aggregate(
@@ -50,15 +45,14 @@ def aggregate(
     chains: dict[int, dict[str, int]],
     previous: torch.Tensor,
     spec: LoraSpec,
-    next_seed: int,
     device: torch.device,
     group: dist.ProcessGroup | None,
+    weights: dict[int, float],
 ) -> Aggregated:
     """Sums this rank's contribution with every other rank's and returns the global model's state.
 
     ``holders`` are (client chain, model, sample weight); ``chains`` gives every chain's rank on
-    every module (from the plan, the same on every rank); ``next_seed`` draws the fresh LoRA that
-    ``stack`` starts the next round from.
+    every module (from the plan, the same on every rank); ``weights`` the chains' sample weights.
     """
     if rule == "fedavg":
         vec = fedavg_vector([(m, w) for _, m, w in holders], layout)
@@ -68,7 +62,7 @@ def aggregate(
     summed = _all_reduce(stack_vector(holders, stack), device, group)
     if rule == "svd":
         return Aggregated(svd_result(summed, stack, spec.scale), stack, None, 4 * stack.numel)
-    return Aggregated(initial_adapter(layout, next_seed), stack, summed, 4 * stack.numel)
+    return Aggregated(stack_restart(summed, stack, weights), stack, summed, 4 * stack.numel)
 
 
 def _all_reduce(vec: torch.Tensor, device: torch.device, group: dist.ProcessGroup | None) -> torch.Tensor:

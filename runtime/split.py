@@ -153,11 +153,6 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
         stop.close()
 
 
-def stack_seed(seed: int, rnd: int) -> int:
-    """The seed of the fresh LoRA that ``stack`` starts round ``rnd + 1`` from (the same at every holder)."""
-    return seed * 100_003 + rnd
-
-
 def round_seed(seed: int, rank: int, rnd: int) -> int:
     """Every rank's global RNG is reseeded each round from (seed, rank, round): dropout and anything
     else that draws from it does the same on a resumed run as on the uninterrupted one, whatever the
@@ -334,9 +329,9 @@ class Role:
             self.chains(),
             self.flat,
             self.spec,
-            stack_seed(self.cfg.seed, rnd),
             self.world.device,
             self.world.aggregation,
+            self.weights,
         )
         if result.summed is not None:
             self.merge(result.stack, result.summed)

@@ -11,6 +11,7 @@ from models.aggregation import (
     fedavg_result,
     fedavg_vector,
     merge_delta,
+    stack_restart,
     stack_vector,
     svd_factors,
     svd_result,
@@ -77,6 +78,28 @@ def test_stack_is_the_exact_weighted_sum_of_products(random_model):
         assert (got - want).norm() / want.norm() < 1e-6
         assert a_s.shape[0] == sum(chains[i][s.name] for i in chains)
     assert {2, 4, 8, 16} <= ranks_seen
+
+
+def test_stack_restarts_from_zero_b_and_the_averaged_a(random_model):
+    path = random_model("llama")
+    layout = build_layout(load_config(path), SPEC, CUTS, CAPS)
+    chains = {i: chain_ranks(layout, SPEC, k, SPEC.r_cut, c) for i, (k, c) in enumerate(zip(CUTS, CAPS), 1)}
+    holders = _chains(path)
+    stack = StackLayout(layout, chains)
+    summed = sum(stack_vector([h], stack) for h in holders)
+    flat = stack_restart(summed, stack, dict(enumerate(WEIGHTS, start=1)))
+    for s in layout.slots:
+        a, b = layout.views(flat, s.name)
+        assert not b.any()  # the merged weights hold the copies' products: B = 0 keeps the model
+        want = torch.zeros(s.rank, s.in_features)
+        mass = torch.zeros(s.rank)
+        for _, model, w in holders:
+            m = lora_modules(model).get(s.name)
+            if m is not None:
+                la = m.lora_A[ADAPTER].weight
+                want[: la.shape[0]] += w * la
+                mass[: la.shape[0]] += w
+        torch.testing.assert_close(a, want / mass[:, None])
 
 
 def test_merging_the_stack_is_the_sum_of_the_copies_deltas(random_model):
