@@ -185,6 +185,7 @@ class Client:
             "peak_rss_mb": peak_rss_mb(),
             "vmdata_mb": vmdata_bytes() / 2**20,  # what simulate.memory_limit_gb (RLIMIT_DATA) caps
             "stage_param_mb": stage_parameter_bytes(self.stage) / 2**20,
+            "lora_bytes": sum(nbytes(p) for p in self.params),  # the adapter this client holds
         }
 
     @torch.no_grad()
