@@ -264,7 +264,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
-    args = typing.get_args(tp)
+    args, origin = typing.get_args(tp), typing.get_origin(tp)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping {_type_name(args[0])} -> ({_type_name(args[1])})"
     if args:
         return " or ".join(_type_name(a) for a in args)
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
