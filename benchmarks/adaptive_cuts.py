@@ -134,6 +134,8 @@ def run(
         "round_reaching_target": reached["round"] if reached else None,
         "final_eval_loss": records[-1]["eval_loss"],
         "eval_loss": [r["eval_loss"] for r in records],
+        "elapsed_s": [r["elapsed_s"] for r in records],
+        "round_time_s": [r["round_time_s"] for r in records],
         "measured_train_time_s": measured,
         "predicted_train_time_s": predicted,
         "prediction_error": errors,
