@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.adaptive_cuts           # writes results/adaptive_cuts.json
     .venv/bin/python -m benchmarks.adaptive_cuts --base 1  # writes results/adaptive_cuts__base1.json
+    .venv/bin/python -m benchmarks.adaptive_cuts --scenario changing  # results/adaptive_cuts__changing.json
 
 Four clients share this machine with the server; the simulation knobs make them unequal: their
 layer compute really takes 1, 1, 2 and 4 times ``--base`` as long (``simulate.slowdown``), and
@@ -15,6 +16,15 @@ trains the same rounds on the same data; reported per policy: mean round time, t
 eval loss, final eval loss, and the predicted against the measured training time of each round.
 Goals: ``adaptive`` reaches the target >= 1.3x sooner than ``fixed`` k=2 with no worse final loss;
 predicted round time within 20% of the measured one.
+
+``--scenario changing``: the clients' speeds change during the run (``simulate.slowdown`` as a
+schedule: 1, 1, 2, 4 times ``--base`` in rounds 1-3, then 4, 2, 1, 1 from round 4 on: the fast
+clients turn slow and the other way round), no memory cap, so every fixed k runs. Policies:
+``fixed`` at every k (the best chosen with hindsight), ``resource`` (planned once, from the probe),
+``adaptive``, and ``adaptive`` with the plateau rule off (``split.plateau=0``) to measure that rule.
+Goals: ``adaptive`` reaches the target >= 1.3x sooner than the best fixed cut and than ``resource``,
+no worse final loss, predicted training time within 10% of the measured one from the second round
+after a move.
 """
 
 from __future__ import annotations
@@ -46,7 +56,37 @@ POLICIES = {
 }
 
 
-def run(name: str, args: list[str], out: Path, slowdown: list[float]) -> dict:
+CHANGING_SLOWDOWN = {1: [1, 1, 2, 4], 4: [4, 2, 1, 1]}  # x --base; from round 4 on, the speeds swap
+# lora.r_cut = lora.r: every plan then trains the same function (the cut changes where layers run, not
+# what they compute), so the time to a target loss compares speed alone; 10 rounds put the target
+# (reached near round 8) well after the change.
+CHANGING_ROUNDS, CHANGING_TARGET, CHANGING_ARGS = 10, 0.58, ["lora.r_cut=8"]
+CHANGING_POLICIES = {
+    "fixed_k1": ["split.policy=fixed", "split.cut_layers=1"],
+    "fixed_k2": ["split.policy=fixed", "split.cut_layers=2"],
+    "fixed_k3": ["split.policy=fixed", "split.cut_layers=3"],
+    "resource": ["split.policy=resource"],
+    "adaptive": ["split.policy=adaptive", "split.replan_every=2"],
+    "adaptive_no_plateau_rule": ["split.policy=adaptive", "split.replan_every=2", "split.plateau=0"],
+}
+
+
+def _slowdown_arg(slowdown: list[float] | dict[int, list[float]]) -> str:
+    row = lambda v: f"[{','.join(f'{x:g}' for x in v)}]"
+    if isinstance(slowdown, dict):
+        return "{" + ", ".join(f"{r}: {row(v)}" for r, v in slowdown.items()) + "}"
+    return row(slowdown)
+
+
+def run(
+    name: str,
+    args: list[str],
+    out: Path,
+    slowdown: list[float] | dict[int, list[float]],
+    memory: bool = True,
+    rounds: int = ROUNDS,
+    target: float = TARGET,
+) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -57,11 +97,11 @@ def run(name: str, args: list[str], out: Path, slowdown: list[float]) -> dict:
         "launch.train",
         "torchrun_configs/tiny_cpu.yaml",
         f"output_dir={out}",
-        f"train.rounds={ROUNDS}",
+        f"train.rounds={rounds}",
         f"train.local_steps={STEPS}",
         f"train.batch_size={BATCH}",
-        f"simulate.slowdown=[{','.join(map(str, slowdown))}]",
-        f"simulate.memory_limit_gb=[null,{MEMORY_LIMIT_GB},null,null]",
+        f"simulate.slowdown={_slowdown_arg(slowdown)}",
+        *([f"simulate.memory_limit_gb=[null,{MEMORY_LIMIT_GB},null,null]"] if memory else []),
         *args,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -73,12 +113,19 @@ def run(name: str, args: list[str], out: Path, slowdown: list[float]) -> dict:
         errors = [line for line in lines if "error" in line.lower() and "tensorpipe" not in line]
         return {"error": "\n".join(errors[:3]) or lines[-1], "command": " ".join(cmd[2:])}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    reached = next((r for r in records if r["eval_loss"] <= TARGET), None)
+    reached = next((r for r in records if r["eval_loss"] <= target), None)
     # The cost model predicts the training part of a round (the clients' steps); aggregation,
     # evaluation and the checkpoint come on top and are reported apart.
     measured = [max(c["train_time_s"] for c in r["clients"].values()) for r in records]
     predicted = [r["plan"]["predicted_round_time_s"] for r in records]
     errors = [p / m - 1 for p, m in zip(predicted, measured)]
+    # Rounds from the second one after a move (or after the start) on: the refit has seen the new plan.
+    moved = [r["round"] for r in records if r["plan"]["next_cut_layers"]]
+    settled = [
+        e
+        for r, e in zip(records, errors)
+        if r["round"] >= 2 and all(r["round"] >= m + 2 or r["round"] <= m for m in moved)
+    ]
     return {
         "command": " ".join(cmd[2:]),
         "cut_layers": [r["cut_layers"] for r in records],
@@ -87,10 +134,19 @@ def run(name: str, args: list[str], out: Path, slowdown: list[float]) -> dict:
         "round_reaching_target": reached["round"] if reached else None,
         "final_eval_loss": records[-1]["eval_loss"],
         "eval_loss": [r["eval_loss"] for r in records],
+        "elapsed_s": [r["elapsed_s"] for r in records],
+        "round_time_s": [r["round_time_s"] for r in records],
         "measured_train_time_s": measured,
         "predicted_train_time_s": predicted,
         "prediction_error": errors,
         "median_abs_prediction_error_after_round_1": statistics.median(abs(e) for e in errors[1:]),
+        "moves_after_rounds": moved,
+        "replan": [r["plan"].get("replan") for r in records],
+        "prediction_error_settled": settled,
+        "median_abs_prediction_error_settled": statistics.median(abs(e) for e in settled)
+        if settled
+        else None,
+        "max_abs_prediction_error_settled": max(abs(e) for e in settled) if settled else None,
         "bottleneck": [r["plan"]["bottleneck"] for r in records],
         "process_wall_s": wall,
     }
@@ -99,20 +155,43 @@ def run(name: str, args: list[str], out: Path, slowdown: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=float, default=2.0, help="slowdown of the fastest client")
-    base = parser.parse_args().base
-    slowdown = [base * f for f in RELATIVE_SLOWDOWN]
+    parser.add_argument("--scenario", choices=("static", "changing"), default="static")
+    parser.add_argument("--only", nargs="*", help="run only these policies")
+    opts = parser.parse_args()
+    base, changing = opts.base, opts.scenario == "changing"
+    if changing:
+        slowdown = {r: [base * f for f in v] for r, v in CHANGING_SLOWDOWN.items()}
+        policies = CHANGING_POLICIES
+    else:
+        slowdown = [base * f for f in RELATIVE_SLOWDOWN]
+        policies = POLICIES
+    policies = {k: v for k, v in policies.items() if not opts.only or k in opts.only}
     out_file = OUT if base == 2.0 else OUT.with_name(f"adaptive_cuts__base{base:g}.json")
+    if changing:
+        out_file = out_file.with_name(out_file.stem + "__changing.json")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, args in POLICIES.items():
+        for name, args in policies.items():
             print(f"running {name} ...", flush=True)
-            results[name] = run(name, args, Path(tmp) / name, slowdown)
+            if changing:
+                results[name] = run(
+                    name,
+                    [*args, *CHANGING_ARGS],
+                    Path(tmp) / name,
+                    slowdown,
+                    memory=False,
+                    rounds=CHANGING_ROUNDS,
+                    target=CHANGING_TARGET,
+                )
+            else:
+                results[name] = run(name, args, Path(tmp) / name, slowdown)
             r = results[name]
             if "error" in r:
                 print(f"  failed: {r['error'][-400:]}")
                 continue
             print(
-                f"  cuts {r['cut_layers'][0]} -> {r['cut_layers'][-1]};"
+                f"  cuts {r['cut_layers'][0]} -> {r['cut_layers'][-1]}"
+                f" (moves after rounds {r['moves_after_rounds']});"
                 f" mean round {r['mean_round_time_s']:.2f}s;"
                 f" target at {r['time_to_target_s']}s (round {r['round_reaching_target']});"
                 f" final loss {r['final_eval_loss']:.4f};"
@@ -122,34 +201,37 @@ def main() -> None:
     ok = {k: v for k, v in results.items() if "error" not in v and v["time_to_target_s"]}
     fixed = {k: v for k, v in ok.items() if k.startswith("fixed")}
     summary = {}
-    if "fixed_k2" in ok and "adaptive" in ok:
+    if fixed and "adaptive" in ok:
         best = min(fixed, key=lambda k: fixed[k]["time_to_target_s"])
+        speedup = lambda a, b: ok[a]["time_to_target_s"] / ok[b]["time_to_target_s"] if a in ok else None
         summary = {
             "best_fixed": best,
-            "speedup_to_target_adaptive_vs_fixed_k2": ok["fixed_k2"]["time_to_target_s"]
-            / ok["adaptive"]["time_to_target_s"],
-            "speedup_to_target_resource_vs_fixed_k2": ok["fixed_k2"]["time_to_target_s"]
-            / ok["resource"]["time_to_target_s"]
-            if "resource" in ok
-            else None,
-            "speedup_to_target_adaptive_vs_best_fixed": ok[best]["time_to_target_s"]
-            / ok["adaptive"]["time_to_target_s"],
+            "speedup_to_target_adaptive_vs_best_fixed": speedup(best, "adaptive"),
+            "speedup_to_target_adaptive_vs_fixed_k2": speedup("fixed_k2", "adaptive"),
+            "speedup_to_target_adaptive_vs_resource": speedup("resource", "adaptive"),
+            "speedup_to_target_resource_vs_fixed_k2": speedup("fixed_k2", "resource"),
+            "final_loss_adaptive_minus_best_fixed": ok["adaptive"]["final_eval_loss"]
+            - ok[best]["final_eval_loss"],
             "final_loss_adaptive_minus_fixed_k2": ok["adaptive"]["final_eval_loss"]
-            - ok["fixed_k2"]["final_eval_loss"],
+            - ok["fixed_k2"]["final_eval_loss"]
+            if "fixed_k2" in ok
+            else None,
         }
         print(json.dumps(summary, indent=1))
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(
         json.dumps(
             {
+                "command": " ".join([".venv/bin/python -m benchmarks.adaptive_cuts", *sys.argv[1:]]),
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                 "setup": {
-                    "rounds": ROUNDS,
+                    "rounds": CHANGING_ROUNDS if changing else ROUNDS,
                     "local_steps": STEPS,
                     "batch_size": BATCH,
                     "slowdown": slowdown,
-                    "memory_limit_gb_client2": MEMORY_LIMIT_GB,
-                    "target_eval_loss": TARGET,
+                    "memory_limit_gb_client2": None if changing else MEMORY_LIMIT_GB,
+                    "target_eval_loss": CHANGING_TARGET if changing else TARGET,
+                    "extra": CHANGING_ARGS if changing else [],
                 },
                 "summary": summary,
                 "runs": results,

@@ -47,6 +47,9 @@ GB = 1e9
 EXHAUSTIVE_LIMIT = 20_000  # largest number of plans searched exhaustively
 REL_TOL = 1e-9  # round times within this relative tolerance count as equal
 LOSS_RISE = 0.01  # an eval-loss rise above 1% after a move reverts it
+LEVEL_SHIFT = (
+    0.5  # a layer time measured this far (relative) from its estimate replaces it: the speed changed
+)
 _MAX_PASSES = 1000  # coordinate-descent guard (it converges in a handful of passes)
 
 
@@ -434,6 +437,11 @@ def plan(
     return cuts
 
 
+def _shifted(measured: float, estimate: float) -> bool:
+    """Whether ``measured`` is more than ``LEVEL_SHIFT`` away from ``estimate`` in either direction."""
+    return estimate > 0 and not 1 / (1 + LEVEL_SHIFT) <= measured / estimate <= 1 + LEVEL_SHIFT
+
+
 def _copy_move(move: Mapping) -> dict:
     return {
         "before": [int(k) for k in move["before"]],
@@ -481,6 +489,7 @@ class AdaptivePlanner:
         self._losses: list[float] = []
         self._move: dict | None = None  # {"before", "after", "loss_index"} of the last accepted move
         self._forbidden: set[tuple[int, ...]] = set()
+        self.reason: dict | None = None  # why the last ``propose`` moved (or did not), for the record
 
     @property
     def clients(self) -> tuple[ClientCosts, ...]:
@@ -495,6 +504,10 @@ class AdaptivePlanner:
 
     def observe(self, cuts: Sequence[int], measured: Sequence[Measured], eval_loss: float) -> None:
         """Refit client/server layer times and per-step overheads from one round's medians.
+
+        A layer time measured more than ``LEVEL_SHIFT`` away from its estimate (1.5x slower or faster)
+        replaces the estimate instead of being averaged in: the device's speed changed, and the next
+        re-plan should act on the new speed, not on half of it.
 
         Measured times ran under contention, so the stretch the cost model predicts for that plan is
         taken out before they update the (contention-free) layer times: a layer measured at m with
@@ -516,6 +529,7 @@ class AdaptivePlanner:
             cl = self._clients[i]
             busy = min(cl.layer_time_s, cl.layer_cpu_s)
             c_alone = max(1e-9, m.compute_s / (k + extra) - busy * (u_client[0, i] - 1))
+            w = 1.0 if _shifted(c_alone, cl.layer_time_s) else a
             if m.server_s is not None:
                 server_alone = m.server_s - (L - k + head_ratio) * s_busy * (u_server[0, i] - 1)
                 fits.append(max(0.0, server_alone) / ((L - k) + head_ratio))
@@ -526,10 +540,12 @@ class AdaptivePlanner:
                 overhead = cl.overhead_s
             self._clients[i] = replace(
                 cl,
-                layer_time_s=(1 - a) * cl.layer_time_s + a * c_alone,
+                layer_time_s=(1 - w) * cl.layer_time_s + w * c_alone,
                 overhead_s=(1 - a) * cl.overhead_s + a * max(0.0, overhead),
             )
-        s_new = (1 - a) * s + a * float(np.mean(fits))
+        fit = float(np.mean(fits))
+        w = 1.0 if _shifted(fit, s) else a
+        s_new = (1 - w) * s + w * fit
         head_new = head * s_new / s if s > 0 else head
         self._server = replace(sv, layer_time_s=s_new, head_time_s=head_new)
         self._losses.append(float(eval_loss))
@@ -537,6 +553,7 @@ class AdaptivePlanner:
     def propose(self, round_: int, cuts: Sequence[int]) -> list[int] | None:
         """New cuts for round ``round_`` (a multiple of ``every``), or None to keep ``cuts``."""
         cuts = [int(k) for k in cuts]
+        self.reason = None
         if round_ % self.every != 0 or not self._losses:
             return None
         move = self._move
@@ -548,15 +565,43 @@ class AdaptivePlanner:
             before = self._losses[i - 1] if i > 0 else None
             if before is not None and self._losses[i] - before > LOSS_RISE * abs(before):
                 self._forbidden.add(tuple(move["after"]))
+                self.reason = {
+                    "rule": "revert",
+                    "detail": f"eval loss rose {self._losses[i] / before - 1:+.1%} after the move to "
+                    f"{move['after']} (limit {LOSS_RISE:.0%}); that plan is not proposed again",
+                }
                 return list(move["before"])
         new = plan_resource(self.model, self._clients, self._server, self.cores, self.headroom)
+        rt = lambda p: predict(self.model, self._clients, self._server, self.cores, p).round_time_s
+        now, best = rt(cuts), rt(new)
+        self.reason = {"rule": None, "predicted_round_time_s": {"current": now, "best": best}}
         if new == cuts or tuple(new) in self._forbidden:
             return None
-        rt = lambda p: predict(self.model, self._clients, self._server, self.cores, p).round_time_s
-        if rt(new) >= (1 - self.hysteresis) * rt(cuts):
+        if best >= (1 - self.hysteresis) * now:
             return None
-        self._move = {"before": cuts, "after": new, "loss_index": len(self._losses)}
+        self.register(cuts, new)
+        self.reason.update(
+            rule="speed",
+            detail=f"with the measured speeds {new} is predicted {1 - best / now:.0%} faster than {cuts} "
+            f"(more than split.hysteresis {self.hysteresis:.0%})",
+        )
         return new
+
+    @property
+    def pending(self) -> bool:
+        """Whether a move awaits the eval loss that decides whether it is kept."""
+        return self._move is not None
+
+    def forbidden(self, cuts: Sequence[int]) -> bool:
+        return tuple(int(k) for k in cuts) in self._forbidden
+
+    def register(self, before: Sequence[int], after: Sequence[int]) -> None:
+        """Records a move (this planner's or another rule's) so the eval-loss guard can revert it."""
+        self._move = {
+            "before": [int(k) for k in before],
+            "after": [int(k) for k in after],
+            "loss_index": len(self._losses),
+        }
 
     def state_dict(self) -> dict:
         """JSON-able state: refit times, eval-loss history, the pending move and the forbidden plans."""

@@ -311,6 +311,7 @@ class Client:
             "peak_rss_mb": peak_rss_mb(),
             "vmdata_mb": vmdata_bytes() / 2**20,  # what simulate.memory_limit_gb (RLIMIT_DATA) caps
             "stage_param_mb": sum(stage_parameter_bytes(st) for st in (self.stage, self.tail) if st) / 2**20,
+            "lora_bytes": sum(nbytes(p) for p in self.params),  # the adapter this client holds
         }
 
     @torch.no_grad()

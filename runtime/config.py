@@ -111,7 +111,8 @@ class SplitConfig:
     (resource, then re-planned from measured step times and the loss trend). None: fixed for an int
     cut_layers, manual for a list."""
     cut_layers: int | list[int] = 2
-    """fixed/manual: each client's cut k (it runs layers 0..k-1), one int or one per client, in 1..L-1."""
+    """fixed/manual: each client's cut k (it runs layers 0..k-1), one int or one per client, in 1..L-1.
+    adaptive: a list is the plan it starts from (else it starts from the resource plan)."""
     clients: int | None = None
     """Expected number of clients; if set, it must equal WORLD_SIZE - 1."""
     replan_every: int = 2
@@ -131,24 +132,49 @@ class SplitConfig:
     """u_shape: decoder layers at the top of the model that stay on every client (0: norm and head only)."""
     schedule: dict[int, list[int]] | None = None
     """Forced moves, e.g. {2: [3, 1]}: after round 2 switch to these cuts (experiments and tests)."""
+    plateau: float = 0.02
+    """adaptive: a client whose training loss fell by less than this fraction per round (over the last
+    trend_window rounds against the ones before) has plateaued; it gets one layer more when its memory
+    holds it and the predicted round time grows by at most ``hysteresis`` (0: off)."""
+    trend_window: int = 2
+    """adaptive: rounds over which loss trends are measured (a trend needs 2x this many rounds)."""
 
 
 @dataclass
 class SimulateConfig:
     """Simulated heterogeneity for clients that share one machine. Each knob acts on the running client
-    (its probe and its training both see it): one value for every client or a list, one per client."""
+    (its probe and its training both see it): one value for every client or a list, one per client.
+    ``slowdown`` and ``bandwidth_mbps`` also take a schedule, ``{round: value or list}``: each entry holds
+    from that round on (the first key must be 1), e.g. ``{1: [1, 1, 2, 4], 4: [4, 1, 1, 2]}``."""
 
-    slowdown: float | list[float] = 1.0
+    slowdown: float | list[float] | dict[int, float | list[float]] = 1.0
     """The client's layer compute really takes this many times longer (>= 1)."""
-    memory_limit_gb: float | list[float | None] | None = None
-    """The client has only this much memory (CPU: RLIMIT_DATA; CUDA: per-process memory fraction)."""
-    bandwidth_mbps: float | list[float | None] | None = None
+    memory_limit_gb: float | list[float | None] | dict[int, Any] | None = None
+    """The client has only this much memory (CPU: RLIMIT_DATA; CUDA: per-process memory fraction). Fixed for
+    the run (no schedule): the planner's memory caps come from the start-up probe."""
+    bandwidth_mbps: float | list[float | None] | dict[int, float | list[float | None] | None] | None = None
     """The client's link to the server: every send (activations, gradients, adapters) takes size/bandwidth."""
 
-    def for_client(self, index: int) -> tuple[float, float | None, float | None]:
-        """(slowdown, memory_limit_gb, bandwidth_mbps) of client ``index`` (0-based)."""
+    def for_client(self, index: int, rnd: int = 1) -> tuple[float, float | None, float | None]:
+        """(slowdown, memory_limit_gb, bandwidth_mbps) of client ``index`` (0-based) during round ``rnd``."""
         pick = lambda v: v[index] if isinstance(v, list) else v
-        return pick(self.slowdown), pick(self.memory_limit_gb), pick(self.bandwidth_mbps)
+        return (
+            pick(at_round(self.slowdown, rnd)),
+            pick(self.memory_limit_gb),
+            pick(at_round(self.bandwidth_mbps, rnd)),
+        )
+
+    @property
+    def changes(self) -> bool:
+        """Whether a knob follows a schedule (its value changes during the run)."""
+        return isinstance(self.slowdown, dict) or isinstance(self.bandwidth_mbps, dict)
+
+
+def at_round(value: Any, rnd: int) -> Any:
+    """The value a ``simulate`` knob has during round ``rnd``: a schedule's latest entry at or before it."""
+    if not isinstance(value, dict):
+        return value
+    return value[max(k for k in value if k <= rnd)]
 
 
 @dataclass
@@ -270,7 +296,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
-    args = typing.get_args(tp)
+    args, origin = typing.get_args(tp), typing.get_origin(tp)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping {_type_name(args[0])} -> ({_type_name(args[1])})"
     if args:
         return " or ".join(_type_name(a) for a in args)
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
@@ -425,6 +455,8 @@ def validate(cfg: Config) -> None:
     _require(sp.replan_every >= 1, f"split.replan_every={sp.replan_every}: must be >= 1")
     _require(0 <= sp.hysteresis < 1, f"split.hysteresis={sp.hysteresis}: must be in [0, 1)")
     _require(0 < sp.smoothing <= 1, f"split.smoothing={sp.smoothing}: must be in (0, 1]")
+    _require(0 <= sp.plateau < 1, f"split.plateau={sp.plateau}: must be in [0, 1) (0 turns the rule off)")
+    _require(sp.trend_window >= 1, f"split.trend_window={sp.trend_window}: must be >= 1")
     _require(sp.memory_headroom >= 0, f"split.memory_headroom={sp.memory_headroom}: must be >= 0")
     _require(
         not sp.schedule or cfg.policy in ("fixed", "manual"),
@@ -434,13 +466,25 @@ def validate(cfg: Config) -> None:
         _require(
             1 <= rnd < t.rounds, f"split.schedule round {rnd}: must be in 1..train.rounds-1 ({t.rounds - 1})"
         )
+    _require(
+        not isinstance(sim.memory_limit_gb, dict),
+        f"simulate.memory_limit_gb={sim.memory_limit_gb}: memory cannot follow a schedule (the planner's "
+        "memory caps come from the start-up probe); give one value or a list, one per client",
+    )
     for name, value, ok, rule in (
         ("slowdown", sim.slowdown, lambda v: v >= 1, ">= 1"),
         ("memory_limit_gb", sim.memory_limit_gb, lambda v: v is None or v > 0, "> 0 or null"),
         ("bandwidth_mbps", sim.bandwidth_mbps, lambda v: v is None or v > 0, "> 0 or null"),
     ):
-        for v in value if isinstance(value, list) else [value]:
-            _require(ok(v), f"simulate.{name}={value}: every value must be {rule}")
+        if isinstance(value, dict):
+            _require(
+                bool(value) and min(value) == 1 and all(k >= 1 for k in value),
+                f"simulate.{name}={value}: a schedule maps rounds >= 1 to values and must start at round 1 "
+                f"(e.g. {{1: 1.0, 4: [1, 2]}}: from round 4 on the second value holds)",
+            )
+        for entry in value.values() if isinstance(value, dict) else [value]:
+            for v in entry if isinstance(entry, list) else [entry]:
+                _require(ok(v), f"simulate.{name}={value}: every value must be {rule}")
 
 
 def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int] | None:
@@ -467,11 +511,13 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
     )
     for name in ("slowdown", "memory_limit_gb", "bandwidth_mbps"):
         value = getattr(cfg.simulate, name)
-        _require(
-            not isinstance(value, list) or len(value) == n_clients,
-            f"simulate.{name} has {len(value) if isinstance(value, list) else 0} entries for {n_clients} "
-            "clients: give one per client or a single value",
-        )
+        for rnd, entry in value.items() if isinstance(value, dict) else [(None, value)]:
+            where = f"simulate.{name}" if rnd is None else f"simulate.{name}[{rnd}]"
+            _require(
+                not isinstance(entry, list) or len(entry) == n_clients,
+                f"{where} has {len(entry) if isinstance(entry, list) else 0} entries for {n_clients} "
+                "clients: give one per client or a single value",
+            )
     for rnd, cuts in (cfg.split.schedule or {}).items():
         _check_cuts(cuts, n_clients, n_layers, f"split.schedule[{rnd}]", tail)
     ranks = cfg.lora.client_ranks
@@ -480,6 +526,9 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
         f"lora.client_ranks has {len(ranks or [])} entries for {n_clients} clients: "
         "give one per client or null",
     )
+    if cfg.policy == "adaptive" and isinstance(cfg.split.cut_layers, list):
+        _check_cuts(cfg.split.cut_layers, n_clients, n_layers, "split.cut_layers", tail)
+        return None
     if cfg.policy in ("resource", "adaptive"):
         return None
     cuts = cfg.cut_layers_for(n_clients)

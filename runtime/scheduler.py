@@ -3,8 +3,9 @@
 ``partition.planner`` holds the cost model and the policies (pure). This module turns what the
 processes measured (``runtime.probe.ResourceProfile``) and what the model is (its config, dtype, the
 adapter layout, the run's batch and sequence length) into the planner's figures, makes the first
-plan, and after every round feeds the measured step times and the eval loss back (``adaptive``) or
-applies a forced move (``split.schedule``).
+plan, and after every round feeds the measured step times, each client's training loss and the eval
+loss back (``adaptive``: the speed rule of ``partition.planner``, then the plateau rule of
+``partition.plateau``) or applies a forced move (``split.schedule``), and says why (``reason``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from partition.planner import (
     predict,
     rank_for_memory,
 )
+from partition.plateau import deepen_plateaued, loss_trend
 from runtime.config import Config
 from runtime.probe import ResourceProfile
 
@@ -141,12 +143,18 @@ class Scheduler:
             if self.policy == "adaptive"
             else None
         )
+        self.client_losses: list[list[float]] = [[] for _ in clients]  # training loss per round
+        self.reason: dict | None = None  # why the last after_round moved (or did not): metrics.jsonl
 
     def initial(self) -> list[int]:
         """The first plan (raises ``PlanError`` naming a client that cannot hold its layers)."""
         for cuts in (self.cfg.split.schedule or {}).values():
             check_memory(self.model, self.clients, cuts, self.cfg.split.memory_headroom)
         if self.adaptive is not None:
+            start = self.cfg.split.cut_layers
+            if isinstance(start, list):  # adaptive from a given start (experiments), else from `resource`
+                check_memory(self.model, self.clients, start, self.cfg.split.memory_headroom)
+                return list(start)
             return self.adaptive.initial()
         return plan(
             self.policy,
@@ -176,12 +184,24 @@ class Scheduler:
         return predict(self.model, clients, server, self.cores, cuts)
 
     def after_round(self, rnd: int, cuts: list[int], stats: list[dict], eval_loss: float) -> list[int] | None:
-        """The cuts for the next round if they change (``stats``: each client's round figures, in order)."""
+        """The cuts for the next round if they change (``stats``: each client's round figures, in order).
+
+        Sets ``reason``: the rule that moved (``schedule``, ``revert``, ``speed`` or ``progress``) and
+        what it saw, or, under ``adaptive``, why nothing moved.
+        """
+        self.reason = None
+        for history, s in zip(self.client_losses, stats):
+            history.append(float(s["train_loss"]))
         schedule = self.cfg.split.schedule or {}
         if rnd in schedule:
-            return list(schedule[rnd]) if list(schedule[rnd]) != cuts else None
+            new = list(schedule[rnd])
+            if new == cuts:
+                return None
+            self.reason = {"rule": "schedule", "detail": f"split.schedule[{rnd}] = {new}"}
+            return new
         if self.adaptive is None:
             return None
+        a, sp = self.adaptive, self.cfg.split
         measured = [
             Measured(
                 compute_s=s["compute_s"],
@@ -192,12 +212,54 @@ class Scheduler:
             )
             for s in stats
         ]
-        self.adaptive.observe(cuts, measured, eval_loss)
-        return self.adaptive.propose(rnd, cuts)
+        a.observe(cuts, measured, eval_loss)
+        new = a.propose(rnd, cuts)
+        trends = [loss_trend(h, sp.trend_window) for h in self.client_losses]
+        self.reason = {
+            **(a.reason or {"rule": None}),
+            "client_layer_time_s": [c.layer_time_s for c in a.clients],
+            "server_layer_time_s": a.server.layer_time_s,
+            "loss_trend": trends,
+        }
+        if new is not None or rnd % a.every != 0 or a.pending:
+            return new
+        deeper = deepen_plateaued(
+            self.model,
+            a.clients,
+            a.server,
+            self.cores,
+            cuts,
+            trends,
+            sp.plateau,
+            sp.hysteresis,
+            sp.memory_headroom,
+        )
+        if deeper is None or a.forbidden(deeper[0]):
+            return None
+        new, which = deeper
+        a.register(cuts, new)
+        now, after = self.predict(cuts).round_time_s, self.predict(new).round_time_s
+        self.reason.update(
+            rule="progress",
+            detail=", ".join(
+                f"client {i + 1}'s training loss fell {trends[i]:.1%} a round "
+                f"(< split.plateau {sp.plateau:.0%}): "
+                f"cut {cuts[i]} -> {new[i]}"
+                for i in which
+            )
+            + f"; predicted round {after / now - 1:+.0%} (within split.hysteresis {sp.hysteresis:.0%})",
+            predicted_round_time_s={"current": now, "proposed": after},
+        )
+        return new
 
     def state_dict(self) -> dict:
-        return self.adaptive.state_dict() if self.adaptive else {}
+        if self.adaptive is None:
+            return {}
+        return {**self.adaptive.state_dict(), "client_losses": [list(h) for h in self.client_losses]}
 
     def load_state_dict(self, state: dict) -> None:
         if self.adaptive is not None and state:
             self.adaptive.load_state_dict(state)
+            self.client_losses = [
+                [float(x) for x in h] for h in state.get("client_losses", self.client_losses)
+            ]

@@ -4,7 +4,9 @@ A run can emulate a slower device, a thinner link or a smaller memory on one mac
 
 * ``Throttle(factor)`` hooks a decoder layer so its forward and its backward each take
   ``factor`` times their real wall time (it sleeps ``(factor - 1) * elapsed`` after each);
-* ``Link(bandwidth_mbps)`` sleeps as long as sending ``nbytes`` over such a link would take;
+  ``set(factor)`` changes it between rounds (a ``simulate.slowdown`` schedule);
+* ``Link(bandwidth_mbps)`` sleeps as long as sending ``nbytes`` over such a link would take (its
+  ``bandwidth_mbps`` may change between rounds too);
 * ``apply_memory_limit(limit_gb, device)`` caps the process's data segment (CPU, ``RLIMIT_DATA``)
   or the caching allocator's share of the GPU (CUDA).
 
@@ -79,11 +81,16 @@ class Throttle:
     Per-call state lives on a thread-local stack, so one training thread per layer is safe.
     """
 
-    def __init__(self, factor: float):
+    def __init__(self, factor: float, changing: bool = False):
+        self.changing = changing  # hooked even at factor 1: a schedule may raise it later
+        self.set(factor)
+        self._local = threading.local()
+
+    def set(self, factor: float) -> None:
+        """Changes the factor (between steps: a call in flight keeps the factor it started with)."""
         if factor < 1:
             raise ValueError(f"simulate.slowdown must be >= 1 (a throttle only slows down), got {factor}")
         self.factor = float(factor)
-        self._local = threading.local()
 
     def _stack(self) -> list:
         if not hasattr(self._local, "stack"):
@@ -91,23 +98,30 @@ class Throttle:
         return self._local.stack
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict):
+        factor = self.factor
+        if factor == 1:
+            self._stack().append(None)
+            return args, kwargs
         state: dict = {}
         if args and torch.is_grad_enabled():
             x = args[0]
             # A layer input that needs no grad (after a frozen embedding) gets a dummy that does,
             # so the end marker's backward still runs.
             dummy = None if x.requires_grad else torch.zeros((), device=x.device, requires_grad=True)
-            args = (_BackwardEnd.apply(state, self.factor, x, dummy), *args[1:])
+            args = (_BackwardEnd.apply(state, factor, x, dummy), *args[1:])
         if args:
             _sync(args[0])
-        self._stack().append((time.perf_counter(), state))
+        self._stack().append((time.perf_counter(), state, factor))
         return args, kwargs
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
-        start, state = self._stack().pop()
+        entry = self._stack().pop()
+        if entry is None:
+            return output
+        start, state, factor = entry
         hidden = output[0] if isinstance(output, tuple) else output
         _sync(hidden)
-        time.sleep((self.factor - 1) * (time.perf_counter() - start))
+        time.sleep((factor - 1) * (time.perf_counter() - start))
         if not (torch.is_grad_enabled() and hidden.requires_grad):
             return output
         hidden = _BackwardStart.apply(state, hidden)
@@ -115,7 +129,7 @@ class Throttle:
 
     def attach(self, module: nn.Module) -> list[RemovableHandle]:
         """Hooks ``module`` (called as ``module(hidden, **kwargs)``); remove the handles to undo."""
-        if self.factor == 1:
+        if self.factor == 1 and not self.changing:
             return []
         return [
             module.register_forward_pre_hook(self._pre, with_kwargs=True),

@@ -211,6 +211,9 @@ class Role:
     def start(self) -> int:
         """Probes, plans, builds and loads; returns the last completed round (0 for a new run)."""
         w = self.world
+        # The simulated speeds of the first round this launch runs (a resumed run's, not round 1's): the
+        # probe measures the client as its training will find it.
+        self.simulate_round(dist.broadcast_object(w, self.first_round()))
         seqs = dist.gather_objects(w, self.typical_seq_len())
         seq = max(1, round(sum(seqs[1:]) / w.n_clients))
         profiles = dist.gather_objects(w, self.probe_in_turn(seqs[w.rank] or seq))
@@ -250,6 +253,7 @@ class Role:
         t_round = time.perf_counter()
         faults.injector.round = rnd
         torch.manual_seed(round_seed(self.cfg.seed, self.world.rank, rnd))
+        self.simulate_round(rnd)
         prediction = self.predict()
         stats = self.train()
         # settle: the round counts only if every rank finished it
@@ -373,6 +377,12 @@ class Role:
         return profile
 
     # ------------------------------------------------------------------ role hooks (defaults: nothing)
+    def first_round(self) -> int:
+        return 1
+
+    def simulate_round(self, rnd: int) -> None:
+        pass
+
     def typical_seq_len(self) -> int:
         return 0
 
@@ -435,6 +445,14 @@ class ServerRole(Role):
         self.writer: MetricsWriter | None = None
         self.round_calls: dict[int, dict[str, int]] = {}
         self.fingerprint = fingerprint(cfg, world.n_clients)
+
+    def first_round(self) -> int:
+        """The round this launch starts with: after the newest checkpoint's, where it will resume (read only
+        when a simulated speed follows a schedule; the full checks come in ``decide``)."""
+        if not self.cfg.simulate.changes or self.cfg.resume == "false":
+            return 1
+        found = checkpoint.latest(self.ckpt_root, adapter=False)
+        return found[0]["round"] + 1 if found else 1
 
     def decide(self, profiles: list[ResourceProfile], seq: int):
         """The plan and the resume state: ((plan, resume) or (error kind, message)), sent to every rank."""
@@ -644,6 +662,15 @@ class ServerRole(Role):
         rec = _record(rnd, now - self.t_start, now - t_round, reports, evaluation, self.cut_map, self.weights)
         rec["plan"] = _plan_record(self.cfg, self.plan, new_plan, prediction, after_move, move_s)
         rec["plan"]["client_ranks"] = {str(r): c or self.spec.r for r, c in self.caps.items()}
+        if self.scheduler.reason is not None:
+            rec["plan"]["replan"] = self.scheduler.reason
+        if self.cfg.simulate.changes:  # what the clients were made to do (never shown to the scheduler)
+            rec["simulated"] = {
+                str(r): dict(
+                    zip(("slowdown", "bandwidth_mbps"), self.cfg.simulate.for_client(r - 1, rnd)[::2])
+                )
+                for r in sorted(self.cut_map)
+            }
         for i, r in enumerate(sorted(self.cut_map)):
             rec["clients"][str(r)]["predicted_time_s"] = prediction.client_time_s[i]
             rec["clients"][str(r)]["server_s"] = server_s[r]
@@ -713,9 +740,24 @@ class ClientRole(Role):
         super().__init__(cfg, world, stop)
         slowdown, memory_gb, bandwidth = cfg.simulate.for_client(world.rank - 1)
         apply_memory_limit(memory_gb, world.device)
-        self.throttle, self.link = Throttle(slowdown), Link(bandwidth)
+        self.throttle, self.link = Throttle(slowdown, changing=cfg.simulate.changes), Link(bandwidth)
         self.data = data or client_data(cfg, self.model_path, world.rank - 1, world.n_clients)
         self.client: Client | None = None
+
+    def simulate_round(self, rnd: int) -> None:
+        """Applies the simulated slowdown and bandwidth a ``simulate`` schedule gives round ``rnd``."""
+        slowdown, _, bandwidth = self.cfg.simulate.for_client(self.world.rank - 1, rnd)
+        if (slowdown, bandwidth) != (self.throttle.factor, self.link.bandwidth_mbps):
+            log.info(
+                "round %d: simulated slowdown %g -> %g, bandwidth %s -> %s Mbit/s",
+                rnd,
+                self.throttle.factor,
+                slowdown,
+                self.link.bandwidth_mbps,
+                bandwidth,
+            )
+        self.throttle.set(slowdown)
+        self.link.bandwidth_mbps = bandwidth
 
     def typical_seq_len(self) -> int:
         d = self.data
@@ -856,6 +898,7 @@ def _record(rnd, elapsed, round_time, reports, evaluation, cut_map, weights) -> 
                         "peak_rss_mb",
                         "vmdata_mb",
                         "stage_param_mb",
+                        "lora_bytes",
                     )
                 },
             }

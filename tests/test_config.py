@@ -229,3 +229,42 @@ def test_shipped_config_loads_and_validates(path):
         n_layers = 10**6  # model not here: check the client count and list length, not the cut range
     cuts = validate_for_world(cfg, world, n_layers)
     assert len(cuts) == world - 1
+
+
+def test_simulate_schedules_act_by_round_and_are_checked():
+    cfg = load_config(
+        None, ["simulate.slowdown={1: [1, 1, 2, 4], 4: [4, 1, 1, 2]}", "simulate.bandwidth_mbps=100"]
+    )
+    assert cfg.simulate.changes
+    assert [cfg.simulate.for_client(0, rnd)[0] for rnd in (1, 2, 3, 4, 9)] == [1, 1, 1, 4, 4]
+    assert cfg.simulate.for_client(3, 3) == (4, None, 100) and cfg.simulate.for_client(3, 4) == (2, None, 100)
+    bw = load_config(None, ["simulate.bandwidth_mbps={1: null, 3: [10, 20]}"]).simulate
+    assert bw.changes and bw.for_client(1, 2)[2] is None and bw.for_client(1, 3)[2] == 20
+    assert not load_config(None, ["simulate.slowdown=[1, 2]"]).simulate.changes
+    assert validate_for_world(load_config(None, ["simulate.slowdown={1: 1, 2: [1, 3]}"]), 3, 4) == [2, 2]
+    for override, message in (
+        ("simulate.slowdown={2: [1, 2]}", r"^simulate.slowdown=.*must start at round 1"),
+        ("simulate.slowdown={0: 1, 1: 2}", r"^simulate.slowdown=.*must start at round 1"),
+        ("simulate.slowdown={1: 1, 3: [1, 0.5]}", r"^simulate.slowdown=.*every value must be >= 1"),
+        ("simulate.bandwidth_mbps={1: -1}", r"^simulate.bandwidth_mbps=.*every value must be > 0 or null"),
+        ("simulate.memory_limit_gb={1: 2, 3: 1}", r"^simulate.memory_limit_gb=.*cannot follow a schedule"),
+        (
+            "simulate.slowdown={1: fast}",
+            r"^simulate.slowdown: \{1: 'fast'\} is not a float or list of float or mapping int -> ",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"simulate.slowdown\[4\] has 3 entries for 2 clients"):
+        validate_for_world(load_config(None, ["simulate.slowdown={1: 1, 4: [1, 2, 3]}"]), 3, 4)
+
+
+def test_progress_rule_settings_and_adaptive_start():
+    cfg = load_config(None, ["split.policy=adaptive", "split.cut_layers=[1,3]", "split.plateau=0.05"])
+    assert cfg.split.plateau == 0.05 and cfg.split.trend_window == 2
+    with pytest.raises(ConfigError, match=r"split.cut_layers\[1\]=4"):
+        validate_for_world(load_config(None, ["split.policy=adaptive", "split.cut_layers=[1,4]"]), 3, 4)
+    assert validate_for_world(cfg, 3, 4) is None
+    for override in ("split.plateau=1", "split.plateau=-0.1", "split.trend_window=0"):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(override.split('=')[0])}="):
+            load_config(None, [override])

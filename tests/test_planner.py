@@ -297,7 +297,7 @@ def test_slower_client_gets_a_shallower_cut():
     cuts = p.initial()
     assert cuts == [7, 7]
     p.observe(cuts, measure(slowed(4), cuts), eval_loss=2.0)
-    assert p.clients[0].layer_time_s == pytest.approx(0.5 * 0.1 + 0.5 * 0.4)
+    assert p.clients[0].layer_time_s == pytest.approx(0.4)  # a 4x change replaces the estimate (level shift)
     assert p.server.layer_time_s == pytest.approx(0.1)  # the remote part matches the probe server
     new = p.propose(2, cuts)
     assert new is not None and new[0] < cuts[0] and new[1] == 7
@@ -382,3 +382,28 @@ def test_state_dict_round_trips_through_json():
     assert q.clients == p.clients and q.server == p.server
     assert q.propose(4, moved) == p.propose(4, moved) == cuts
     assert q.state_dict() == p.state_dict()
+
+
+def test_small_changes_are_smoothed_and_a_level_shift_is_taken_whole():
+    p = make_planner(smoothing=0.5)
+    cuts = p.initial()
+    p.observe(cuts, measure(slowed(1.2), cuts), eval_loss=2.0)  # noise-sized: averaged in
+    assert p.clients[0].layer_time_s == pytest.approx(0.5 * 0.1 + 0.5 * 0.12)
+    p.observe(cuts, measure(slowed(0.3), cuts), eval_loss=1.9)  # 3.7x faster than the estimate: replaced
+    assert p.clients[0].layer_time_s == pytest.approx(0.03)
+    assert p.clients[1].layer_time_s == pytest.approx(0.1)
+
+
+def test_propose_says_why():
+    p = make_planner(smoothing=1.0)
+    cuts = p.initial()
+    p.observe(cuts, measure(slowed(4), cuts), eval_loss=2.0)
+    moved = p.propose(2, cuts)
+    assert p.reason["rule"] == "speed" and str(moved) in p.reason["detail"]
+    times = p.reason["predicted_round_time_s"]
+    assert times["best"] < (1 - p.hysteresis) * times["current"]
+    assert p.pending
+    p.observe(moved, measure(slowed(4), moved), eval_loss=2.5)
+    assert p.propose(4, moved) == cuts and p.reason["rule"] == "revert" and "+25.0%" in p.reason["detail"]
+    p.observe(cuts, measure(slowed(4), cuts), eval_loss=1.9)
+    assert p.propose(6, cuts) is None and p.reason["rule"] is None and p.forbidden(moved)

@@ -116,6 +116,30 @@ def test_time_layer_sees_throttle_and_activations(llama):
     assert 1.6 <= double / base[0][2] <= 2.4
 
 
+def test_a_throttle_changed_between_rounds_is_what_the_probe_and_the_steps_see(llama, layer_stage):
+    """A schedule's throttle is hooked even at factor 1 (no sleep then, same math) and set between rounds."""
+    throttle = Throttle(1.0, changing=True)
+    handles = throttle.attach(layer_stage.layers["1"])
+    assert len(handles) == 2
+    hidden = torch.randn(BATCH, SEQ, HIDDEN, requires_grad=True)
+    ref_out, ref_grads, _ = fwd_bwd(layer_stage, hidden)
+    base, slow, probed_base, probed_slow = [], [], [], []
+    for _ in range(3):  # interleaved, the least of each: noise only ever adds time
+        throttle.set(1)
+        base.append(fwd_bwd(layer_stage, hidden)[2])
+        probed_base.append(time_layer(llama, SPEC, BATCH, SEQ, "cpu", throttle=throttle)[0])
+        throttle.set(3)
+        out, grads, elapsed = fwd_bwd(layer_stage, hidden)
+        slow.append(elapsed)
+        probed_slow.append(time_layer(llama, SPEC, BATCH, SEQ, "cpu", throttle=throttle)[0])
+        assert torch.equal(out, ref_out) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    Throttle.detach(handles)
+    assert min(slow) / min(base) > 1.8
+    assert min(probed_slow) / min(probed_base) > 1.8
+    with pytest.raises(ValueError, match="simulate.slowdown must be >= 1"):
+        throttle.set(0.5)
+
+
 MEMORY_SCRIPT = """
 import json, torch
 from runtime.probe import available_memory
