@@ -23,7 +23,7 @@ from models.lora import build_layout
 from runtime import checkpoint
 from runtime.config import Config, ConfigError, fingerprint, load_config, validate_for_world
 from runtime.faults import EXIT_USER_ERROR
-from runtime.job import client_data, lora_spec, model_config, resolve_model_path
+from runtime.job import client_data, load_tokenizer, lora_spec, model_config, resolve_model_path
 
 
 def parse(argv: list[str]) -> Config:
@@ -58,15 +58,29 @@ def check_output_dir(cfg: Config, n_clients: int) -> None:
     checkpoint.check_fingerprint(root, found[0], fingerprint(cfg, n_clients))
 
 
+def check_device(cfg: Config) -> None:
+    """``runtime.device=cuda`` needs a GPU this process can use (auto falls back to CPU by itself)."""
+    import torch
+
+    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "runtime.device=cuda but this machine has no usable CUDA device (torch.cuda.is_available() is "
+            "False): use runtime.device=cpu, or auto (CUDA where every rank has a GPU, else CPU)"
+        )
+
+
 def check(cfg: Config, world_size: int) -> Path:
-    """What every rank can check before a process group exists: config, output_dir, model, LoRA targets.
+    """What every rank can check before a process group exists: config, output_dir, device, model (a
+    supported causal LM with weights and a tokenizer), LoRA targets.
 
     Returns the model folder (``builtin:tiny`` built if needed).
     """
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 reads and writes output_dir
         check_output_dir(cfg, world_size - 1)
+    check_device(cfg)
     model_path = resolve_model_path(cfg)
     mcfg = model_config(model_path)
+    load_tokenizer(model_path)
     cuts = validate_for_world(cfg, world_size, mcfg.num_hidden_layers)
     build_layout(mcfg, lora_spec(cfg, mcfg), cuts or [])  # unknown lora.targets fail here, on the meta device
     return model_path
@@ -103,12 +117,14 @@ def main(argv: list[str] | None = None) -> None:
             raise user_error("data", e, rank == 1) from None
     from partition.planner import PlanError
     from runtime.checkpoint import CheckpointMismatch
-    from runtime.split import run
+    from runtime.split import Diverged, run
 
     try:
         run(cfg, data)
     except PlanError as e:  # every rank gets the planner's verdict: say it once
         raise user_error("plan", e, rank == 0) from None
+    except Diverged as e:  # every rank stops on the same round with the same message
+        raise user_error("training", e, rank == 0) from None
     except CheckpointMismatch as e:
         raise user_error("checkpoint", e, rank == 0) from None
 

@@ -13,6 +13,7 @@ Only hidden states, the padding mask and the labels cross the wire; ``input_ids`
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from runtime.config import Config
 from runtime.dist import SERVER
 from runtime.job import ClientData, data_seed, make_optimizer, stage_kwargs
 from runtime.metrics import peak_rss_mb
+from runtime.progress import StepBar
 from runtime.server import replica_rref
 from runtime.simulate import Link, Throttle, vmdata_bytes
 
@@ -132,12 +134,14 @@ class Client:
     def train_round(self, steps: int, stop: Callable[[], bool]) -> dict | None:
         """Runs ``steps`` split steps; returns the round's loss, token and timing figures, or None if a
         stop was requested (checked before every step: this rank's signal, or the server's, which
-        comes back with every step's reply)."""
+        comes back with every step's reply), or ``{"diverged": {step, loss}}`` at the first NaN or
+        infinite loss (nothing is stepped with it)."""
         optimizer = make_optimizer(self.params, self.cfg)
         loss_sum = tokens = correct = input_tokens = 0.0
         step_times, step_losses, compute_times = [], [], []
         start = time.perf_counter()
         server_stopping = False
+        bar = StepBar(f"client{self.rank} training", steps) if self.rank == 1 else None
         for step in range(1, steps + 1):
             if server_stopping or stop():
                 return None
@@ -154,6 +158,8 @@ class Client:
                 self.comm["activations_up"] += sent
                 self.link.delay(sent)
                 loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload)
+                if not math.isfinite(float(loss.detach())):
+                    return {"diverged": {"step": step, "loss": float(loss.detach())}}
                 dist_autograd.backward(ctx, [loss])
                 compute_times.append(forward_s + time.perf_counter() - self.grad_arrived)
                 server_step = self.replica.rpc_async(timeout=self.timeout_s).step(ctx)
@@ -171,6 +177,8 @@ class Client:
             correct += float(stats[1])
             server_stopping = bool(stats[2])
             step_times.append(time.perf_counter() - t0)
+            if bar is not None:
+                bar.update(step)
             faults.injector.hit("step", step)
         return {
             "steps": steps,

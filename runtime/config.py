@@ -275,7 +275,37 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override {override!r}: the value is not valid YAML ({_yaml_problem(e)}); quote it or close its "
+            "brackets, e.g. split.cut_layers=[1,2]"
+        ) from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{context}, {problem}" if context else problem
+
+
+def _read_yaml(p: Path) -> Any:
+    """The file's YAML; a syntax error names the file, the line and the column."""
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark, start = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        opened = (
+            f", in what starts on line {start.line + 1}" if start and mark and start.line != mark.line else ""
+        )
+        raise ConfigError(
+            f"{where}: YAML syntax error ({_yaml_problem(e)}{opened}); fix that line of the config file "
+            "(indentation, a missing ':' or an unclosed bracket or quote)"
+        ) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -285,7 +315,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist (see torchrun_configs/ for examples)")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _read_yaml(p) or {}
     for o in overrides:
         apply_override(data, o)
     cfg = _build(Config, data, "")

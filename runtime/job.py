@@ -15,9 +15,9 @@ import torch
 from transformers import AutoTokenizer, PretrainedConfig
 
 from models.datasets import Example, load_examples
-from models.families import family_of
+from models.families import FAMILIES, family_of
 from models.lora import LoraSpec
-from models.stages import load_config
+from models.stages import CheckpointReader, load_config
 from partition import iid_partition, length_dirichlet_partition
 from runtime.config import Config, ConfigError
 
@@ -74,7 +74,38 @@ def lora_spec(cfg: Config, model_config: PretrainedConfig) -> LoraSpec:
 
 
 def model_config(model_path: Path) -> PretrainedConfig:
-    return load_config(model_path)
+    """The checkpoint's HF config, after checking that this runtime can split and load it: a causal-LM
+    family it knows, and weights in safetensors form (ConfigError naming the problem otherwise)."""
+    try:
+        config = load_config(model_path)
+    except (ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model.path={str(model_path)!r}: its config.json cannot be read ({first}); point model.path at "
+            "a folder written by save_pretrained"
+        ) from None
+    if config.model_type not in FAMILIES:
+        kind = (
+            "is not a causal LM" if not _is_causal_lm(config) else "is a causal LM family not supported yet"
+        )
+        raise ConfigError(
+            f"model.path={str(model_path)!r}: model_type {config.model_type!r} {kind}; supported model "
+            f"types: {', '.join(sorted(FAMILIES))}. Use a checkpoint of one of those"
+        )
+    try:
+        CheckpointReader(model_path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.path={str(model_path)!r}: {e}") from None
+    return config
+
+
+def _is_causal_lm(config: PretrainedConfig) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = getattr(config, "architectures", None) or []
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    )
 
 
 @dataclass
@@ -89,9 +120,23 @@ class ClientData:
 
 
 def load_tokenizer(model_path: Path):
-    tok = AutoTokenizer.from_pretrained(model_path)
+    """The checkpoint's tokenizer. One without a pad token (GPT-2 style) pads with its eos token: padded
+    positions are masked out of attention and loss, so the id only has to exist."""
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model.path={str(model_path)!r}: no usable tokenizer there ({first}); save the model's "
+            "tokenizer into the same folder (tokenizer.save_pretrained)"
+        ) from None
     if tok.pad_token_id is None:
-        # GPT-2 style tokenizers have no pad token; padded positions are masked out anyway.
+        if tok.eos_token_id is None:
+            raise ConfigError(
+                f"model.path={str(model_path)!r}: the tokenizer has neither a pad nor an eos token, so "
+                "batches cannot be padded; add one (tokenizer.add_special_tokens({'pad_token': ...})) "
+                "and save it again"
+            )
         tok.pad_token = tok.eos_token
     return tok
 
