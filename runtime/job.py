@@ -170,6 +170,13 @@ def client_data(cfg: Config, model_path: Path, client_index: int, n_clients: int
     )
 
 
+def round_seed(seed: int, rank: int, rnd: int) -> int:
+    """Every rank's global RNG is reseeded each round from (seed, rank, round): dropout and anything
+    else that draws from it does the same on a resumed run as on the uninterrupted one, whatever the
+    start-up (probes, a different number of earlier rounds in this process) consumed."""
+    return (seed * 1_000_003 + rank) * 100_003 + rnd
+
+
 def stage_kwargs(cfg: Config) -> dict:
     """How every stage and moved layer of this run is built (``build_stage`` / ``build_layers``)."""
     return {"dtype": cfg.model.dtype, "attn_implementation": cfg.model.attn_implementation}

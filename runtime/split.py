@@ -57,6 +57,7 @@ from runtime.job import (
     lora_spec,
     model_config,
     resolve_model_path,
+    round_seed,
 )
 from runtime.metrics import MetricsWriter, header, peak_rss_mb, round_record, row
 from runtime.probe import ResourceProfile, probe
@@ -155,13 +156,6 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
         stop.close()
 
 
-def round_seed(seed: int, rank: int, rnd: int) -> int:
-    """Every rank's global RNG is reseeded each round from (seed, rank, round): dropout and anything
-    else that draws from it does the same on a resumed run as on the uninterrupted one, whatever the
-    start-up (probes, a different number of earlier rounds in this process) consumed."""
-    return (seed * 1_000_003 + rank) * 100_003 + rnd
-
-
 class Role:
     """What both roles share: the run's settings and the round protocol."""
 
@@ -235,6 +229,9 @@ class Role:
         t_round = time.perf_counter()
         faults.injector.round = rnd
         torch.manual_seed(round_seed(self.cfg.seed, self.world.rank, rnd))
+        # No client's step reaches the server before the server has reseeded too (its replicas draw
+        # dropout masks from this process's generator), so the draws are the same on every run.
+        dist.barrier(self.world)
         prediction = self.predict()
         stats = self.train()
         # settle: the round counts only if every rank finished it with finite losses
