@@ -308,6 +308,16 @@ def _read_yaml(p: Path) -> Any:
         ) from None
 
 
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A Config from ``Config.to_dict()`` output (a run's saved ``run_config.json``), validated."""
+    schedule = data.get("split", {}).get("schedule")
+    if schedule:  # JSON keys are strings
+        data = {**data, "split": {**data["split"], "schedule": {int(k): v for k, v in schedule.items()}}}
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Reads a YAML config (or the defaults), applies overrides and validates the values."""
     data: dict[str, Any] = {}

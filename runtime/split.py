@@ -360,6 +360,7 @@ class ServerRole(Role):
         (self.out / "profiles.json").write_text(
             json.dumps({str(r): p.to_dict() for r, p in enumerate(profiles)})
         )
+        (self.out / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         try:
             resume = self.load_checkpoint()
             costs = model_costs(
