@@ -13,15 +13,24 @@ Two nodes (run on each; Slurm: launch/slurm_multinode.sbatch)::
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from models.lora import build_layout
 from runtime import checkpoint
-from runtime.config import Config, ConfigError, fingerprint, load_config, validate_for_world
+from runtime.config import (
+    Config,
+    ConfigError,
+    check_world_size,
+    fingerprint,
+    load_config,
+    validate_for_world,
+)
 from runtime.faults import EXIT_USER_ERROR
 from runtime.job import client_data, load_tokenizer, lora_spec, model_config, resolve_model_path
 
@@ -75,6 +84,7 @@ def check(cfg: Config, world_size: int) -> Path:
 
     Returns the model folder (``builtin:tiny`` built if needed).
     """
+    check_world_size(world_size)
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 reads and writes output_dir
         check_output_dir(cfg, world_size - 1)
     check_device(cfg)
@@ -87,13 +97,16 @@ def check(cfg: Config, world_size: int) -> Path:
 
 
 def user_error(kind: str, error: Exception, say: bool) -> SystemExit:
-    """One line on stderr (from one rank) and torchrun's error file, no traceback: relaunching will
-    not help, the user has to change something."""
+    """One line on stderr (from one rank) and in torchrun's error file, no traceback: relaunching will
+    not help, the user has to change something. torchrun's failure summary shows the line where it
+    would show a worker's traceback."""
+    message = f"{kind} error: {error}"
     if say:
-        print(f"{kind} error: {error}", file=sys.stderr)
-    handler = get_error_handler()
-    handler.initialize()
-    handler.record_exception(type(error)(f"{kind} error: {error}"))
+        print(message, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+        Path(error_file).write_text(json.dumps({"message": {"message": message, "extraInfo": info}}))
     return SystemExit(EXIT_USER_ERROR)
 
 

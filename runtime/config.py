@@ -422,15 +422,19 @@ def validate(cfg: Config) -> None:
             _require(ok(v), f"simulate.{name}={value}: every value must be {rule}")
 
 
+def check_world_size(world_size: int) -> None:
+    _require(
+        world_size >= 2,
+        f"WORLD_SIZE={world_size}: need a server and at least one client "
+        "(torchrun --nproc_per_node=2 or more)",
+    )
+
+
 def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int] | None:
     """Checks the config against the launch and the model; returns each client's cut layer (None when
     the resource or adaptive policy will choose them)."""
     n_clients = world_size - 1
-    _require(
-        n_clients >= 1,
-        f"WORLD_SIZE={world_size}: need a server and at least one client "
-        "(torchrun --nproc_per_node=2 or more)",
-    )
+    check_world_size(world_size)
     if cfg.split.clients is not None:
         _require(
             cfg.split.clients == n_clients,
