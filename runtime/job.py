@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,12 +145,19 @@ def load_tokenizer(model_path: Path):
 def partition_shards(cfg: Config, examples: list[Example], n_clients: int) -> list[list[int]]:
     """Every rank computes the same shards from the seed (no communication needed)."""
     d = cfg.data
-    if d.partition == "iid":
-        return iid_partition(len(examples), n_clients, cfg.seed, min_samples=d.min_samples)
-    lengths = [len(e.input_ids) for e in examples]
-    return length_dirichlet_partition(
-        lengths, n_clients, d.alpha, min(d.n_buckets, len(examples)), cfg.seed, min_samples=d.min_samples
-    )
+    try:
+        if d.partition == "iid":
+            return iid_partition(len(examples), n_clients, cfg.seed, min_samples=d.min_samples)
+        lengths = [len(e.input_ids) for e in examples]
+        return length_dirichlet_partition(
+            lengths, n_clients, d.alpha, min(d.n_buckets, len(examples)), cfg.seed, min_samples=d.min_samples
+        )
+    except ValueError as e:  # the partitioner counts clients from 0; the run names them by rank
+        said = re.sub(r"^client (\d+)", lambda m: f"client {int(m.group(1)) + 1}", str(e))
+        raise ConfigError(
+            f"data.partition={d.partition}: {said} (the settings: data.alpha, data.n_buckets, "
+            "data.min_samples)"
+        ) from None
 
 
 def client_data(cfg: Config, model_path: Path, client_index: int, n_clients: int) -> ClientData:

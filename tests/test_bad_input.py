@@ -165,7 +165,13 @@ ROWS = [
         2,
         ["cannot detect the dataset format"],
     ),
-    ("too few samples a client", ["data.min_samples=100"], 1, 3, ["fewer than min_samples=100"]),
+    (
+        "too few samples a client",
+        ["data.min_samples=100"],
+        1,
+        3,
+        ["client 1 received", "min_samples=100", "data.alpha"],
+    ),
     ("responses cut off", ["data.max_seq_len=4"], 1, 2, ["no response token fits in max_seq_len=4"]),
 ]
 
