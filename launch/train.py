@@ -2,7 +2,7 @@
 
 One node, four clients (the demo)::
 
-    torchrun --nproc_per_node=5 -m launch.train torchrun_configs/tiny_cpu.yaml
+    torchrun --nproc_per_node=5 -m launch.train torchrun_configs/demo.yaml
 
 Any config key can be overridden: ``train.rounds=3 split.cut_layers=[1,2,3,2]``.
 Two nodes (run on each; Slurm: launch/slurm_multinode.sbatch)::
