@@ -230,6 +230,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML reads 1e30 or 5e-5 (no dot) as a string: take any number Python reads
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and (
         not isinstance(value, tp) or (tp is int and isinstance(value, bool))
     ):
