@@ -139,7 +139,8 @@ def test_short_split_run_with_dropout_takes_the_unsplit_steps(shaped, name):
         write_adapter(stage.hf, layout, start)
     split_opt = torch.optim.AdamW(lora_parameters(client.hf) + lora_parameters(server.hf), lr=1e-2)
 
-    full = get_peft_model(full_model(path), lora_config(spec, family)).train()  # from_pretrained gives eval mode
+    # .train(): from_pretrained gives a model in eval mode
+    full = get_peft_model(full_model(path), lora_config(spec, family)).train()
     write_adapter(full.base_model.model, layout, start)
     full_opt = torch.optim.AdamW(lora_parameters(full.base_model.model), lr=1e-2)
     assert get_module(full.base_model.model, family.layers)[0].training
