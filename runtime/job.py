@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,14 @@ def resolve_model_path(cfg: Config) -> Path:
     if cfg.model.path == BUILTIN_MODEL:
         from models.tiny import build_tiny_model
 
-        return build_tiny_model(cache_dir() / "tiny-llama")
+        folder = cache_dir() / "tiny-llama"
+        if not (folder / "build_info.json").is_file() and os.environ.get("RANK", "0") == "0":
+            print(
+                f"building the built-in model into {folder} (once: about a minute on an idle machine) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+        return build_tiny_model(folder)
     path = Path(cfg.model.path)
     if not (path / "config.json").is_file():
         raise ConfigError(
