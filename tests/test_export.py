@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,8 +92,9 @@ def _targets(model_dir: Path) -> tuple[str, ...]:
     return family_of(hf_config(model_dir)).lora_targets
 
 
-def _run_dir(tmp_path: Path, model_dir: Path) -> tuple[Path, Path]:
-    """An output_dir as a one-client run cut at CUT leaves it: run_config.json and a round-2 checkpoint."""
+def _run_dir(tmp_path: Path, model_dir: Path) -> Path:
+    """An output_dir as a one-client run cut at CUT leaves it after round 2: run_config.json, metrics,
+    the PEFT adapter (here a random one) and a checkpoint."""
     out = tmp_path / "run"
     cfg = load_config(
         "torchrun_configs/tiny_cpu.yaml",
@@ -100,13 +102,16 @@ def _run_dir(tmp_path: Path, model_dir: Path) -> tuple[Path, Path]:
     )
     out.mkdir()
     (out / "run_config.json").write_text(json.dumps(cfg.to_dict()))
+    (out / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n" + json.dumps({"round": 2}) + "\n")
     from runtime.job import lora_spec, model_config
 
     mcfg = model_config(model_dir)
-    layout = build_layout(mcfg, lora_spec(cfg, mcfg), [CUT])
+    spec = lora_spec(cfg, mcfg)
+    layout = build_layout(mcfg, spec, [CUT])
     flat = torch.randn(layout.numel, generator=torch.Generator().manual_seed(2)) * 0.05
-    state = {"round": 2, "plan": {"1": [CUT, 4]}, "fingerprint": fingerprint(cfg, 1)}
-    return out, checkpoint.save(out / "checkpoint", 2, flat, state, keep=2)
+    export_peft_adapter(layout, flat, spec, mcfg, out / "adapter", str(model_dir))
+    checkpoint.save(out / "checkpoint", 2, flat, {"round": 2, "fingerprint": fingerprint(cfg, 1)}, keep=2)
+    return out
 
 
 def _export(*args: str) -> subprocess.CompletedProcess:
@@ -123,8 +128,8 @@ def _export(*args: str) -> subprocess.CompletedProcess:
 
 def test_export_cli_writes_the_adapter_and_a_loadable_merged_model(shaped, tmp_path):
     model_dir = shaped("gpt2-small")
-    out, saved = _run_dir(tmp_path, model_dir)
-    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    out = _run_dir(tmp_path, model_dir)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     res = _export(str(out), "--merged", str(tmp_path / "merged"))
     assert res.returncode == 0, res.stderr
     assert "round 2" in res.stdout
@@ -136,7 +141,8 @@ def test_export_cli_writes_the_adapter_and_a_loadable_merged_model(shaped, tmp_p
         torch.testing.assert_close(
             merged(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5, rtol=0
         )
-    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    # nothing in the run's folder changed (the adapter, the checkpoint, the metrics)
+    assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
     # A --merged folder that holds something is refused, untouched.
     keep = tmp_path / "taken"
@@ -150,7 +156,16 @@ def test_export_cli_writes_the_adapter_and_a_loadable_merged_model(shaped, tmp_p
     assert [p.name for p in keep.iterdir()] == ["notes.txt"]
 
 
-def test_export_of_a_folder_that_is_no_run_is_refused(tmp_path):
+def test_export_of_a_folder_that_is_no_run_or_has_no_adapter_is_refused(tmp_path, shaped):
     res = _export(str(tmp_path))
     assert res.returncode == 2
     assert "no run_config.json" in res.stderr and "Traceback" not in res.stderr
+    out = _run_dir(tmp_path, shaped("gpt2-small"))
+    shutil.rmtree(out / "adapter")
+    res = _export(str(out), "--merged", str(tmp_path / "m"))
+    assert res.returncode == 2 and not (tmp_path / "m").exists()
+    assert (
+        "no adapter in" in res.stderr
+        and "did round 1 finish?" in res.stderr
+        and "Traceback" not in res.stderr
+    )
