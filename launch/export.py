@@ -34,10 +34,6 @@ def main(argv: list[str] | None = None) -> None:
     saved, adapter = out / "run_config.json", out / "adapter"
     if not saved.is_file():
         raise _fail(f"no run_config.json in {str(out)!r}: give the output_dir of a split run (launch.train)")
-    if not (adapter / "adapter_config.json").is_file():
-        raise _fail(
-            f"no adapter in {str(adapter)!r}: the run writes it after each round; did round 1 finish?"
-        )
     merged = Path(args.merged) if args.merged else None
     if merged is not None and merged.exists() and (not merged.is_dir() or any(merged.iterdir())):
         raise _fail(
@@ -53,6 +49,15 @@ def main(argv: list[str] | None = None) -> None:
         model_config(model_path)
     except (ConfigError, ValueError, OSError) as e:
         raise _fail(f"{saved}: {e}") from None
+    if cfg.train.aggregation == "stack":
+        raise _fail(
+            "train.aggregation=stack merges each round's adapter into the base, so the run has no adapter/; "
+            "exporting its merged weights is not implemented yet (they are in the round checkpoints)"
+        )
+    if not (adapter / "adapter_config.json").is_file():
+        raise _fail(
+            f"no adapter in {str(adapter)!r}: the run writes it after each round; did round 1 finish?"
+        )
     from models.export import merge_adapter, save_merged
 
     records = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []

@@ -11,7 +11,10 @@ for every rank (``alpha`` grows with ``r``), so zero-padding keeps ``B @ A * sca
 from __future__ import annotations
 
 import math
+import re
 import zlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from models.families import Family, family_of
+from models.families import Family, family_of, get_module
 from models.stages import Stage
 
 ADAPTER = "default"
@@ -38,10 +41,32 @@ class LoraSpec:
     r_cut: int
     targets: tuple[str, ...]
     dropout: float = 0.0
+    module_ranks: tuple[tuple[str, int], ...] | None = None
+    """HSplitLoRA's chosen weights: (full module name, rank) for every candidate module; rank 0 means
+    no LoRA there. None: every module named by ``targets`` gets ``r``. A holder's rank on a module is
+    ``min(this rank, the holder's rank for the layer)``."""
 
     @property
     def scale(self) -> float:
         return self.alpha / self.r
+
+    def module_rank(self, name: str) -> int:
+        """The rank the selection gives module ``name`` (``r`` without a selection)."""
+        if self.module_ranks is None:
+            return self.r
+        return dict(self.module_ranks).get(name, 0)
+
+
+def with_selection(spec: LoraSpec, ranks: Mapping[str, int]) -> LoraSpec:
+    """``spec`` with per-module ranks (the importance selection)."""
+    return LoraSpec(
+        spec.r,
+        spec.alpha,
+        spec.r_cut,
+        spec.targets,
+        spec.dropout,
+        tuple(sorted((n, int(r)) for n, r in ranks.items())),
+    )
 
 
 def _layer_pattern(family: Family, layer: int) -> str:
@@ -49,7 +74,19 @@ def _layer_pattern(family: Family, layer: int) -> str:
 
 
 def lora_config(spec: LoraSpec, family: Family, ranks: dict[int, int] | None = None) -> LoraConfig:
-    """A PEFT LoraConfig; ``ranks`` maps layer index -> rank for layers that differ from ``spec.r``."""
+    """A PEFT LoraConfig; ``ranks`` maps layer index -> rank for layers that differ from ``spec.r``.
+
+    With a selection (``spec.module_ranks``) the config names exactly the chosen modules of the
+    layers in ``ranks`` (all layers if None) and gives each its rank (``min`` of the selection's and
+    the layer's), through PEFT's ``rank_pattern``/``alpha_pattern``.
+    """
+    if spec.module_ranks is not None:
+        wanted = {}
+        for name, r in spec.module_ranks:
+            j = module_layer(name, family)
+            if r > 0 and (ranks is None or j in ranks):
+                wanted[name] = min(r, ranks[j]) if ranks is not None else r
+        return module_lora_config(spec, wanted)
     ranks = {j: r for j, r in (ranks or {}).items() if r != spec.r}
     return LoraConfig(
         r=spec.r,
@@ -64,11 +101,29 @@ def lora_config(spec: LoraSpec, family: Family, ranks: dict[int, int] | None = N
     )
 
 
-def target_ranks(start: int, end: int, spec: LoraSpec, cut_rank: int | None) -> dict[int, int]:
-    """Rank of each layer of a stage ``[start, end)``; ``cut_rank`` (client stages) applies to ``end-1``."""
-    ranks = {j: spec.r for j in range(start, end)}
+def module_lora_config(spec: LoraSpec, ranks: Mapping[str, int]) -> LoraConfig:
+    """A PEFT LoraConfig naming each module (full name) with its own rank; alpha/r stays ``spec.scale``."""
+    key = lambda name: re.escape(name)
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        target_modules=sorted(ranks),
+        lora_dropout=spec.dropout,
+        bias="none",
+        rank_pattern={key(n): r for n, r in ranks.items() if r != spec.r},
+        alpha_pattern={key(n): spec.scale * r for n, r in ranks.items() if r != spec.r},
+        task_type="CAUSAL_LM",
+    )
+
+
+def target_ranks(
+    start: int, end: int, spec: LoraSpec, cut_rank: int | None, cap: int | None = None
+) -> dict[int, int]:
+    """Rank of each layer of a stage ``[start, end)``: ``cap`` (a client's own rank, default ``spec.r``)
+    everywhere and ``cut_rank`` (client stages) on ``end-1``."""
+    ranks = {j: cap or spec.r for j in range(start, end)}
     if cut_rank is not None and end > start:
-        ranks[end - 1] = cut_rank
+        ranks[end - 1] = min(cut_rank, cap or spec.r)
     return ranks
 
 
@@ -92,7 +147,10 @@ def inject_layers(stage: Stage, spec: LoraSpec, ranks: dict[int, int]) -> None:
         setattr(node, part, nn.Module())
         node = getattr(node, part)
     setattr(node, leaf, nn.ModuleDict({str(j): stage.layers[str(j)] for j in sorted(ranks)}))
-    _inject(lora_config(spec, stage.family, ranks), root, stage.family)
+    config = lora_config(spec, stage.family, ranks)
+    if config.target_modules:  # a selection may choose no module of these layers
+        _inject(config, root, stage.family)
+    stage.lora_ranks.update(ranks)
     for j in ranks:
         for name, p in stage.layers[str(j)].named_parameters():
             p.requires_grad_(".lora_" in name)
@@ -102,14 +160,15 @@ def strip_layers(stage: Stage, layers: list[int]) -> None:
     """Removes LoRA from the listed layers (each adapted module goes back to its base layer)."""
     for j in layers:
         layer = stage.layers[str(j)]
+        stage.lora_ranks.pop(j, None)
         for name, m in list(lora_modules(layer).items()):
             parent, _, leaf = name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, leaf, m.get_base_layer())
 
 
 def layer_rank(stage: Stage, layer: int) -> int:
-    """The LoRA rank the stage holds at ``layer``."""
-    return next(iter(lora_modules(stage.layers[str(layer)]).values())).r[ADAPTER]
+    """The LoRA rank the stage holds at ``layer`` (its modules have ``min`` of it and their selected rank)."""
+    return stage.lora_ranks[layer]
 
 
 def set_layer_rank(stage: Stage, spec: LoraSpec, layer: int, rank: int) -> None:
@@ -140,6 +199,10 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if ".lora_" in n]
 
 
+def named_lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if ".lora_" in n]
+
+
 def module_layer(name: str, family: Family) -> int:
     """The decoder layer index of a module named ``<layers>.<j>.<...>``."""
     return int(name[len(family.layers) + 1 :].split(".", 1)[0])
@@ -152,6 +215,7 @@ class Slot:
     rank: int  # the global rank R of this module
     in_features: int
     out_features: int
+    fan_in_fan_out: bool = False  # the base weight is stored (in, out) (GPT-2's Conv1D)
 
     @property
     def numel(self) -> int:
@@ -178,8 +242,8 @@ class AdapterLayout:
         return a, b
 
 
-def target_shapes(config: PretrainedConfig, spec: LoraSpec) -> dict[str, tuple[int, int]]:
-    """(in, out) of every LoRA target module of the full model, found on the meta device (no memory)."""
+def target_shapes(config: PretrainedConfig, spec: LoraSpec) -> dict[str, tuple[int, int, bool]]:
+    """(in, out, fan_in_fan_out) of every LoRA target module of the full model, found on the meta device."""
     family = family_of(config)
     with init_empty_weights():
         hf = AutoModelForCausalLM.from_config(config)
@@ -188,26 +252,62 @@ def target_shapes(config: PretrainedConfig, spec: LoraSpec) -> dict[str, tuple[i
     for name, m in lora_modules(hf).items():
         if name.startswith(family.layers + "."):
             a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
-            shapes[name] = (a.shape[1], b.shape[0])
+            shapes[name] = (a.shape[1], b.shape[0], bool(getattr(m, "fan_in_fan_out", False)))
     return shapes
 
 
-def holder_rank(layer: int, cut: int, spec: LoraSpec) -> int:
-    """Rank of layer ``layer``'s copy for a client cut at ``cut`` (on the client or its server replica)."""
-    return spec.r_cut if layer == cut - 1 else spec.r
+def candidate_targets(config: PretrainedConfig) -> tuple[str, ...]:
+    """Every linear weight of a decoder layer (the candidates of ``lora.selection=importance``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    family = family_of(config)
+    with init_empty_weights():
+        hf = AutoModelForCausalLM.from_config(config)
+    layer = get_module(hf, family.layers)[0]
+    return tuple(
+        sorted({n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+    )
 
 
-def build_layout(config: PretrainedConfig, spec: LoraSpec, cut_layers: list[int]) -> AdapterLayout:
-    """The layout for clients cut at ``cut_layers``: each module's rank is the largest among its holders.
+def holder_rank(
+    layer: int, cut: int, spec: LoraSpec, cut_rank: int | None = None, cap: int | None = None
+) -> int:
+    """The rank of layer ``layer`` in the chain of a client cut at ``cut``: on the client ``cap`` (its own
+    rank, default ``spec.r``) and ``cut_rank`` (default ``spec.r_cut``) on its cut layer; ``spec.r`` on
+    its server replica."""
+    if layer >= cut:
+        return spec.r
+    cap = cap or spec.r
+    return min(spec.r_cut if cut_rank is None else cut_rank, cap) if layer == cut - 1 else cap
 
-    With no cut layers (the unsplit model) every module has rank ``spec.r``.
+
+def chain_ranks(
+    layout: AdapterLayout, spec: LoraSpec, cut: int, cut_rank: int, cap: int | None = None
+) -> dict[str, int]:
+    """The rank of every module of the layout in one client's chain (its layers and its server replica's)."""
+    return {
+        s.name: min(spec.module_rank(s.name), holder_rank(s.layer, cut, spec, cut_rank, cap))
+        for s in layout.slots
+    }
+
+
+def build_layout(
+    config: PretrainedConfig, spec: LoraSpec, cut_layers: list[int], caps: list[int | None] | None = None
+) -> AdapterLayout:
+    """The layout for clients cut at ``cut_layers`` (own ranks ``caps``): each module's rank is the largest
+    among its holders; modules the selection leaves out (rank 0) have no slot.
+
+    With no cut layers (the unsplit model) every module has its selected rank (``spec.r`` by default).
     """
     family = family_of(config)
+    caps = caps or [None] * len(cut_layers)
     slots = []
-    for name, (n_in, n_out) in target_shapes(config, spec).items():
+    for name, (n_in, n_out, fan) in target_shapes(config, spec).items():
         j = module_layer(name, family)
-        rank = max((holder_rank(j, k, spec) for k in cut_layers), default=spec.r)
-        slots.append(Slot(name, j, rank, n_in, n_out))
+        held = max((holder_rank(j, k, spec, None, c) for k, c in zip(cut_layers, caps)), default=spec.r)
+        rank = min(spec.module_rank(name), held)
+        if rank > 0:
+            slots.append(Slot(name, j, rank, n_in, n_out, fan))
     return AdapterLayout(slots)
 
 
@@ -271,6 +371,31 @@ def write_adapter(model: nn.Module, layout: AdapterLayout, flat: torch.Tensor) -
             lb.copy_(b[:, :r].to(lb))
 
 
+@contextmanager
+def global_view(
+    models: list[nn.Module], layout: AdapterLayout | None, flat: torch.Tensor | None
+) -> Iterator[None]:
+    """Within the block every LoRA module of ``models`` computes the global adapter at its full rank.
+
+    A holder may train a smaller rank than the global adapter has (a client's own rank, ``r_cut``);
+    evaluating through this view measures exactly the adapter that is exported, not the holders'
+    truncations. The holders' own weights are put back afterwards.
+    """
+    saved = []
+    try:
+        for model in models if layout is not None else []:
+            for name, m in lora_modules(model).items():
+                la, lb = m.lora_A[ADAPTER], m.lora_B[ADAPTER]
+                a, b = layout.views(flat, name)
+                saved.append((la, lb, la.weight, lb.weight))
+                la.weight = nn.Parameter(a.to(la.weight), requires_grad=False)
+                lb.weight = nn.Parameter(b.to(lb.weight), requires_grad=False)
+        yield
+    finally:
+        for la, lb, wa, wb in saved:
+            la.weight, lb.weight = wa, wb
+
+
 def read_adapter(model: nn.Module, layout: AdapterLayout, flat: torch.Tensor, weight: float) -> None:
     """Adds ``weight *`` the model's LoRA weights into ``flat`` (zero-padded to the global rank)."""
     with torch.no_grad():
@@ -292,10 +417,13 @@ def export_peft_adapter(
 ) -> Path:
     """Writes the global adapter in PEFT format; ``PeftModel.from_pretrained(base, out_dir)`` loads it."""
     family = family_of(config)
-    ranks = {}
+    per_layer: dict[int, set[int]] = {}
     for s in layout.slots:
-        ranks.setdefault(s.layer, s.rank)
-    cfg = lora_config(spec, family, ranks)
+        per_layer.setdefault(s.layer, set()).add(s.rank)
+    if spec.module_ranks is None and all(len(r) == 1 for r in per_layer.values()):
+        cfg = lora_config(spec, family, {j: r.pop() for j, r in per_layer.items()})
+    else:  # per-weight ranks (a selection, or clients' own ranks): every module named with its rank
+        cfg = module_lora_config(spec, {s.name: s.rank for s in layout.slots})
     cfg.base_model_name_or_path = base_model
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

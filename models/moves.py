@@ -46,22 +46,26 @@ def restage(
     flat: torch.Tensor,
     seed: int,
     arriving_ranks: dict[int, int] | None = None,
+    cap: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """Moves ``stage`` to layers ``[start, end)``; returns (layers added, layers dropped).
 
     ``new_layers(lo, hi)`` builds the frozen layers ``[lo, hi)`` that arrive; ``arriving_ranks``
     gives the rank their previous holder used where it was not ``spec.r`` (the client's old cut
-    layer). ``flat`` is the global adapter every holder currently agrees on.
+    layer). ``flat`` is the global adapter every holder currently agrees on. ``cap`` is a client's own
+    rank (``lora.client_ranks``): its layers hold at most that rank, so a layer arriving from a
+    holder of a higher rank takes the leading ``cap`` components of the global adapter, as every
+    round's load does; only a shrink below that (the cut layer's ``r_cut``) must change nothing.
     """
     old = range(stage.start, stage.end)
     if not (start < end and (start in old or end - 1 in old)):
         raise ValueError(f"a move from [{stage.start}, {stage.end}) to [{start}, {end}) must overlap")
-    ranks = target_ranks(start, end, spec, cut_rank)
+    ranks = target_ranks(start, end, spec, cut_rank, cap)
     previous = {j: layer_rank(stage, j) for j in old if start <= j < end}
     previous.update({j: spec.r for j in range(start, end) if j not in old})
     previous.update({j: r for j, r in (arriving_ranks or {}).items() if start <= j < end and j not in old})
     for j, r in ranks.items():
-        if r < previous[j] and not reducible(layout, flat, j, r):
+        if r < min(previous[j], cap or spec.r) and not reducible(layout, flat, j, r):
             raise ValueError(f"layer {j} cannot shrink to rank {r} without changing the model")
 
     dropped = [j for j in old if not start <= j < end]

@@ -88,6 +88,7 @@ class Stage(nn.Module):
         self.family = family
         self.config = config
         self.start, self.end = start, end
+        self.lora_ranks: dict[int, int] = {}  # layer -> the LoRA rank this stage holds it at (models.lora)
 
     @property
     def is_first(self) -> bool:
@@ -133,6 +134,7 @@ class Stage(nn.Module):
         dropped = {j: self.layers[str(j)] for j in indices}
         for j in indices:
             del self.layers[str(j)]
+            self.lora_ranks.pop(j, None)
         if lo == self.start:
             self.start = hi
         else:
@@ -226,6 +228,22 @@ def _load_owned(hf: nn.Module, model_dir: str | Path, device: str | torch.device
     for name, buf in list(hf.named_buffers()):
         if buf.device != torch.device(device):
             set_module_tensor_to_device(hf, name, device, value=buf)
+
+
+def read_tensors(
+    model_dir: str | Path, modules: list[str], dtype: str = "float32", device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The ``weight`` of each named module (full-model names), read alone from the checkpoint."""
+    reader = CheckpointReader(model_dir)
+    keys = reader.keys()
+    out = {}
+    for name in modules:
+        param = f"{name}.weight"
+        key = _checkpoint_key(param, keys, param.split(".", 1)[0], {})
+        if key is None:
+            raise KeyError(f"checkpoint {str(model_dir)!r} has no tensor for {param!r}")
+        out[name] = reader.get(key).to(device=device, dtype=DTYPES[dtype])
+    return out
 
 
 def build_layers(

@@ -40,6 +40,7 @@ __all__ = [
     "plan",
     "plan_resource",
     "predict",
+    "rank_for_memory",
 ]
 
 GB = 1e9
@@ -569,3 +570,17 @@ class AdaptivePlanner:
         move = state["move"]
         self._move = None if move is None else _copy_move(move)
         self._forbidden = {tuple(int(k) for k in p) for p in state["forbidden"]}
+
+
+def rank_for_memory(model: ModelCosts, client: ClientCosts, k: int, r: int, headroom: float = 0.1) -> int:
+    """The largest LoRA rank ``<= r`` at which a client cut at ``k`` fits its memory; 0 if none does.
+
+    ``model.lora_param_bytes`` is one layer's LoRA at rank ``r``; LoRA's weights, gradients and AdamW
+    state scale linearly with the rank. Used by ``lora.client_ranks=auto`` (HSplitLoRA's per-client
+    budget): the cut is planned first, then each client trains the largest rank its memory holds.
+    """
+    for rank in range(r, 0, -1):
+        scaled = replace(model, lora_param_bytes=model.lora_param_bytes * rank / r)
+        if memory_need(scaled, k) * (1 + headroom) <= client.memory_bytes:
+            return rank
+    return 0

@@ -1,39 +1,77 @@
-"""Aggregation of every holder's adapter copies into one global adapter, in one all-reduce.
+"""Aggregation over the process group: every rule is one all-reduce of one vector per round.
 
-Each rank writes ``p_i *`` its copies (a client: layers below its cut; the server: each
-replica's layers at and above that client's cut) into one flat vector laid out over all
-layers, zeros elsewhere. ``all_reduce(SUM)`` gives every rank the sample-weighted average
-(``fedavg``; a copy of smaller rank is zero-padded, its alpha/r scaling is the same), and each
-holder then loads its leading rank of it.
+Each rank writes what its holders contribute (a client: its layers; the server: every replica's
+layers) into one vector laid out over all layers and all chains, zeros elsewhere, and
+``all_reduce(SUM)`` gives every rank the same sum; ``models.aggregation`` says what the vector
+holds under each rule and how the global model follows from the sum. The vector crosses as
+float32: under ``stack``/``svd`` every position has exactly one non-zero contributor, so the sum
+is exact and identical on every rank.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.lora import AdapterLayout, read_adapter, write_adapter
+from models.aggregation import (
+    StackLayout,
+    fedavg_numel,
+    fedavg_result,
+    fedavg_vector,
+    stack_vector,
+    svd_result,
+)
+from models.lora import AdapterLayout, LoraSpec, initial_adapter
 
 
-def local_contribution(
-    holders: list[tuple[nn.Module, float]], layout: AdapterLayout, device: torch.device
-) -> torch.Tensor:
-    flat = torch.zeros(layout.numel, dtype=torch.float32, device=device)
-    for model, weight in holders:
-        read_adapter(model, layout, flat, weight)
-    return flat
+@dataclass
+class Aggregated:
+    flat: torch.Tensor
+    """The global adapter every holder loads next (under ``stack``: the fresh LoRA of the next round)."""
+    stack: StackLayout | None
+    summed: torch.Tensor | None
+    """``stack``: the summed blocks, whose products each holder merges into its frozen weights."""
+    nbytes: int
+    """Bytes of the vector this rank sent into the all-reduce."""
+
+
+def vector_numel(rule: str, layout: AdapterLayout, chains: dict[int, dict[str, int]]) -> int:
+    """Length of the all-reduced vector under ``rule`` (what the cost model charges per round)."""
+    return fedavg_numel(layout) if rule == "fedavg" else StackLayout(layout, chains).numel
 
 
 def aggregate(
-    holders: list[tuple[nn.Module, float]],
+    rule: str,
+    holders: list[tuple[int, nn.Module, float]],
     layout: AdapterLayout,
+    chains: dict[int, dict[str, int]],
+    previous: torch.Tensor,
+    spec: LoraSpec,
+    next_seed: int,
     device: torch.device,
     group: dist.ProcessGroup | None,
-) -> torch.Tensor:
-    """All-reduces the weighted copies, loads the result into every holder and returns it."""
-    flat = local_contribution(holders, layout, device)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    for model, _ in holders:
-        write_adapter(model, layout, flat)
-    return flat
+) -> Aggregated:
+    """Sums this rank's contribution with every other rank's and returns the global model's state.
+
+    ``holders`` are (client chain, model, sample weight); ``chains`` gives every chain's rank on
+    every module (from the plan, the same on every rank); ``next_seed`` draws the fresh LoRA that
+    ``stack`` starts the next round from.
+    """
+    if rule == "fedavg":
+        vec = fedavg_vector([(m, w) for _, m, w in holders], layout)
+        summed = _all_reduce(vec, device, group)
+        return Aggregated(fedavg_result(summed, layout, previous), None, None, 4 * vec.numel())
+    stack = StackLayout(layout, chains)
+    summed = _all_reduce(stack_vector(holders, stack), device, group)
+    if rule == "svd":
+        return Aggregated(svd_result(summed, stack, spec.scale), stack, None, 4 * stack.numel)
+    return Aggregated(initial_adapter(layout, next_seed), stack, summed, 4 * stack.numel)
+
+
+def _all_reduce(vec: torch.Tensor, device: torch.device, group: dist.ProcessGroup | None) -> torch.Tensor:
+    wire = vec.to(device=device, dtype=torch.float32)
+    dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group)
+    return wire.double().cpu()

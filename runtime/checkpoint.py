@@ -3,6 +3,8 @@
 A checkpoint is one directory per completed round, ``checkpoint/round-000007/``, holding
 
 - ``global_adapter.safetensors``: the aggregated adapter every holder loaded after the round;
+- ``merged_weights.safetensors`` (``train.aggregation=stack`` only): the merged weight of every
+  adapted module, i.e. the frozen base plus every round's exact delta so far;
 - ``state.json``: the round, elapsed time, the run's fingerprint, the plan in force during the round
   and the plan after any move decided at its end, the scheduler's state, each client's data
   position, and the metrics records so far.
@@ -37,6 +39,7 @@ from runtime import faults
 log = logging.getLogger("splitft")
 
 ADAPTER_FILE = "global_adapter.safetensors"
+MERGED_FILE = "merged_weights.safetensors"
 STATE_FILE = "state.json"
 PREFIX = "round-"
 
@@ -57,7 +60,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(root: Path, rnd: int, flat: torch.Tensor, state: dict, keep: int) -> Path:
+def save(
+    root: Path,
+    rnd: int,
+    flat: torch.Tensor,
+    state: dict,
+    keep: int,
+    merged: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Writes round ``rnd``'s checkpoint atomically and prunes all but the newest ``keep``."""
     root.mkdir(parents=True, exist_ok=True)
     final = round_dir(root, rnd)
@@ -66,9 +76,13 @@ def save(root: Path, rnd: int, flat: torch.Tensor, state: dict, keep: int) -> Pa
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file({"flat": flat.detach().cpu().contiguous()}, str(tmp / ADAPTER_FILE))
+    files = [ADAPTER_FILE, STATE_FILE]
+    if merged is not None:
+        save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / MERGED_FILE))
+        files.append(MERGED_FILE)
     faults.injector.hit("checkpoint")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    for f in (ADAPTER_FILE, STATE_FILE):
+    for f in files:
         _fsync(tmp / f)
     _fsync(tmp)
     if final.exists():  # this round was checkpointed by an attempt that died before finishing the next
@@ -112,6 +126,14 @@ def latest(root: Path, adapter: bool = True) -> tuple[dict, torch.Tensor | None]
     return None
 
 
+def merged_weights(root: Path, rnd: int) -> dict[str, torch.Tensor]:
+    """The merged weights (``stack``) of round ``rnd``'s checkpoint."""
+    path = round_dir(root, rnd) / MERGED_FILE
+    if not path.is_file():
+        raise CheckpointMismatch(f"{str(path)!r} is missing: the checkpoint was not written by a stack run")
+    return load_file(str(path))
+
+
 def check_fingerprint(root: Path, state: dict, expect: dict) -> None:
     """Raises CheckpointMismatch naming the first setting that differs between the checkpoint and this run."""
     saved = state.get("fingerprint", {})
@@ -124,12 +146,18 @@ def check_fingerprint(root: Path, state: dict, expect: dict) -> None:
             )
 
 
-def export_adapter(out: Path, layout, flat: torch.Tensor, spec, model_config, model_path: Path) -> None:
-    """Writes ``out/adapter`` (PEFT format) via a temporary folder, so a crash keeps the last one."""
+def export_adapter(
+    out: Path, layout, flat: torch.Tensor, spec, model_config, model_path: Path, selection: dict | None = None
+) -> None:
+    """Writes ``out/adapter`` (PEFT format) via a temporary folder, so a crash keeps the last one.
+
+    With an importance selection, ``selection.json`` beside it gives every weight's score and rank."""
     tmp = out / "adapter.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     export_peft_adapter(layout, flat.cpu(), spec, model_config, tmp, str(Path(model_path).resolve()))
+    if selection is not None:
+        (tmp / "selection.json").write_text(json.dumps(selection, indent=1))
     replace_dir(tmp, out / "adapter")
 
 

@@ -22,8 +22,20 @@ import torch
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
+from models.aggregation import StackLayout, merge_delta
 from models.datasets import BatchStream, eval_batches
-from models.lora import AdapterLayout, LoraSpec, inject_layers, lora_parameters, target_ranks
+from models.importance import Sensitivity
+from models.lora import (
+    AdapterLayout,
+    LoraSpec,
+    global_view,
+    inject_layers,
+    lora_modules,
+    lora_parameters,
+    named_lora_parameters,
+    strip_layers,
+    target_ranks,
+)
 from models.moves import restage
 from models.stages import build_layers, build_stage, stage_parameter_bytes
 from runtime import faults
@@ -32,7 +44,7 @@ from runtime.dist import SERVER
 from runtime.job import ClientData, data_seed, make_optimizer, stage_kwargs
 from runtime.metrics import peak_rss_mb
 from runtime.progress import StepBar
-from runtime.server import replica_rref
+from runtime.server import merged_weights, replica_rref
 from runtime.simulate import Link, Throttle, vmdata_bytes
 
 COMM_KEYS = ("activations_up", "gradients_down", "adapters_up", "adapters_down")
@@ -80,13 +92,15 @@ class Client:
         device: torch.device,
         throttle: Throttle,
         link: Link,
+        cap: int | None = None,
     ):
         self.rank, self.cut, self.cut_rank, self.cfg, self.device = rank, cut, cut_rank, cfg, device
+        self.cap = cap  # this client's own LoRA rank (lora.client_ranks); None: lora.r
         self.model_path, self.spec = model_path, spec
         self.timeout_s = cfg.runtime.rpc_timeout_s
         self.throttle, self.link = throttle, link
         self.stage = build_stage(model_path, 0, cut, device=device, **stage_kwargs(self.cfg))
-        inject_layers(self.stage, spec, target_ranks(0, cut, spec, cut_rank))
+        inject_layers(self.stage, spec, target_ranks(0, cut, spec, cut_rank, cap))
         self._hooks = {j: throttle.attach(self.stage.layers[str(j)]) for j in range(cut)}
         self.params = lora_parameters(self.stage.hf)
         self.grad_arrived = 0.0
@@ -99,6 +113,7 @@ class Client:
         )
         self.comm: Counter = Counter()
         self.replica: rpc.RRef | None = None
+        self.global_adapter: tuple[AdapterLayout, torch.Tensor] | None = None  # what evaluate measures
 
     def connect(self) -> None:
         """Gets an RRef to this client's replica on the server (after the server has built them)."""
@@ -119,7 +134,10 @@ class Client:
             layout,
             flat.to(self.device),
             self.cfg.seed,
+            cap=self.cap,
         )
+        if self.cfg.train.aggregation == "stack" and added:
+            self.fetch_merged(layout, added)
         for j in dropped:
             for handle in self._hooks.pop(j):
                 handle.remove()
@@ -128,10 +146,34 @@ class Client:
         self.cut, self.cut_rank = cut, cut_rank
         self.params = lora_parameters(self.stage.hf)
 
+    def merge(self, layout: AdapterLayout, stack: StackLayout, summed: torch.Tensor) -> None:
+        """stack: adds this round's exact delta to the frozen weights of every module this client adapts."""
+        for name, m in lora_modules(self.stage.hf).items():
+            s = layout.by_name[name]
+            merge_delta(m.get_base_layer().weight, *stack.factors(summed, name), s.fan_in_fan_out)
+
+    def fetch_merged(self, layout: AdapterLayout, layers: list[int]) -> None:
+        """stack: takes the merged weights of ``layers`` from the server (after a move or on resume)."""
+        names = [s.name for s in layout.slots if s.layer in set(layers)]
+        weights = rpc.rpc_sync(SERVER, merged_weights, args=(names,), timeout=self.timeout_s)
+        self.comm["adapters_down"] += sum(nbytes(t) for t in weights.values())
+        with torch.no_grad():
+            for name, w in weights.items():
+                self.stage.hf.get_submodule(name).get_base_layer().weight.copy_(w)
+
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_round(self, steps: int, stop: Callable[[], bool]) -> dict | None:
+    def relora(self, spec: LoraSpec) -> None:
+        """Replaces this client's LoRA by ``spec``'s (after the importance selection)."""
+        strip_layers(self.stage, list(range(self.cut)))
+        self.spec = spec
+        inject_layers(self.stage, spec, target_ranks(0, self.cut, spec, self.cut_rank, self.cap))
+        self.params = lora_parameters(self.stage.hf)
+
+    def train_round(
+        self, steps: int, stop: Callable[[], bool], scorer: Sensitivity | None = None
+    ) -> dict | None:
         """Runs ``steps`` split steps; returns the round's loss, token and timing figures, or None if a
         stop was requested (checked before every step: this rank's signal, or the server's, which
         comes back with every step's reply), or ``{"diverged": {step, loss}}`` at the first NaN or
@@ -166,6 +208,8 @@ class Client:
                 grads = dist_autograd.get_gradients(ctx)
                 for p in self.params:
                     p.grad = grads.get(p)
+                if scorer is not None:
+                    scorer.update(named_lora_parameters(self.stage.hf))
                 optimizer.step()
                 for p in self.params:
                     p.grad = None
@@ -201,13 +245,14 @@ class Client:
         totals = torch.zeros(3, dtype=torch.float64)
         self.stage.eval()
         try:
-            for batch in self.eval_set:
-                batch = self._to_device(batch)
-                hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                payload = server_payload(batch, hidden)
-                self.comm["eval_activations_up"] += sum(nbytes(t) for t in payload)
-                self.link.delay(sum(nbytes(t) for t in payload))
-                totals += self.replica.rpc_sync(timeout=self.timeout_s).evaluate(*payload).cpu()
+            with global_view([self.stage.hf], *self.global_adapter):
+                for batch in self.eval_set:
+                    batch = self._to_device(batch)
+                    hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    payload = server_payload(batch, hidden)
+                    self.comm["eval_activations_up"] += sum(nbytes(t) for t in payload)
+                    self.link.delay(sum(nbytes(t) for t in payload))
+                    totals += self.replica.rpc_sync(timeout=self.timeout_s).evaluate(*payload).cpu()
         finally:
             self.stage.train()
         return totals

@@ -64,6 +64,18 @@ class LoraSection:
     """Target module names inside a decoder layer; None uses the family's defaults."""
     dropout: float = 0.0
     """LoRA dropout (0 keeps split and unsplit runs bit-comparable)."""
+    client_ranks: list[int] | str | None = None
+    """HSplitLoRA: each client's own LoRA rank on its layers (one per client, each in 1..lora.r; its cut
+    layer gets min(this, r_cut)); auto: the largest rank that fits each client's measured memory at its
+    planned cut; None: lora.r for every client. Server replicas always use lora.r."""
+    selection: str = "all"
+    """Which weights get LoRA: all (every lora.targets module at rank r) or importance (HSplitLoRA: a
+    warm-up scores every linear weight of the decoder layers and ranks go where the score is high)."""
+    budget: float = 0.5
+    """selection=importance: trainable parameters as a fraction of placing rank r on every lora.targets
+    module (the uniform placement)."""
+    warmup_steps: int = 4
+    """selection=importance: steps of each client's warm-up that score the weights."""
 
 
 @dataclass
@@ -81,7 +93,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     aggregation: str = "fedavg"
-    """How client adapters are combined: fedavg (sample-weighted, zero-padded to the largest rank)."""
+    """How the clients' adapters become one model: fedavg (A and B averaged per component over the copies
+    that hold it), stack (the exact weighted sum of the copies' B@A, merged into the frozen weights each
+    round; lossless for any mix of ranks) or svd (that exact sum cut back to each rank by SVD)."""
 
 
 POLICIES = ("fixed", "manual", "resource", "adaptive")
@@ -375,7 +389,29 @@ def validate(cfg: Config) -> None:
     _require(t.eval_batch_size >= 1, f"train.eval_batch_size={t.eval_batch_size}: must be >= 1")
     _require(t.lr > 0, f"train.lr={t.lr}: must be > 0")
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
-    _require(t.aggregation == "fedavg", f"train.aggregation={t.aggregation!r}: only fedavg is available")
+    _require(
+        t.aggregation in ("fedavg", "stack", "svd"),
+        f"train.aggregation={t.aggregation!r}: use fedavg, stack or svd",
+    )
+    _require(lo.selection in ("all", "importance"), f"lora.selection={lo.selection!r}: use all or importance")
+    _require(
+        0 < lo.budget <= 1,
+        f"lora.budget={lo.budget}: must be in (0, 1] (a fraction of the uniform placement)",
+    )
+    _require(
+        lo.warmup_steps >= 2,
+        f"lora.warmup_steps={lo.warmup_steps}: must be >= 2 (LoRA's B starts at zero, so the first step "
+        "scores every weight 0)",
+    )
+    _require(
+        lo.client_ranks is None or lo.client_ranks == "auto" or isinstance(lo.client_ranks, list),
+        f"lora.client_ranks={lo.client_ranks!r}: use a list (one rank per client), auto or null",
+    )
+    for r in lo.client_ranks if isinstance(lo.client_ranks, list) else []:
+        _require(
+            isinstance(r, int) and 1 <= r <= lo.r,
+            f"lora.client_ranks={lo.client_ranks}: every rank must be an int in 1..lora.r ({lo.r})",
+        )
     _require(rt.device in ("auto", "cpu", "cuda"), f"runtime.device={rt.device!r}: use auto, cpu or cuda")
     for name in ("rpc_timeout_s", "round_timeout_s", "peer_timeout_s"):
         _require(getattr(rt, name) > 0, f"runtime.{name}={getattr(rt, name)}: must be > 0")
@@ -457,6 +493,12 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
         )
     for rnd, cuts in (cfg.split.schedule or {}).items():
         _check_cuts(cuts, n_clients, n_layers, f"split.schedule[{rnd}]")
+    ranks = cfg.lora.client_ranks
+    _require(
+        not isinstance(ranks, list) or len(ranks) == n_clients,
+        f"lora.client_ranks has {len(ranks or [])} entries for {n_clients} clients: "
+        "give one per client or null",
+    )
     if cfg.policy in ("resource", "adaptive"):
         return None
     cuts = cfg.cut_layers_for(n_clients)

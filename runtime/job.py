@@ -40,7 +40,8 @@ def resolve_model_path(cfg: Config) -> Path:
         folder = cache_dir() / "tiny-llama"
         if not (folder / "build_info.json").is_file() and os.environ.get("RANK", "0") == "0":
             print(
-                f"building the built-in model into {folder} (done once; it pretrains for some minutes on CPU) ...",
+                f"building the built-in model into {folder} (done once; it pretrains for some minutes "
+                "on CPU) ...",
                 file=sys.stderr,
                 flush=True,
             )

@@ -9,9 +9,12 @@ applies a forced move (``split.schedule``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from models.aggregation import wire_numel
 from models.families import family_of, get_module
 from models.lora import AdapterLayout
 from models.stages import DTYPES
@@ -25,6 +28,7 @@ from partition.planner import (
     check_memory,
     plan,
     predict,
+    rank_for_memory,
 )
 from runtime.config import Config
 from runtime.probe import ResourceProfile
@@ -41,6 +45,7 @@ def model_costs(
     layout: AdapterLayout,
     seq: int,
     activation_bytes: float,
+    n_clients: int = 1,
 ) -> ModelCosts:
     """The model's figures at the run's batch size and a typical padded sequence length ``seq``."""
     family = family_of(mcfg)
@@ -63,7 +68,7 @@ def model_costs(
         activation_bytes=float(activation_bytes) * ACTIVATION_FACTOR,
         payload_bytes=float(hidden + tokens * (1 + 4)),  # hidden states, bool mask, int32 labels
         gradient_bytes=float(hidden),
-        adapter_bytes=float(layout.numel * 4),
+        adapter_bytes=float(wire_numel(cfg.train.aggregation, layout, n_clients) * 4),
     )
 
 
@@ -103,7 +108,13 @@ class Scheduler:
         server: ResourceProfile,
         server_threads: int,
     ):
-        self.cfg, self.model, self.policy = cfg, model, cfg.policy
+        self.cfg, self.policy = cfg, cfg.policy
+        self.full_rank_model = model
+        if cfg.lora.client_ranks == "auto":
+            # A client may take a cut it can hold only at a lower rank: plan the cuts with rank-1 LoRA
+            # state, then give each client the largest rank that fits (``client_ranks``).
+            model = replace(model, lora_param_bytes=model.lora_param_bytes / cfg.lora.r)
+        self.model = model
         self.clients = [client_costs(p) for p in clients]
         self.server = server_costs(server, server_threads)
         self.cores = {p.host: float(p.usable_cores) for p in (server, *clients) if not p.cuda}
@@ -138,6 +149,16 @@ class Scheduler:
             cut_layers=self.cfg.split.cut_layers,
             headroom=self.cfg.split.memory_headroom,
         )
+
+    def client_ranks(self, cuts: list[int]) -> list[int]:
+        """``lora.client_ranks=auto``: each client's largest LoRA rank that fits its memory at its cut."""
+        return [
+            max(
+                1,
+                rank_for_memory(self.full_rank_model, c, k, self.cfg.lora.r, self.cfg.split.memory_headroom),
+            )
+            for c, k in zip(self.clients, cuts)
+        ]
 
     def predict(self, cuts: list[int]) -> Prediction:
         """The predicted round under the current figures (refit from measurements under ``adaptive``)."""

@@ -20,10 +20,20 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from models.lora import AdapterLayout, LoraSpec, add_lora, lora_parameters
+from models.aggregation import StackLayout, merge_delta
+from models.importance import Sensitivity
+from models.lora import (
+    AdapterLayout,
+    LoraSpec,
+    add_lora,
+    global_view,
+    lora_parameters,
+    named_lora_parameters,
+    strip_layers,
+)
 from models.loss import mean_loss, token_stats
 from models.moves import restage
-from models.stages import Stage, build_layers, build_stage, load_config
+from models.stages import Stage, build_layers, build_stage, load_config, read_tensors
 from runtime import faults
 from runtime.config import Config
 from runtime.job import make_optimizer, stage_kwargs
@@ -73,12 +83,23 @@ class ServerReplica:
         self.step_times: list[float] = []  # this round's server compute (forward + backward) per step
         self.steps = 0  # forwards served this round
         self.stopping = stopping
+        self.global_adapter: tuple[AdapterLayout, torch.Tensor] | None = None  # what evaluate measures
+        self.scorer: Sensitivity | None = None  # lora.selection=importance: scores during the warm-up
         # runtime.debug: a summary of every tensor that arrived, to show what crosses the wire.
         self.received: set[str] | None = set() if cfg.runtime.debug else None
 
     def new_round(self) -> None:
         self.optimizer = make_optimizer(self.params, self.cfg)
         self.steps = 0
+
+    def relora(self, spec: LoraSpec) -> None:
+        """Replaces this replica's LoRA by ``spec``'s (after the importance selection)."""
+        with self.lock:
+            strip_layers(self.stage, list(range(self.stage.start, self.stage.end)))
+            self.spec = spec
+            add_lora(self.stage, spec, cut_rank=False)
+            self.params = lora_parameters(self.stage.hf)
+            self.new_round()
 
     def take_step_time(self) -> float | None:
         """Median server compute per step this round (None if no step ran), and a fresh record."""
@@ -131,13 +152,15 @@ class ServerReplica:
             grads = dist_autograd.get_gradients(context_id)
             for p in self.params:
                 p.grad = grads.get(p)
+            if self.scorer is not None:
+                self.scorer.update(named_lora_parameters(self.stage.hf))
             self.optimizer.step()
             for p in self.params:
                 p.grad = None
 
     @torch.no_grad()
     def evaluate(self, hidden: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        with self.lock:
+        with self.lock, global_view([self.stage.hf], *self.global_adapter):
             self.stage.eval()
             try:
                 logits = self.stage(hidden=hidden, attention_mask=mask)
@@ -157,7 +180,15 @@ def _describe(t: torch.Tensor | None) -> str:
 
 
 class Server:
-    """Holds the shared base and a replica per client rank."""
+    """Holds the shared base and a replica per client rank.
+
+    Under ``train.aggregation=stack`` it is also the keeper of the merged weights: every round's
+    exact delta is merged into the shared base (so into every replica at once), and the server
+    holds the merged target weights of the layers below its base too (``shadow``), because the
+    all-reduce gives it every chain's blocks. A holder that gains a layer in a move, and every
+    holder on resume, takes that layer's merged weights from here; the checkpoint stores them.
+    So every holder of a layer has the same merged weights, bit for bit, whoever held it before.
+    """
 
     def __init__(
         self,
@@ -175,24 +206,66 @@ class Server:
         self.replicas = {
             rank: ServerReplica(base, k, spec, device, cfg, stopping) for rank, k in cuts.items()
         }
+        self.merging = cfg.train.aggregation == "stack"
+        self.merge_lock = threading.Lock()  # a client's fetch never sees a layer half moved or merged
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.layout: AdapterLayout | None = None  # the global adapter's layout (set by the server role)
+
+    def init_shadow(self, layout: AdapterLayout) -> None:
+        """stack: the base weights of the target modules below the shared base, read from the checkpoint."""
+        below = [s.name for s in layout.slots if s.layer < self.base.start]
+        self.shadow = read_tensors(self.model_path, below, self.cfg.model.dtype, self.device)
+
+    def target_weight(self, name: str, layer: int) -> torch.Tensor:
+        if layer >= self.base.start:
+            return self.base.hf.get_submodule(name).weight
+        return self.shadow[name]
+
+    def merge(self, layout: AdapterLayout, stack: StackLayout, summed: torch.Tensor) -> None:
+        """stack: adds this round's exact delta to the merged weights of every module."""
+        with self.merge_lock:
+            for s in layout.slots:
+                merge_delta(
+                    self.target_weight(s.name, s.layer), *stack.factors(summed, s.name), s.fan_in_fan_out
+                )
+
+    def merged_weights(self, layout: AdapterLayout, names: list[str]) -> dict[str, torch.Tensor]:
+        with self.merge_lock:
+            return {n: self.target_weight(n, layout.by_name[n].layer).detach().cpu().clone() for n in names}
+
+    def load_merged(self, layout: AdapterLayout, weights: dict[str, torch.Tensor]) -> None:
+        with self.merge_lock, torch.no_grad():
+            for s in layout.slots:
+                self.target_weight(s.name, s.layer).copy_(weights[s.name])
 
     def move(
         self, cuts: dict[int, int], old: dict[int, tuple[int, int]], layout: AdapterLayout, flat: torch.Tensor
     ) -> None:
         """Applies new cuts (``old``: each client's previous (cut, cut rank)). The shared base gains the
         layers some replica now needs (only their tensors are read) and drops those none needs."""
+        with self.merge_lock:
+            self._move(cuts, old, layout, flat)
+
+    def _move(self, cuts, old, layout: AdapterLayout, flat: torch.Tensor) -> None:
         low = min(cuts.values())
         if low < self.base.start:
-            self.base.add_layers(
-                build_layers(
-                    self.model_path, low, self.base.start, device=self.device, **stage_kwargs(self.cfg)
-                )
+            gained = build_layers(
+                self.model_path, low, self.base.start, device=self.device, **stage_kwargs(self.cfg)
             )
+            self.base.add_layers(gained)
+            with torch.no_grad():  # stack: the merged weights, not the checkpoint's, for these layers
+                for s in layout.slots:
+                    if s.name in self.shadow and s.layer >= self.base.start:
+                        self.base.hf.get_submodule(s.name).weight.copy_(self.shadow.pop(s.name))
         for rank, k in cuts.items():
             old_k, old_rank = old[rank]
             if k != old_k:
                 self.replicas[rank].move(k, self.base, layout, flat, {old_k - 1: old_rank})
         if low > self.base.start:
+            if self.merging:
+                for s in layout.slots:
+                    if self.base.start <= s.layer < low:
+                        self.shadow[s.name] = self.base.hf.get_submodule(s.name).weight.detach()
             self.base.drop_layers(list(range(self.base.start, low)))
 
 
@@ -207,6 +280,11 @@ def install(server: Server) -> None:
 
 def sink(tensor: torch.Tensor) -> None:
     """RPC target of the clients' link probe: receives a payload and answers nothing."""
+
+
+def merged_weights(names: list[str]) -> dict[str, torch.Tensor]:
+    """RPC target (stack): the current merged weights of the named target modules."""
+    return _SERVER.merged_weights(_SERVER.layout, names)
 
 
 def replica_rref(rank: int) -> rpc.RRef:

@@ -18,6 +18,7 @@ with ``EXIT_PREEMPTED``; a lost peer is named; everything else is logged once an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,14 +30,19 @@ import torch
 import torch.distributed.rpc as rpc
 from safetensors.torch import save_file
 
+from models.aggregation import StackLayout
 from models.datasets import typical_seq_len
+from models.importance import Sensitivity, allocate_ranks, combine, uniform_params
 from models.lora import (
     AdapterLayout,
     LoraSpec,
     build_layout,
+    candidate_targets,
+    chain_ranks,
     initial_adapter,
     lora_modules,
     reducible,
+    with_selection,
     write_adapter,
 )
 from models.stages import DTYPES
@@ -156,6 +162,11 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
         stop.close()
 
 
+def stack_seed(seed: int, rnd: int) -> int:
+    """The seed of the fresh LoRA that ``stack`` starts round ``rnd + 1`` from (the same at every holder)."""
+    return seed * 100_003 + rnd
+
+
 class Role:
     """What both roles share: the run's settings and the round protocol."""
 
@@ -166,6 +177,10 @@ class Role:
         self.mcfg = model_config(self.model_path)
         validate_for_world(cfg, world.world_size, self.mcfg.num_hidden_layers)
         self.spec = lora_spec(cfg, self.mcfg)
+        self.reference_targets = self.spec.targets  # the uniform placement lora.budget is a fraction of
+        if cfg.lora.selection == "importance":  # the warm-up trains and scores every linear weight
+            self.spec = dataclasses.replace(self.spec, targets=candidate_targets(self.mcfg))
+        self.selection: dict | None = None
         self.out = Path(cfg.output_dir)
         self.full_layout = build_layout(self.mcfg, self.spec, [])
         self.throttle, self.link = Throttle(1.0), Link(None)
@@ -174,10 +189,20 @@ class Role:
         self.flat = torch.zeros(0)
         self.weights: dict[int, float] = {}
         self.t_start = 0.0
+        self.resume: dict | None = None
+        ranks = cfg.lora.client_ranks  # "auto": decided by rank 0 with the plan
+        self.caps = {r: ranks[r - 1] if isinstance(ranks, list) else None for r in range(1, world.world_size)}
 
     @property
     def cut_map(self) -> dict[int, int]:
         return {r: k for r, (k, _) in self.plan.items()}
+
+    def chains(self) -> dict[int, dict[str, int]]:
+        """Every client chain's rank on every module, from the plan (the same on every rank)."""
+        return {
+            r: chain_ranks(self.layout, self.spec, k, cut_rank, self.caps[r])
+            for r, (k, cut_rank) in self.plan.items()
+        }
 
     # ------------------------------------------------------------------ the protocol
     def run(self) -> None:
@@ -197,12 +222,12 @@ class Role:
         decision = dist.broadcast_object(w, self.decide(profiles, seq))
         if isinstance(decision[0], str):
             raise USER_ERRORS[decision[0]](decision[1])
-        self.plan, resume = decision
-        self.layout = (
-            self.full_layout
-            if self.cfg.moves_cuts
-            else build_layout(self.mcfg, self.spec, list(self.cut_map.values()))
-        )
+        self.plan, resume, caps = decision
+        self.resume = resume
+        self.caps.update({int(r): c for r, c in caps.items()})
+        self.layout = self.layout_for_plan()
+        if resume and resume.get("selection"):
+            self.use_selection(resume["selection"])
         self.phase(f"building the stages (each process loads only its layers from {self.model_path})")
         self.build()
         counts = dist.gather_objects(w, self.n_samples())
@@ -214,6 +239,9 @@ class Role:
         done = resume["round"] if resume else 0
         self.flat = resume["flat"] if resume else initial_adapter(self.layout, self.cfg.seed)
         self.load(self.flat.to(w.device), resume)
+        self.show_global()
+        if done == 0 and self.cfg.lora.selection == "importance":
+            self.select()
         if resume and resume["next_plan"]:  # the move decided at the end of that round, replayed
             self.move({int(r): tuple(v) for r, v in resume["next_plan"].items()})
             dist.barrier(w)
@@ -246,7 +274,12 @@ class Role:
             raise faults.Preempted()
         if self.cfg.runtime.debug:
             self.dump_copies(self.out / "debug" / f"round{rnd}")
-        self.aggregate()
+        self.aggregate(rnd)
+        if self.cfg.runtime.debug and self.cfg.train.aggregation == "stack":
+            save_file(
+                self.merged_copy(),
+                str(self.out / "debug" / f"round{rnd}" / f"merged_rank{self.world.rank}.safetensors"),
+            )
         dist.barrier(self.world)  # every holder has the global adapter before anyone evaluates
         self.phase(f"round {rnd}: evaluating the global adapter")
         evaluation = self.evaluate()
@@ -283,8 +316,66 @@ class Role:
         if self.world.is_server:
             log.info("%s ...", what)
 
+    def use_selection(self, selection: dict) -> None:
+        """Per-module ranks from the importance selection; the layouts follow."""
+        self.selection = selection
+        self.spec = with_selection(self.spec, selection["ranks"])
+        self.full_layout = build_layout(self.mcfg, self.spec, [])
+        self.layout = self.layout_for_plan()
+
+    def layout_for_plan(self) -> AdapterLayout:
+        if self.cfg.moves_cuts:
+            return self.full_layout
+        order = sorted(self.cut_map)
+        return build_layout(
+            self.mcfg, self.spec, [self.cut_map[r] for r in order], [self.caps[r] for r in order]
+        )
+
+    def select(self) -> None:
+        """HSplitLoRA step 1 and 2: a warm-up scores every candidate weight, rank 0 allocates ranks under
+        the budget, and every holder starts again with LoRA on the chosen weights only."""
+        w = self.world
+        log.info(
+            "importance warm-up: %d steps scoring %d weights",
+            self.cfg.lora.warmup_steps,
+            len(self.layout.slots),
+        )
+        self.prepare_warmup()
+        dist.barrier(w)
+        scores = dist.gather_objects(w, self.warmup())
+        selection = dist.broadcast_object(w, self.choose(scores))
+        self.use_selection(selection)
+        self.relora()
+        self.flat = initial_adapter(self.layout, self.cfg.seed)
+        self.load(self.flat.to(w.device), None)
+        self.show_global()
+        dist.barrier(w)
+
+    def aggregate(self, rnd: int) -> None:
+        """One all-reduce (``train.aggregation``); every holder then loads the global adapter."""
+        rule = self.cfg.train.aggregation
+        result = aggregate(
+            rule,
+            self.holders(),
+            self.layout,
+            self.chains(),
+            self.flat,
+            self.spec,
+            stack_seed(self.cfg.seed, rnd),
+            self.world.device,
+            self.world.aggregation,
+        )
+        if result.summed is not None:
+            self.merge(result.stack, result.summed)
+        self.flat = result.flat
+        for _, model, _ in self.holders():
+            write_adapter(model, self.layout, self.flat.to(self.world.device))
+        self.show_global()
+        self.aggregated(result.nbytes)
+
     def evaluate(self) -> tuple[float, float, float]:
-        """(loss, token accuracy, tokens) of the global model over the whole held-out set."""
+        """(loss, token accuracy, tokens) of the global model over the whole held-out set: every holder
+        evaluates through the global adapter at its full rank, so this is the exported model's loss."""
         totals = torch.stack(dist.gather_objects(self.world, self.eval_totals())).sum(0)
         loss_sum, tokens, correct = totals.tolist()
         return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
@@ -329,6 +420,25 @@ class Role:
     def baseline(self, evaluation: tuple[float, float, float]) -> None:
         pass
 
+    def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
+        pass
+
+    def merged_copy(self) -> dict[str, torch.Tensor]:
+        """stack: this rank's merged weights of the modules it holds (runtime.debug; used by the tests)."""
+        return {}
+
+    def prepare_warmup(self) -> None:
+        pass
+
+    def warmup(self) -> dict | None:
+        return None
+
+    def choose(self, scores: list[dict | None]) -> dict | None:
+        return None
+
+    def aggregated(self, nbytes: int) -> None:
+        pass
+
     def predict(self):
         return None
 
@@ -364,19 +474,30 @@ class ServerRole(Role):
         try:
             resume = self.load_checkpoint()
             costs = model_costs(
-                self.mcfg, self.cfg, self.full_layout, seq, max(p.activation_bytes for p in profiles[1:])
+                self.mcfg,
+                self.cfg,
+                self.full_layout,
+                seq,
+                max(p.activation_bytes for p in profiles[1:]),
+                self.world.n_clients,
             )
             self.scheduler = Scheduler(self.cfg, costs, profiles[1:], profiles[0], torch.get_num_threads())
             if resume is None:
-                plan = {r: (k, self.spec.r_cut) for r, k in enumerate(self.scheduler.initial(), start=1)}
+                cuts = self.scheduler.initial()
+                plan = {r: (k, self.spec.r_cut) for r, k in enumerate(cuts, start=1)}
+                caps = {}
+                if self.cfg.lora.client_ranks == "auto":
+                    caps = dict(enumerate(self.scheduler.client_ranks(cuts), start=1))
+                    log.info("client ranks from memory (lora.client_ranks=auto): %s", caps)
             else:
                 plan = {int(r): tuple(v) for r, v in resume["plan"].items()}
+                caps = {int(r): c for r, c in (resume.get("client_ranks") or {}).items()}
                 self.scheduler.load_state_dict(resume["scheduler"])
         except (PlanError, CheckpointMismatch) as e:
             return (type(e).__name__, str(e))
         self.records = resume["metrics"] if resume else []
         self.writer = MetricsWriter(self.out / "metrics.jsonl", self.records)
-        return plan, resume
+        return plan, resume, caps
 
     def load_checkpoint(self) -> dict | None:
         """The newest complete checkpoint's state (with its adapter as ``flat``), per runtime.resume."""
@@ -399,13 +520,30 @@ class ServerRole(Role):
         self.server = Server(
             self.model_path, self.cut_map, self.spec, self.world.device, self.cfg, lambda: self.stop.requested
         )
+        self.server.layout = self.layout
+        if self.server.merging:
+            if self.cfg.model.dtype != "float32":
+                log.warning(
+                    "train.aggregation=stack merges every round's delta into %s weights, where a small "
+                    "delta can round away: model.dtype=float32 keeps it",
+                    self.cfg.model.dtype,
+                )
+            self.server.init_shadow(self.layout)
+            if self.resume:
+                self.server.load_merged(
+                    self.layout, checkpoint.merged_weights(self.ckpt_root, self.resume["round"])
+                )
         install(self.server)
 
     def n_samples(self) -> int:
         return 0
 
-    def holders(self) -> list[tuple[torch.nn.Module, float]]:
-        return [(rep.stage.hf, self.weights[r]) for r, rep in sorted(self.server.replicas.items())]
+    def holders(self) -> list[tuple[int, torch.nn.Module, float]]:
+        return [(r, rep.stage.hf, self.weights[r]) for r, rep in sorted(self.server.replicas.items())]
+
+    def show_global(self) -> None:
+        for replica in self.server.replicas.values():
+            replica.global_adapter = (self.layout, self.flat.to(self.world.device))
 
     def announce(self, counts: list[int]) -> None:
         log.info(
@@ -420,7 +558,7 @@ class ServerRole(Role):
             log.info(line)
 
     def load(self, flat: torch.Tensor, resume: dict | None) -> None:
-        for model, _ in self.holders():
+        for _, model, _ in self.holders():
             write_adapter(model, self.layout, flat)
 
     def baseline(self, evaluation: tuple[float, float, float]) -> None:
@@ -437,8 +575,60 @@ class ServerRole(Role):
     def train(self) -> dict:
         return {}  # the replicas serve the clients' steps on RPC threads
 
-    def aggregate(self) -> None:
-        self.flat = aggregate(self.holders(), self.layout, self.world.device, self.world.aggregation)
+    def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
+        self.server.merge(self.layout, stack, summed)
+
+    def prepare_warmup(self) -> None:
+        for replica in self.server.replicas.values():
+            replica.scorer = Sensitivity()
+
+    def choose(self, scores: list[dict | None]) -> dict:
+        """Combines every chain's scores (client part + its replica's) and allocates the ranks."""
+        chains = []
+        for r, replica in sorted(self.server.replicas.items()):
+            chains.append(({**scores[r], **replica.scorer.scores()}, self.weights[r]))
+            replica.scorer = None
+            replica.take_step_time()
+            replica.new_round()
+        combined = combine(chains)
+        shapes = {s.name: (s.in_features, s.out_features) for s in self.full_layout.slots}
+        suffix = lambda name: name.rsplit(".", 1)[-1]
+        reference = {n: v for n, v in shapes.items() if suffix(n) in self.reference_targets}
+        uniform = uniform_params(reference, self.spec.r)
+        budget = self.cfg.lora.budget * uniform
+        ranks = allocate_ranks(combined, shapes, budget, self.spec.r)
+        params = sum(r * sum(shapes[n]) for n, r in ranks.items())
+        chosen = {n: r for n, r in ranks.items() if r > 0}
+        log.info(
+            "importance selection: %d of %d weights, %d trainable parameters (budget %d = %.2f x uniform %d)",
+            len(chosen),
+            len(ranks),
+            params,
+            budget,
+            self.cfg.lora.budget,
+            uniform,
+        )
+        return {
+            "ranks": ranks,
+            "scores": combined,
+            "trainable_params": params,
+            "budget_params": budget,
+            "uniform_params": uniform,
+            "warmup_steps": self.cfg.lora.warmup_steps,
+        }
+
+    def relora(self) -> None:
+        for replica in self.server.replicas.values():
+            replica.relora(self.spec)
+        self.server.layout = self.layout
+        if self.server.merging:
+            self.server.init_shadow(self.layout)
+        (self.out / "selection.json").write_text(json.dumps(self.selection, indent=1))
+
+    def merged_copy(self) -> dict[str, torch.Tensor]:
+        return self.server.merged_weights(self.layout, [s.name for s in self.layout.slots])
+
+    def aggregated(self, nbytes: int) -> None:
         for replica in self.server.replicas.values():
             replica.new_round()
 
@@ -475,9 +665,15 @@ class ServerRole(Role):
         server_s = reports[0]["stats"]["server_s"]
         rec = _record(rnd, now - self.t_start, now - t_round, reports, evaluation, self.cut_map, self.weights)
         rec["plan"] = _plan_record(self.cfg, self.plan, new_plan, prediction, after_move, move_s)
+        rec["plan"]["client_ranks"] = {str(r): c or self.spec.r for r, c in self.caps.items()}
         for i, r in enumerate(sorted(self.cut_map)):
             rec["clients"][str(r)]["predicted_time_s"] = prediction.client_time_s[i]
             rec["clients"][str(r)]["server_s"] = server_s[r]
+        if self.selection is not None and rnd == 1:
+            rec["lora_selection"] = {
+                **{k: v for k, v in self.selection.items() if k not in ("ranks", "scores")},
+                "ranks": {n: r for n, r in self.selection["ranks"].items() if r > 0},
+            }
         self.writer.write(rec)
         self.records.append(rec)
         log.info(row(rec))
@@ -498,7 +694,10 @@ class ServerRole(Role):
         if new_plan is not None:
             for line in describe_plan(self.scheduler, [new_plan[r][0] for r in order])[1:]:
                 log.info(line)
-        checkpoint.export_adapter(self.out, self.layout, self.flat, self.spec, self.mcfg, self.model_path)
+        if not self.server.merging:  # under stack the model is the merged weights (launch.export --merged)
+            checkpoint.export_adapter(
+                self.out, self.layout, self.flat, self.spec, self.mcfg, self.model_path, self.selection
+            )
         plan_json = lambda p: None if p is None else {str(r): list(v) for r, v in p.items()}
         state = {
             "round": rnd,
@@ -508,9 +707,14 @@ class ServerRole(Role):
             "next_plan": plan_json(new_plan),
             "scheduler": self.scheduler.state_dict(),
             "data_positions": {str(r): reports[r]["stream"] for r in sorted(self.cut_map)},
+            "selection": self.selection,
+            "client_ranks": {str(r): c for r, c in self.caps.items() if c is not None},
             "metrics": self.records,
         }
-        checkpoint.save(self.ckpt_root, rnd, self.flat, state, self.cfg.runtime.keep_checkpoints)
+        merged = None
+        if self.server.merging:
+            merged = self.server.merged_weights(self.layout, [s.name for s in self.layout.slots])
+        checkpoint.save(self.ckpt_root, rnd, self.flat, state, self.cfg.runtime.keep_checkpoints, merged)
 
     def dump_copies(self, folder: Path) -> None:
         _dump_copies(
@@ -555,6 +759,7 @@ class ClientRole(Role):
             self.world.device,
             self.throttle,
             self.link,
+            self.caps[self.world.rank],
         )
 
     def n_samples(self) -> int:
@@ -567,22 +772,42 @@ class ClientRole(Role):
         write_adapter(self.client.stage.hf, self.layout, flat)
         if resume is not None:
             self.client.stream.load_state_dict(resume["data_positions"][str(self.world.rank)])
+            if self.cfg.train.aggregation == "stack":
+                self.client.fetch_merged(self.layout, list(range(self.client.cut)))
+
+    def holders(self) -> list[tuple[int, torch.nn.Module, float]]:
+        r = self.world.rank
+        return [(r, self.client.stage.hf, self.weights[r])]
+
+    def show_global(self) -> None:
+        self.client.global_adapter = (self.layout, self.flat.to(self.world.device))
 
     def train(self) -> dict | None:
         return self.client.train_round(self.cfg.train.local_steps, lambda: self.stop.requested)
 
-    def aggregate(self) -> None:
+    def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
+        self.client.merge(self.layout, stack, summed)
+
+    def warmup(self) -> dict:
+        scorer = Sensitivity()
+        self.client.train_round(self.cfg.lora.warmup_steps, lambda: False, scorer)
+        self.client.take_comm()
+        return scorer.scores()
+
+    def relora(self) -> None:
+        self.client.relora(self.spec)
+
+    def merged_copy(self) -> dict[str, torch.Tensor]:
+        return {
+            name: m.get_base_layer().weight.detach().cpu().clone()
+            for name, m in lora_modules(self.client.stage.hf).items()
+        }
+
+    def aggregated(self, nbytes: int) -> None:
         c = self.client
-        self.flat = aggregate(
-            [(c.stage.hf, self.weights[self.world.rank])],
-            self.layout,
-            self.world.device,
-            self.world.aggregation,
-        )
-        adapter_bytes = self.flat.numel() * self.flat.element_size()
-        c.comm["adapters_up"] += adapter_bytes
-        c.comm["adapters_down"] += adapter_bytes
-        c.link.delay(2 * adapter_bytes)
+        c.comm["adapters_up"] += nbytes
+        c.comm["adapters_down"] += nbytes
+        c.link.delay(2 * nbytes)
 
     def eval_totals(self) -> torch.Tensor:
         return self.client.evaluate()

@@ -155,10 +155,12 @@ def test_three_clients_with_different_cuts_train_concurrently(setup, tmp_path):
             assert len(r["clients"][rank]["step_losses"]) == 16
     assert records[1]["eval_loss"] < json.loads((out / "baseline.json").read_text())["eval_loss"]
 
-    # The global adapter equals the sample-weighted average of every holder's zero-padded copy.
+    # The global adapter is the sample-weighted average of the holders' copies, component by component
+    # over the copies that hold it (a component past r_cut is not averaged with absent zeros).
     copies = sorted((out / "debug" / "round2").glob("*.safetensors"))
     assert len(copies) == 6  # 3 clients + the server's replica for each
-    expected: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    mass: dict[str, torch.Tensor] = {}
     weights = {}
     for path in copies:
         from safetensors import safe_open
@@ -170,13 +172,18 @@ def test_three_clients_with_different_cuts_train_concurrently(setup, tmp_path):
                 module, part = name.rsplit(".", 1)
                 t = f.get_tensor(name)
                 key = f"base_model.model.{module}.lora_{part}.weight"
-                if key not in expected:
-                    expected[key] = torch.zeros(8, t.shape[1]) if part == "A" else torch.zeros(t.shape[0], 8)
+                if key not in sums:
+                    sums[key] = torch.zeros(8, t.shape[1]) if part == "A" else torch.zeros(t.shape[0], 8)
+                    mass[key] = torch.zeros(8)
+                r = t.shape[0] if part == "A" else t.shape[1]
+                mass[key][:r] += weight
                 if part == "A":
-                    expected[key][: t.shape[0]] += weight * t
+                    sums[key][:r] += weight * t
                 else:
-                    expected[key][:, : t.shape[1]] += weight * t
+                    sums[key][:, :r] += weight * t
     assert abs(sum(w for n, w in weights.items() if n.startswith("client")) - 1.0) < 1e-9
+    assert any(bool((m < 0.999).any()) for m in mass.values())  # some component has fewer holders
+    expected = {k: v / mass[k][:, None] if ".lora_A" in k else v / mass[k] for k, v in sums.items()}
     exported = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert exported.keys() == expected.keys()
     for key, value in exported.items():

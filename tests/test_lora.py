@@ -25,7 +25,6 @@ from models.lora import (
     write_adapter,
 )
 from models.stages import build_stage, full_model, load_config
-from runtime.aggregate import local_contribution
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
@@ -173,6 +172,14 @@ def test_initial_adapter_loads_into_every_holder(random_model):
         a, b = layout.views(flat, name)
         assert torch.equal(m.lora_A[ADAPTER].weight, a[: m.lora_A[ADAPTER].weight.shape[0]])
         assert torch.equal(m.lora_B[ADAPTER].weight, b)
+
+
+def local_contribution(holders, layout, device):
+    """The weighted, zero-padded sum of the holders' copies (read_adapter into one vector)."""
+    flat = torch.zeros(layout.numel, device=device)
+    for model, weight in holders:
+        read_adapter(model, layout, flat, weight)
+    return flat
 
 
 def test_zero_padded_weighted_sum_of_different_ranks(random_model):

@@ -44,7 +44,12 @@ def test_model_costs_match_what_the_stages_hold_and_send(random_model):
     assert costs.layer_param_bytes == stage_parameter_bytes(build_stage(path, 1, 2))
     assert costs.n_layers == 4 and costs.steps == 7
     assert costs.activation_bytes == 1000.0 * ACTIVATION_FACTOR
-    assert costs.adapter_bytes == layout.numel * 4
+    # fedavg all-reduces the adapter plus one weight per component; stack/svd one block per client chain
+    assert costs.adapter_bytes == (layout.numel + sum(s.rank for s in layout.slots)) * 4
+    for rule in ("stack", "svd"):
+        cfg.train.aggregation = rule
+        assert model_costs(mcfg, cfg, layout, 11, 1000.0, n_clients=3).adapter_bytes == 3 * layout.numel * 4
+    cfg.train.aggregation = "fedavg"
     hidden = torch.zeros(3, 11, 32)
     batch = {
         "attention_mask": torch.ones(3, 11, dtype=torch.long),
