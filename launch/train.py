@@ -103,6 +103,8 @@ def user_error(kind: str, error: Exception, say: bool) -> SystemExit:
     message = f"{kind} error: {error}"
     if say:
         print(message, file=sys.stderr)
+    else:  # every rank has the same error; one says it, in the log and in torchrun's summary
+        message = f"{kind} error (said once, by the rank that reports it)"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         info = {"py_callstack": message, "timestamp": str(int(time.time()))}
