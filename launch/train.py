@@ -100,11 +100,11 @@ def user_error(kind: str, error: Exception, say: bool) -> SystemExit:
     """One line on stderr (from one rank) and in torchrun's error file, no traceback: relaunching will
     not help, the user has to change something. torchrun's failure summary shows the line where it
     would show a worker's traceback."""
-    message = f"{kind} error: {error}"
     if say:
-        print(message, file=sys.stderr)
-    else:  # every rank has the same error; one says it, in the log and in torchrun's summary
-        message = f"{kind} error (said once, by the rank that reports it)"
+        print(f"{kind} error: {error}", file=sys.stderr)
+    # every rank has the same error: torchrun's summary shows it (without the prefix) for the rank that
+    # says it and a note for the others, so the line is printed once with "KIND error:"
+    message = str(error) if say else "stopped on the error another rank reports"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         info = {"py_callstack": message, "timestamp": str(int(time.time()))}
