@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make demo   - set up .venv and run the built-in demo (1 server + 4 clients on CPU) into runs/demo/
+#   make demo   - set up .venv and run the built-in demo (1 server + 4 unequal clients, adaptive cuts) into runs/demo/
 #   make test   - set up .venv and run the test suite
 PY ?= python3
 VENV := .venv
@@ -19,7 +19,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf runs/demo
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=5 -m launch.train torchrun_configs/tiny_cpu.yaml
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=5 -m launch.train torchrun_configs/demo.yaml
 	$(BIN)/python -m launch.report runs/demo
 
 test: $(STAMP)

@@ -2,7 +2,7 @@
 
 One node, four clients (the demo)::
 
-    torchrun --nproc_per_node=5 -m launch.train torchrun_configs/tiny_cpu.yaml
+    torchrun --nproc_per_node=5 -m launch.train torchrun_configs/demo.yaml
 
 Any config key can be overridden: ``train.rounds=3 split.cut_layers=[1,2,3,2]``.
 Two nodes (run on each; Slurm: launch/slurm_multinode.sbatch)::
@@ -13,17 +13,26 @@ Two nodes (run on each; Slurm: launch/slurm_multinode.sbatch)::
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from models.lora import build_layout
 from runtime import checkpoint
-from runtime.config import Config, ConfigError, fingerprint, load_config, validate_for_world
+from runtime.config import (
+    Config,
+    ConfigError,
+    check_world_size,
+    fingerprint,
+    load_config,
+    validate_for_world,
+)
 from runtime.faults import EXIT_USER_ERROR
-from runtime.job import client_data, lora_spec, model_config, resolve_model_path
+from runtime.job import client_data, load_tokenizer, lora_spec, model_config, resolve_model_path
 
 
 def parse(argv: list[str]) -> Config:
@@ -58,28 +67,48 @@ def check_output_dir(cfg: Config, n_clients: int) -> None:
     checkpoint.check_fingerprint(root, found[0], fingerprint(cfg, n_clients))
 
 
+def check_device(cfg: Config) -> None:
+    """``runtime.device=cuda`` needs a GPU this process can use (auto falls back to CPU by itself)."""
+    import torch
+
+    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "runtime.device=cuda but this machine has no usable CUDA device (torch.cuda.is_available() is "
+            "False): use runtime.device=cpu, or auto (CUDA where every rank has a GPU, else CPU)"
+        )
+
+
 def check(cfg: Config, world_size: int) -> Path:
-    """What every rank can check before a process group exists: config, output_dir, model, LoRA targets.
+    """What every rank can check before a process group exists: config, output_dir, device, model (a
+    supported causal LM with weights and a tokenizer), LoRA targets.
 
     Returns the model folder (``builtin:tiny`` built if needed).
     """
+    check_world_size(world_size)
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 reads and writes output_dir
         check_output_dir(cfg, world_size - 1)
+    check_device(cfg)
     model_path = resolve_model_path(cfg)
     mcfg = model_config(model_path)
+    load_tokenizer(model_path)
     cuts = validate_for_world(cfg, world_size, mcfg.num_hidden_layers)
     build_layout(mcfg, lora_spec(cfg, mcfg), cuts or [])  # unknown lora.targets fail here, on the meta device
     return model_path
 
 
 def user_error(kind: str, error: Exception, say: bool) -> SystemExit:
-    """One line on stderr (from one rank) and torchrun's error file, no traceback: relaunching will
-    not help, the user has to change something."""
+    """One line on stderr (from one rank) and in torchrun's error file, no traceback: relaunching will
+    not help, the user has to change something. torchrun's failure summary shows the line where it
+    would show a worker's traceback."""
     if say:
         print(f"{kind} error: {error}", file=sys.stderr)
-    handler = get_error_handler()
-    handler.initialize()
-    handler.record_exception(type(error)(f"{kind} error: {error}"))
+    # every rank has the same error: torchrun's summary shows it (without the prefix) for the rank that
+    # says it and a note for the others, so the line is printed once with "KIND error:"
+    message = str(error) if say else "stopped on the error another rank reports"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+        Path(error_file).write_text(json.dumps({"message": {"message": message, "extraInfo": info}}))
     return SystemExit(EXIT_USER_ERROR)
 
 
@@ -103,12 +132,14 @@ def main(argv: list[str] | None = None) -> None:
             raise user_error("data", e, rank == 1) from None
     from partition.planner import PlanError
     from runtime.checkpoint import CheckpointMismatch
-    from runtime.split import run
+    from runtime.split import Diverged, run
 
     try:
         run(cfg, data)
     except PlanError as e:  # every rank gets the planner's verdict: say it once
         raise user_error("plan", e, rank == 0) from None
+    except Diverged as e:  # every rank stops on the same round with the same message
+        raise user_error("training", e, rank == 0) from None
     except CheckpointMismatch as e:
         raise user_error("checkpoint", e, rank == 0) from None
 

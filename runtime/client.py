@@ -16,6 +16,7 @@ do the labels or the logits.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from runtime.config import Config
 from runtime.dist import SERVER
 from runtime.job import ClientData, data_seed, make_optimizer, stage_kwargs
 from runtime.metrics import peak_rss_mb
+from runtime.progress import StepBar
 from runtime.server import merged_weights, replica_rref
 from runtime.simulate import Link, Throttle, vmdata_bytes
 
@@ -243,12 +245,14 @@ class Client:
     ) -> dict | None:
         """Runs ``steps`` split steps; returns the round's loss, token and timing figures, or None if a
         stop was requested (checked before every step: this rank's signal, or the server's, which
-        comes back with every step's reply)."""
+        comes back with every step's reply), or ``{"diverged": {step, loss}}`` at the first NaN or
+        infinite loss (nothing is stepped with it)."""
         optimizer = make_optimizer(self.params, self.cfg)
         loss_sum = tokens = input_tokens = 0.0
         step_times, step_losses, compute_times = [], [], []
         start = time.perf_counter()
         server_stopping = False
+        bar = StepBar(f"client{self.rank} training", steps) if self.rank == 1 else None
         for step in range(1, steps + 1):
             if server_stopping or stop():
                 return None
@@ -279,6 +283,8 @@ class Client:
                     stats = torch.stack([n_tokens.double(), flag.double()])
                 else:
                     loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload)
+                if not math.isfinite(float(loss.detach())):
+                    return {"diverged": {"step": step, "loss": float(loss.detach())}}
                 dist_autograd.backward(ctx, [loss])
                 tail_backward_s = self.grad_left - t_backward if self.u_shape else 0.0
                 compute_times.append(forward_s + tail_backward_s + time.perf_counter() - self.grad_arrived)
@@ -298,6 +304,8 @@ class Client:
             tokens += n
             server_stopping = bool(stats[1])
             step_times.append(time.perf_counter() - t0)
+            if bar is not None:
+                bar.update(step)
             faults.injector.hit("step", step)
         return {
             "steps": steps,

@@ -288,6 +288,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML reads 1e30 or 5e-5 (no dot) as a string: take any number Python reads
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and (
         not isinstance(value, tp) or (tp is int and isinstance(value, bool))
     ):
@@ -337,7 +343,47 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override {override!r}: the value is not valid YAML ({_yaml_problem(e)}); quote it or close its "
+            "brackets, e.g. split.cut_layers=[1,2]"
+        ) from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{context}, {problem}" if context else problem
+
+
+def _read_yaml(p: Path) -> Any:
+    """The file's YAML; a syntax error names the file, the line and the column."""
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark, start = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        opened = (
+            f", in what starts on line {start.line + 1}" if start and mark and start.line != mark.line else ""
+        )
+        raise ConfigError(
+            f"{where}: YAML syntax error ({_yaml_problem(e)}{opened}); fix that line of the config file "
+            "(indentation, a missing ':' or an unclosed bracket or quote)"
+        ) from None
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A Config from ``Config.to_dict()`` output (a run's saved ``run_config.json``), validated."""
+    schedule = data.get("split", {}).get("schedule")
+    if schedule:  # JSON keys are strings
+        data = {**data, "split": {**data["split"], "schedule": {int(k): v for k, v in schedule.items()}}}
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -347,7 +393,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist (see torchrun_configs/ for examples)")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _read_yaml(p) or {}
     for o in overrides:
         apply_override(data, o)
     cfg = _build(Config, data, "")
@@ -487,15 +533,19 @@ def validate(cfg: Config) -> None:
                 _require(ok(v), f"simulate.{name}={value}: every value must be {rule}")
 
 
+def check_world_size(world_size: int) -> None:
+    _require(
+        world_size >= 2,
+        f"WORLD_SIZE={world_size}: need a server and at least one client "
+        "(torchrun --nproc_per_node=2 or more)",
+    )
+
+
 def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int] | None:
     """Checks the config against the launch and the model; returns each client's cut layer (None when
     the resource or adaptive policy will choose them)."""
     n_clients = world_size - 1
-    _require(
-        n_clients >= 1,
-        f"WORLD_SIZE={world_size}: need a server and at least one client "
-        "(torchrun --nproc_per_node=2 or more)",
-    )
+    check_world_size(world_size)
     if cfg.split.clients is not None:
         _require(
             cfg.split.clients == n_clients,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +17,9 @@ import torch
 from transformers import AutoTokenizer, PretrainedConfig
 
 from models.datasets import Example, load_examples
-from models.families import family_of
+from models.families import FAMILIES, family_of
 from models.lora import LoraSpec
-from models.stages import load_config
+from models.stages import CheckpointReader, load_config
 from partition import iid_partition, length_dirichlet_partition
 from runtime.config import Config, ConfigError
 
@@ -35,7 +37,15 @@ def resolve_model_path(cfg: Config) -> Path:
     if cfg.model.path == BUILTIN_MODEL:
         from models.tiny import build_tiny_model
 
-        return build_tiny_model(cache_dir() / "tiny-llama")
+        folder = cache_dir() / "tiny-llama"
+        if not (folder / "build_info.json").is_file() and os.environ.get("RANK", "0") == "0":
+            print(
+                f"building the built-in model into {folder} (done once; it pretrains for some minutes "
+                "on CPU) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+        return build_tiny_model(folder)
     path = Path(cfg.model.path)
     if not (path / "config.json").is_file():
         raise ConfigError(
@@ -74,7 +84,38 @@ def lora_spec(cfg: Config, model_config: PretrainedConfig) -> LoraSpec:
 
 
 def model_config(model_path: Path) -> PretrainedConfig:
-    return load_config(model_path)
+    """The checkpoint's HF config, after checking that this runtime can split and load it: a causal-LM
+    family it knows, and weights in safetensors form (ConfigError naming the problem otherwise)."""
+    try:
+        config = load_config(model_path)
+    except (ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model.path={str(model_path)!r}: its config.json cannot be read ({first}); point model.path at "
+            "a folder written by save_pretrained"
+        ) from None
+    if config.model_type not in FAMILIES:
+        kind = (
+            "is not a causal LM" if not _is_causal_lm(config) else "is a causal LM family not supported yet"
+        )
+        raise ConfigError(
+            f"model.path={str(model_path)!r}: model_type {config.model_type!r} {kind}; supported model "
+            f"types: {', '.join(sorted(FAMILIES))}. Use a checkpoint of one of those"
+        )
+    try:
+        CheckpointReader(model_path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.path={str(model_path)!r}: {e}") from None
+    return config
+
+
+def _is_causal_lm(config: PretrainedConfig) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = getattr(config, "architectures", None) or []
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    )
 
 
 @dataclass
@@ -89,9 +130,23 @@ class ClientData:
 
 
 def load_tokenizer(model_path: Path):
-    tok = AutoTokenizer.from_pretrained(model_path)
+    """The checkpoint's tokenizer. One without a pad token (GPT-2 style) pads with its eos token: padded
+    positions are masked out of attention and loss, so the id only has to exist."""
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model.path={str(model_path)!r}: no usable tokenizer there ({first}); save the model's "
+            "tokenizer into the same folder (tokenizer.save_pretrained)"
+        ) from None
     if tok.pad_token_id is None:
-        # GPT-2 style tokenizers have no pad token; padded positions are masked out anyway.
+        if tok.eos_token_id is None:
+            raise ConfigError(
+                f"model.path={str(model_path)!r}: the tokenizer has neither a pad nor an eos token, so "
+                "batches cannot be padded; add one (tokenizer.add_special_tokens({'pad_token': ...})) "
+                "and save it again"
+            )
         tok.pad_token = tok.eos_token
     return tok
 
@@ -99,12 +154,19 @@ def load_tokenizer(model_path: Path):
 def partition_shards(cfg: Config, examples: list[Example], n_clients: int) -> list[list[int]]:
     """Every rank computes the same shards from the seed (no communication needed)."""
     d = cfg.data
-    if d.partition == "iid":
-        return iid_partition(len(examples), n_clients, cfg.seed, min_samples=d.min_samples)
-    lengths = [len(e.input_ids) for e in examples]
-    return length_dirichlet_partition(
-        lengths, n_clients, d.alpha, min(d.n_buckets, len(examples)), cfg.seed, min_samples=d.min_samples
-    )
+    try:
+        if d.partition == "iid":
+            return iid_partition(len(examples), n_clients, cfg.seed, min_samples=d.min_samples)
+        lengths = [len(e.input_ids) for e in examples]
+        return length_dirichlet_partition(
+            lengths, n_clients, d.alpha, min(d.n_buckets, len(examples)), cfg.seed, min_samples=d.min_samples
+        )
+    except ValueError as e:  # the partitioner counts clients from 0; the run names them by rank
+        said = re.sub(r"^client (\d+)", lambda m: f"client {int(m.group(1)) + 1}", str(e))
+        raise ConfigError(
+            f"data.partition={d.partition}: {said} (the settings: data.alpha, data.n_buckets, "
+            "data.min_samples)"
+        ) from None
 
 
 def client_data(cfg: Config, model_path: Path, client_index: int, n_clients: int) -> ClientData:
@@ -123,6 +185,13 @@ def client_data(cfg: Config, model_path: Path, client_index: int, n_clients: int
         eval_indices=list(range(client_index, len(eval_examples), n_clients)),
         pad_id=tok.pad_token_id,
     )
+
+
+def round_seed(seed: int, rank: int, rnd: int) -> int:
+    """Every rank's global RNG is reseeded each round from (seed, rank, round): dropout and anything
+    else that draws from it does the same on a resumed run as on the uninterrupted one, whatever the
+    start-up (probes, a different number of earlier rounds in this process) consumed."""
+    return (seed * 1_000_003 + rank) * 100_003 + rnd
 
 
 def stage_kwargs(cfg: Config) -> dict:

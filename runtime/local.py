@@ -4,6 +4,12 @@ This is the papers' "no cut" baseline and the split run's parity reference: the 
 ordinary HF model from ``from_pretrained`` with PEFT's ``get_peft_model``, trained on what a
 single client would hold (the whole training set), batch for batch in the same order, with
 the same LoRA initialisation and an optimizer made afresh each round.
+
+Dropout (GPT-2 and OPT checkpoints carry 0.1; ``lora.dropout``) draws random masks. In a split
+run the layers below the cut draw from the client's generator and the rest from the server's,
+each reseeded every round from (seed, rank, round). ``DropoutStreams`` makes this one process
+draw the same way for the cut in ``split.cut_layers``, so a one-client split run at that cut
+matches it step for step with dropout on (on CPU: only the CPU generator is switched).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from peft import get_peft_model
 
 from models.datasets import BatchStream, eval_batches
-from models.families import family_of
+from models.families import family_of, get_module
 from models.lora import (
     build_layout,
     initial_adapter,
@@ -40,10 +46,44 @@ from runtime.job import (
     make_optimizer,
     model_config,
     resolve_model_path,
+    round_seed,
 )
 from runtime.metrics import MetricsWriter, header, peak_rss_mb, round_record, row
 
 log = logging.getLogger("splitft")
+
+
+class DropoutStreams:
+    """Random draws split at decoder layer ``cut`` as a one-client split run makes them: the embeddings
+    and layers ``0..cut-1`` draw from the client's stream (rank 1), layers ``cut..L-1`` from the
+    server's (rank 0), each seeded every round with ``round_seed``. Forward hooks switch the
+    process's CPU generator between the two states at the cut and back after the last layer."""
+
+    def __init__(self, layers: torch.nn.ModuleList, cut: int, seed: int):
+        self.seed = seed
+        self.client_state = self.server_state = torch.get_rng_state()
+        layers[cut].register_forward_pre_hook(self._to_server)
+        layers[len(layers) - 1].register_forward_hook(self._to_client)
+
+    def start_round(self, rnd: int) -> None:
+        torch.manual_seed(round_seed(self.seed, 0, rnd))
+        self.server_state = torch.get_rng_state()
+        torch.manual_seed(round_seed(self.seed, 1, rnd))
+
+    def _to_server(self, *args) -> None:
+        self.client_state = torch.get_rng_state()
+        torch.set_rng_state(self.server_state)
+
+    def _to_client(self, *args) -> None:
+        self.server_state = torch.get_rng_state()
+        torch.set_rng_state(self.client_state)
+
+
+def reference_cut(cfg: Config, n_layers: int) -> int | None:
+    """The cut whose random draws the unsplit run reproduces: ``split.cut_layers`` when it names one cut."""
+    cuts = cfg.split.cut_layers
+    cut = cuts if isinstance(cuts, int) else cuts[0] if len(cuts) == 1 else None
+    return cut if cut is not None and 1 <= cut < n_layers else None
 
 
 def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
@@ -60,6 +100,8 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     base = full_model(model_path, cfg.model.dtype, cfg.model.attn_implementation)
     model = get_peft_model(base, lora_config(spec, family_of(mcfg)))
     hf = model.base_model.model  # module names here are the full model's, as in the layout
+    cut = reference_cut(cfg, mcfg.num_hidden_layers)
+    streams = None if cut is None else DropoutStreams(get_module(hf, family_of(mcfg).layers), cut, cfg.seed)
     write_adapter(hf, layout, initial_adapter(layout, cfg.seed))
     params = lora_parameters(hf)
     stream = BatchStream(data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, 0), data.pad_id)
@@ -88,6 +130,8 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     t_start = time.perf_counter()
     for rnd in range(1, cfg.train.rounds + 1):
         t_round = time.perf_counter()
+        if streams is not None:
+            streams.start_round(rnd)
         optimizer = make_optimizer(params, cfg)
         losses, tokens, weighted, input_tokens = [], 0.0, 0.0, 0.0
         for _ in range(cfg.train.local_steps):

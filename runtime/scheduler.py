@@ -55,7 +55,9 @@ def model_costs(
     with init_empty_weights():
         hf = AutoModelForCausalLM.from_config(mcfg)
     width = DTYPES[cfg.model.dtype].itemsize
-    count = lambda m: sum(p.numel() for p in m.parameters())
+    # An optional module a checkpoint does without (OPT's project_in when word_embed_proj_dim equals
+    # hidden_size) is None: it holds nothing.
+    count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters())
     layer = count(get_module(hf, family.layers)[0]) * width
     embed = sum(count(get_module(hf, path)) for path in family.embed) * width
     tokens = cfg.train.batch_size * seq

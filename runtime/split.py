@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -52,6 +53,7 @@ from runtime.checkpoint import CheckpointMismatch
 from runtime.client import COMM_KEYS, Client
 from runtime.config import Config, fingerprint, validate_for_world
 from runtime.dist import SERVER
+from runtime.explain import describe_plan, describe_replan
 from runtime.job import (
     ClientData,
     client_data,
@@ -61,17 +63,24 @@ from runtime.job import (
     lora_spec,
     model_config,
     resolve_model_path,
+    round_seed,
 )
 from runtime.metrics import MetricsWriter, header, peak_rss_mb, round_record, row
 from runtime.probe import ResourceProfile, probe
+from runtime.progress import round_line
 from runtime.scheduler import Scheduler, model_costs
 from runtime.server import Server, install, sink
 from runtime.simulate import Link, Throttle, apply_memory_limit
 
 log = logging.getLogger("splitft")
 
+
+class Diverged(ValueError):
+    """The loss became NaN or infinite; the message names the round, the client and the step."""
+
+
 # Errors of the user's making that every rank learns of together (rank 0 decides, all raise).
-USER_ERRORS = {"PlanError": PlanError, "CheckpointMismatch": CheckpointMismatch}
+USER_ERRORS = {"PlanError": PlanError, "CheckpointMismatch": CheckpointMismatch, "Diverged": Diverged}
 
 
 def setup_logging(rank: int) -> None:
@@ -153,13 +162,6 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
         stop.close()
 
 
-def round_seed(seed: int, rank: int, rnd: int) -> int:
-    """Every rank's global RNG is reseeded each round from (seed, rank, round): dropout and anything
-    else that draws from it does the same on a resumed run as on the uninterrupted one, whatever the
-    start-up (probes, a different number of earlier rounds in this process) consumed."""
-    return (seed * 1_000_003 + rank) * 100_003 + rnd
-
-
 class Role:
     """What both roles share: the run's settings and the round protocol."""
 
@@ -216,6 +218,7 @@ class Role:
         self.simulate_round(dist.broadcast_object(w, self.first_round()))
         seqs = dist.gather_objects(w, self.typical_seq_len())
         seq = max(1, round(sum(seqs[1:]) / w.n_clients))
+        self.phase(f"probing {w.world_size} processes one at a time (a timed layer, memory, link)")
         profiles = dist.gather_objects(w, self.probe_in_turn(seqs[w.rank] or seq))
         decision = dist.broadcast_object(w, self.decide(profiles, seq))
         if isinstance(decision[0], str):
@@ -226,6 +229,7 @@ class Role:
         self.layout = self.layout_for_plan()
         if resume and resume.get("selection"):
             self.use_selection(resume["selection"])
+        self.phase(f"building the stages (each process loads only its layers from {self.model_path})")
         self.build()
         counts = dist.gather_objects(w, self.n_samples())
         total = sum(counts)
@@ -246,6 +250,7 @@ class Role:
         dist.barrier(w)
         self.t_start = time.perf_counter() - (resume["elapsed_s"] if resume else 0.0)
         if done == 0:
+            self.phase("evaluating the base model before training")
             self.baseline(self.evaluate())
         return done
 
@@ -254,10 +259,20 @@ class Role:
         faults.injector.round = rnd
         torch.manual_seed(round_seed(self.cfg.seed, self.world.rank, rnd))
         self.simulate_round(rnd)
+        # No client's step reaches the server before the server has reseeded too (its replicas draw
+        # dropout masks from this process's generator), so the draws are the same on every run.
+        dist.barrier(self.world)
         prediction = self.predict()
         stats = self.train()
-        # settle: the round counts only if every rank finished it
-        if any(dist.gather_objects(self.world, self.stop.requested or stats is None)):
+        # settle: the round counts only if every rank finished it with finite losses
+        settled = dist.gather_objects(
+            self.world, (self.stop.requested or stats is None, (stats or {}).get("diverged"))
+        )
+        diverged = [(r, d) for r, (_, d) in enumerate(settled) if d]
+        if diverged:
+            rank, d = diverged[0]
+            self.diverged(f"client {rank} got loss {d['loss']} at step {d['step']} of round {rnd}", rnd)
+        if any(stopping for stopping, _ in settled):
             raise faults.Preempted()
         self.end_training()
         if self.cfg.runtime.debug:
@@ -269,7 +284,10 @@ class Role:
                 str(self.out / "debug" / f"round{rnd}" / f"merged_rank{self.world.rank}.safetensors"),
             )
         dist.barrier(self.world)  # every holder has the global adapter before anyone evaluates
+        self.phase(f"round {rnd}: evaluating the global adapter")
         evaluation = self.evaluate()
+        if not math.isfinite(evaluation[0]):
+            self.diverged(f"the eval loss after round {rnd} is {evaluation[0]}", rnd)
         reports = dist.gather_objects(self.world, self.report(stats))
         new_plan = dist.broadcast_object(self.world, self.replan(rnd, reports, evaluation))
         after_move, move_s = None, 0.0
@@ -283,6 +301,23 @@ class Role:
         self.record(rnd, t_round, prediction, reports, evaluation, new_plan, after_move, move_s)
         if new_plan is not None:
             self.plan = new_plan
+
+    def diverged(self, what: str, rnd: int) -> None:
+        """Stops every rank (each calls this with the same text) before anything of the round is saved."""
+        kept = (
+            f"the checkpoint of round {rnd - 1} in {self.out / 'checkpoint'} is kept"
+            if rnd > 1
+            else "no round had completed, so nothing was saved"
+        )
+        raise Diverged(
+            f"training diverged: {what}; lower train.lr (now {self.cfg.train.lr:g}) or check that "
+            f"client's data; {kept}"
+        )
+
+    def phase(self, what: str) -> None:
+        """Says what a long phase is doing (rank 0 only: every rank is in the same phase)."""
+        if self.world.is_server:
+            log.info("%s ...", what)
 
     def use_selection(self, selection: dict) -> None:
         """Per-module ranks from the importance selection; the layouts follow."""
@@ -460,6 +495,7 @@ class ServerRole(Role):
         (self.out / "profiles.json").write_text(
             json.dumps({str(r): p.to_dict() for r, p in enumerate(profiles)})
         )
+        (self.out / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         try:
             resume = self.load_checkpoint()
             costs = model_costs(
@@ -535,17 +571,16 @@ class ServerRole(Role):
             replica.global_adapter = (self.layout, self.flat.to(self.world.device))
 
     def announce(self, counts: list[int]) -> None:
-        first = self.scheduler.predict([self.cut_map[r] for r in sorted(self.cut_map)])
         log.info(
-            "model %s, %d layers; policy %s, cuts %s (predicted round %.2fs, bound by %s); samples %s",
+            "model %s (%s, %d layers); %d clients with %s training samples",
             self.model_path,
+            self.mcfg.model_type,
             self.mcfg.num_hidden_layers,
-            self.cfg.policy,
-            self.cut_map,
-            first.round_time_s,
-            first.bottleneck,
+            len(counts),
             counts,
         )
+        for line in describe_plan(self.scheduler, [self.cut_map[r] for r in sorted(self.cut_map)]):
+            log.info(line)
 
     def load(self, flat: torch.Tensor, resume: dict | None) -> None:
         for _, model, _ in self.holders():
@@ -685,13 +720,23 @@ class ServerRole(Role):
         self.writer.write(rec)
         self.records.append(rec)
         log.info(row(rec))
-        if new_plan is not None:
-            log.info(
-                "re-plan after round %d: cuts %s -> %s",
-                rnd,
-                self.cut_map,
-                {r: v[0] for r, v in new_plan.items()},
+        log.info(
+            round_line(
+                rnd, self.cfg.train.rounds, rec["elapsed_s"], [r["round_time_s"] for r in self.records]
             )
+        )
+        order = sorted(self.cut_map)
+        said = describe_replan(
+            self.scheduler,
+            rnd,
+            [self.cut_map[r] for r in order],
+            None if new_plan is None else [new_plan[r][0] for r in order],
+        )
+        if said:
+            log.info(said)
+        if new_plan is not None:
+            for line in describe_plan(self.scheduler, [new_plan[r][0] for r in order])[1:]:
+                log.info(line)
         if not self.server.merging:  # under stack the model is the merged weights (launch.export --merged)
             checkpoint.export_adapter(
                 self.out, self.layout, self.flat, self.spec, self.mcfg, self.model_path, self.selection

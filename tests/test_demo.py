@@ -1,24 +1,57 @@
-"""The built-in demo end to end: 1 server + 4 clients on the project's own tiny model and data.
+"""The demo end to end (``make demo``): 1 server + 4 unequal clients under the adaptive scheduler, on the
+project's own tiny model and data, then the report.
 
-The acceptance bar of the demo: over its rounds the eval loss falls by at least 30% from the
-base model's and the token accuracy rises. Uses the shared cache (.cache/splitft), so the
-tiny model is built once (about a minute) and reused.
+The acceptance bar of the demo: over its rounds the eval loss falls by at least 30% from the base
+model's and the token accuracy rises; the log names every client's cut with what limits it and
+says what each re-plan did; the memory-capped client gets no more layers than its memory holds;
+the report writes its plots. Uses the shared cache (.cache/splitft), so the tiny model is built
+once (about a minute on an idle machine) and reused.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
-from tests.test_distributed import metrics, torchrun
+from tests.test_distributed import REPO, metrics, torchrun
 
 
-def test_demo_learns(tmp_path):
+def test_demo_shows_the_adaptive_scheduler_and_learns(tmp_path):
     out = tmp_path / "demo"
-    res = torchrun(5, ["torchrun_configs/tiny_cpu.yaml", f"output_dir={out}"])
+    res = torchrun(5, ["torchrun_configs/demo.yaml", f"output_dir={out}"])
     assert res.returncode == 0, res.stdout[-4000:]
     base = json.loads((out / "baseline.json").read_text())
     records = metrics(out)
-    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["eval_loss"] <= 0.7 * base["eval_loss"]
     assert records[-1]["eval_token_accuracy"] > base["eval_token_accuracy"] + 0.1
-    assert records[-1]["cut_layers"] == {"1": 1, "2": 2, "3": 3, "4": 2}
+
+    log = res.stdout
+    assert "plan (adaptive): cuts [" in log and "bound by " in log
+    for client in range(1, 5):
+        assert re.search(rf"client {client}: cut \d \(layers 0-\d here", log), client
+    # client 2 runs under a 1.05 GB cap: the plan says its memory limits it and keeps it within it
+    capped = re.search(r"client 2: cut (\d).*memory for up to (\d) layers", log)
+    assert capped and int(capped.group(1)) <= int(capped.group(2)) < 3
+    assert all(r["cut_layers"]["2"] <= int(capped.group(2)) for r in records)
+    for rnd in (2, 4):
+        assert f"re-plan after round {rnd}: " in log
+    assert "round 6/6 done" in log and "ETA" in log
+    assert all(r["plan"]["policy"] == "adaptive" for r in records)
+
+    report = subprocess.run(
+        [sys.executable, "-m", "launch.report", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    assert sorted(p.name for p in (out / "report").glob("*.png")) == [
+        "bytes.png",
+        "cuts.png",
+        "eval.png",
+        "time.png",
+    ]

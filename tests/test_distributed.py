@@ -268,3 +268,41 @@ def test_a_client_that_cannot_hold_one_layer_is_named(setup, tmp_path):
     assert "plan error: client 1 has" in res.stdout and "one layer needs" in res.stdout
     assert res.stdout.count("plan error") == 1
     assert not (tmp_path / "mem" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("shape", ["gpt2-small", "opt-125m"])
+def test_dropout_checkpoint_split_matches_unsplit(tmp_path, setup, shape):
+    """GPT-2 small and OPT-125m shapes carry dropout 0.1 (and here LoRA dropout 0.1 too): a one-client
+    split run draws its masks below the cut from the client's generator and above it from the server's,
+    and launch.train_local draws the same way for that cut, so the losses still match step for step."""
+    from models.random_models import save_checkpoint_shaped
+    from runtime.config import load_config
+    from runtime.local import run_local
+
+    model = save_checkpoint_shaped(shape, tmp_path / "model")
+    args = [
+        *common_args(setup, tmp_path / "split")[1:],
+        f"model.path={model}",
+        "train.rounds=2",
+        "train.local_steps=4",
+        "lora.r_cut=8",
+        "split.cut_layers=2",
+        "lora.dropout=0.1",
+    ]
+    split = torchrun(2, ["torchrun_configs/tiny_cpu.yaml", *args])
+    assert split.returncode == 0, split.stdout[-4000:]
+    local_args = [*args, f"output_dir={tmp_path / 'local'}"]
+    local = run_local(load_config("torchrun_configs/tiny_cpu.yaml", local_args))
+    split_losses = [x for r in metrics(tmp_path / "split") for x in r["clients"]["1"]["step_losses"]]
+    local_losses = [x for r in local for x in r["clients"]["local"]["step_losses"]]
+    assert len(split_losses) == len(local_losses) == 8
+    assert max(abs(a - b) for a, b in zip(split_losses, local_losses)) < 1e-4
+    # Without the per-rank streams the masks differ and so do the losses (what the reference fixes).
+    plain = run_local(
+        load_config(
+            "torchrun_configs/tiny_cpu.yaml",
+            [*local_args[:-1], f"output_dir={tmp_path / 'p'}", "split.cut_layers=[1,2]"],
+        )
+    )
+    plain_losses = [x for r in plain for x in r["clients"]["local"]["step_losses"]]
+    assert max(abs(a - b) for a, b in zip(split_losses, plain_losses)) > 1e-3

@@ -4,11 +4,14 @@ holder through a move and a resume, and each round's eval loss is the loss of th
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from models.datasets import eval_batches
 from models.loss import token_stats
@@ -74,13 +77,24 @@ def test_stack_keeps_one_merged_base_through_a_move_and_a_resume(setup, tmp_path
     assert _holders_agree(out / "debug" / "round3") > 0
     final = metrics(out)[2]
 
-    # The eval loss is the merged model's: base + the checkpoint's merged weights, loaded as plain HF.
+    # The eval loss is the exported model's: launch.export writes the merged HF model, loaded plainly.
+    export = subprocess.run(
+        [sys.executable, "-m", "launch.export", str(out), "--merged", str(tmp_path / "merged")]
+        + ["--adapter-rank", "4", "--adapter", str(tmp_path / "delta")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert export.returncode == 0, export.stdout + export.stderr
+    assert "relative error" in export.stdout
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     merged = merged_weights(out / "checkpoint", 3)
-    model = full_model(setup["model"])
-    with torch.no_grad():
-        for name, w in merged.items():
-            model.get_submodule(name).weight.copy_(w)
+    for name, w in merged.items():
+        assert torch.equal(model.get_submodule(name).weight, w)
     assert abs(exported_eval_loss(model, args, setup["model"]) - final["eval_loss"]) < 1e-5
+    # the optional low-rank adapter of the total delta loads with PEFT and applies a change
+    delta = PeftModel.from_pretrained(full_model(setup["model"]), str(tmp_path / "delta"))
+    assert abs(exported_eval_loss(delta, args, setup["model"]) - final["eval_loss"]) < 0.5
     assert len(rounds(out / "checkpoint")) == 2
 
 
