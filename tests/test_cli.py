@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def launch(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RANK", None)
+    """One process as torchrun's rank 0 of a server and one client would be (the checks come first)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "2"}
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
