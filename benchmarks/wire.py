@@ -140,7 +140,9 @@ def part_ushape(tmp: Path, model: Path, data: Path) -> dict:
         tps["local"].append(records(o)[-1]["tokens_per_s"])
         for mode in ("standard", "u_shape"):
             o = tmp / f"{mode}{i}"
-            launch(2, model_args(model, data, o, **{"split.cut_layers": "4", "split.mode": mode}))
+            tail = "1" if mode == "u_shape" else "0"
+            extra = {"split.cut_layers": "4", "split.mode": mode, "split.tail_layers": tail}
+            launch(2, model_args(model, data, o, **extra))
             rec = records(o)[-1]
             tps[mode].append(rec["tokens_per_s"])
             per_step[mode] = step_bytes(rec)

@@ -82,12 +82,15 @@ class Stage(nn.Module):
     parameter names are the full model's names.
     """
 
-    def __init__(self, hf: nn.Module, family: Family, config: PretrainedConfig, start: int, end: int):
+    def __init__(
+        self, hf: nn.Module, family: Family, config: PretrainedConfig, start: int, end: int, head: bool = True
+    ):
         super().__init__()
         self.hf = hf
         self.family = family
         self.config = config
         self.start, self.end = start, end
+        self.head = head  # False: a stage ending at the top layer without the norm and head (U-shaped)
         self.lora_ranks: dict[int, int] = {}  # layer -> the LoRA rank this stage holds it at (models.lora)
 
     @property
@@ -96,7 +99,7 @@ class Stage(nn.Module):
 
     @property
     def is_last(self) -> bool:
-        return self.end == self.config.num_hidden_layers
+        return self.head and self.end == self.config.num_hidden_layers
 
     @property
     def layers(self) -> nn.ModuleDict:
@@ -181,8 +184,10 @@ def build_stage(
     device: str | torch.device = "cpu",
     dtype: str = "float32",
     attn_implementation: str | None = None,
+    head: bool = True,
 ) -> Stage:
-    """Builds layers ``[start, end)`` of the checkpoint in ``model_dir``, loading only their tensors."""
+    """Builds layers ``[start, end)`` of the checkpoint in ``model_dir``, loading only their tensors
+    (with the final norm and head when ``end`` is the top, unless ``head=False``)."""
     config = load_config(model_dir)
     family = family_of(config)
     validate_split(config, start, end)
@@ -199,17 +204,18 @@ def build_stage(
     _set_path(hf, family.layers, owned)
     for path in family.embed if start > 0 else ():
         _set_path(hf, path, None)
-    for path in family.head if end < config.num_hidden_layers else ():
+    with_head = head and end == config.num_hidden_layers
+    for path in family.head if not with_head else ():
         _set_path(hf, path, None)
     # lm_head may be tied to the input embedding: untie so each stage holds its own copy.
-    if end == config.num_hidden_layers and start > 0:
+    if with_head and start > 0:
         hf.lm_head.weight = nn.Parameter(torch.empty_like(hf.lm_head.weight, device="meta"))
     _load_owned(hf, model_dir, device, torch_dtype)
     # Each stage holds its own copy of a tied head (loaded above); tell PEFT nothing is tied.
     hf.config.tie_word_embeddings = False
     hf.requires_grad_(False)
     hf.train()
-    return Stage(hf, family, config, start, end)
+    return Stage(hf, family, config, start, end, head)
 
 
 def _load_owned(hf: nn.Module, model_dir: str | Path, device: str | torch.device, dtype: torch.dtype) -> None:

@@ -77,7 +77,7 @@ class ServerReplica:
         owned = hf.get_submodule(layers)
         for index in range(base.start, cut):
             del owned[str(index)]
-        self.stage = Stage(hf, base.family, base.config, cut, base.end)
+        self.stage = Stage(hf, base.family, base.config, cut, base.end, base.head)
         add_lora(self.stage, spec, cut_rank=False)
         self.stage.to(device)
         self.device = device
@@ -285,7 +285,14 @@ class Server:
         self.model_path, self.device, self.cfg = model_path, device, cfg
         # split.mode=u_shape: the top split.tail_layers layers and the head stay on the clients
         top = n_layers - cfg.split.tail_layers if cfg.split.mode == "u_shape" else n_layers
-        base = build_stage(model_path, min(cuts.values()), top, device=device, **stage_kwargs(self.cfg))
+        base = build_stage(
+            model_path,
+            min(cuts.values()),
+            top,
+            device=device,
+            head=cfg.split.mode != "u_shape",
+            **stage_kwargs(cfg),
+        )
         self.base = base
         self.replicas = {
             rank: ServerReplica(base, k, spec, device, cfg, stopping) for rank, k in cuts.items()

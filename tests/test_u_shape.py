@@ -92,3 +92,25 @@ def test_u_shape_moves_cuts_with_int8_on_the_wire(setup, tmp_path):  # noqa: F81
     for w in wire.values():
         # int8 values packed four to a float32 slot, plus one float32 scale per token: 64 / 4 + 1 = 17
         assert "torch.float32:3d:last=17" in w["received"], w
+
+
+def test_u_shape_stages_compose_to_the_full_model(random_model):
+    """Client bottom [0, k), server [k, L) without norm and head, client tail [L - t, L) with them: the
+    same logits as the unsplit model, for a tail of 0 layers (norm and head only) and of 1."""
+    from models.stages import build_stage, full_model
+
+    path = random_model("llama")
+    ids = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        want = full_model(path).eval()(input_ids=ids, attention_mask=mask).logits
+        for tail in (0, 1):
+            top = 4 - tail
+            bottom, middle = build_stage(path, 0, 2).eval(), build_stage(path, 2, top, head=False).eval()
+            head = build_stage(path, top, 4).eval()
+            h = middle(hidden=bottom(input_ids=ids, attention_mask=mask), attention_mask=mask)
+            assert h.shape[:2] == ids.shape and h.shape[-1] != want.shape[-1]  # hidden states, not logits
+            got = head(hidden=h, attention_mask=mask)
+            real = mask.bool()
+            torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
