@@ -105,14 +105,19 @@ def run(
         *args,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        lines = (res.stdout + res.stderr).splitlines()
-        errors = [line for line in lines if "error" in line.lower() and "tensorpipe" not in line]
-        return {"error": "\n".join(errors[:3]) or lines[-1], "command": " ".join(cmd[2:])}
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    done = out / "metrics.jsonl"
+    wall = None
+    if done.is_file() and len(done.read_text().splitlines()) == rounds:
+        print(f"  reusing the finished run in {out}", flush=True)  # --keep: a run of an earlier invocation
+    else:
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+        wall = time.perf_counter() - t0
+        if res.returncode != 0:
+            lines = (res.stdout + res.stderr).splitlines()
+            errors = [line for line in lines if "error" in line.lower() and "tensorpipe" not in line]
+            return {"error": "\n".join(errors[:3]) or lines[-1], "command": " ".join(cmd[2:])}
+    records = [json.loads(line) for line in done.read_text().splitlines()]
     reached = next((r for r in records if r["eval_loss"] <= target), None)
     # The cost model predicts the training part of a round (the clients' steps); aggregation,
     # evaluation and the checkpoint come on top and are reported apart.
@@ -157,6 +162,9 @@ def main() -> None:
     parser.add_argument("--base", type=float, default=2.0, help="slowdown of the fastest client")
     parser.add_argument("--scenario", choices=("static", "changing"), default="static")
     parser.add_argument("--only", nargs="*", help="run only these policies")
+    parser.add_argument(
+        "--keep", type=Path, help="keep each run's output under this folder; a finished run there is reused"
+    )
     opts = parser.parse_args()
     base, changing = opts.base, opts.scenario == "changing"
     if changing:
@@ -170,7 +178,8 @@ def main() -> None:
     if changing:
         out_file = out_file.with_name(out_file.stem + "__changing.json")
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = opts.keep or scratch
         for name, args in policies.items():
             print(f"running {name} ...", flush=True)
             if changing:
