@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.split_overhead import write_text_data
 from models.random_models import save_random_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,14 +37,6 @@ OUT = REPO / "benchmarks" / "results" / "wire.json"
 HIDDEN, LAYERS, SEQ, BATCH = 512, 8, 256, 8
 DTYPES = ["float32", "bfloat16", "float16", "int8"]
 FLOOR = 2 * BATCH * SEQ * HIDDEN * 4
-
-
-def write_text_data(path: Path, n_lines: int) -> None:
-    import random
-
-    rng = random.Random(0)
-    lines = [" ".join(str(rng.randint(0, 999)) for _ in range(90)) for _ in range(n_lines)]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def model_args(model: Path, data: Path, out: Path, **extra: str) -> list[str]:

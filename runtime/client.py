@@ -66,40 +66,25 @@ def nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-class _GradArrives(torch.autograd.Function):
-    """Identity at the cut: its backward runs when the server's gradient arrives. It counts the gradient's
-    bytes, charges the simulated link for them and marks when the client's own backward starts."""
+class _GradCrossing(torch.autograd.Function):
+    """Identity on a tensor that crossed the wire; its backward runs when that tensor's gradient crosses
+    back. It counts the gradient's bytes under ``key``, charges the simulated link for them and notes
+    the time in ``client.<mark>``. At the cut (``gradients_down``, ``grad_arrived``) that is when the
+    client's own backward starts; on the hidden states a U-shaped split brings back down
+    (``gradients_up``, ``grad_left``), when the gradient leaves for the server."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, client: Client) -> torch.Tensor:
-        ctx.client = client
+    def forward(ctx, hidden: torch.Tensor, client: Client, key: str, mark: str) -> torch.Tensor:
+        ctx.client, ctx.key, ctx.mark = client, key, mark
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         client = ctx.client
-        client.comm["gradients_down"] += nbytes(grad)
+        client.comm[ctx.key] += nbytes(grad)
         client.link.delay(nbytes(grad))
-        client.grad_arrived = time.perf_counter()
-        return grad, None
-
-
-class _GradLeaves(torch.autograd.Function):
-    """Identity on the hidden states that came back down (U-shaped split): its backward runs when their
-    gradient leaves for the server; it counts those bytes and charges the link."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, client: Client) -> torch.Tensor:
-        ctx.client = client
-        return hidden.view_as(hidden)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        client = ctx.client
-        client.comm["gradients_up"] += nbytes(grad)
-        client.link.delay(nbytes(grad))
-        client.grad_left = time.perf_counter()
-        return grad, None
+        setattr(client, ctx.mark, time.perf_counter())
+        return grad, None, None, None
 
 
 def server_payload(batch: dict[str, torch.Tensor], sent: torch.Tensor, u_shape: bool = False) -> tuple:
@@ -262,7 +247,9 @@ class Client:
             batch = self._to_device(cpu_batch)
             with dist_autograd.context() as ctx:
                 hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                wire = _GradArrives.apply(encode(hidden, self.wire_dtype), self)  # counts what comes back
+                wire = _GradCrossing.apply(
+                    encode(hidden, self.wire_dtype), self, "gradients_down", "grad_arrived"
+                )  # counts what comes back
                 payload = server_payload(batch, wire, self.u_shape)
                 sent = sum(nbytes(t) for t in payload)
                 forward_s = time.perf_counter() - t0  # on a GPU: queued kernels finish during the send
@@ -274,7 +261,10 @@ class Client:
                     self.link.delay(nbytes(back))
                     t_tail = time.perf_counter()
                     h2 = decode(
-                        _GradLeaves.apply(back, self), self.wire_dtype, self.hidden_size, self.stage_dtype
+                        _GradCrossing.apply(back, self, "gradients_up", "grad_left"),
+                        self.wire_dtype,
+                        self.hidden_size,
+                        self.stage_dtype,
                     )
                     logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
                     loss, n_tokens = target_loss(logits, shift_targets(batch["labels"]))
