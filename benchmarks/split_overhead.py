@@ -45,7 +45,8 @@ def write_text_data(path: Path, n_lines: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def overrides(model: Path, data: Path, out: Path, **extra: str) -> list[str]:
+def overrides(model: Path, data: Path, out: Path, argv: list[str] | None = None, **extra: str) -> list[str]:
+    """The run's config and overrides; ``argv`` (default: this command's arguments) go last."""
     args = {
         "model.path": str(model),
         "data.train_path": str(data),
@@ -63,7 +64,8 @@ def overrides(model: Path, data: Path, out: Path, **extra: str) -> list[str]:
         "output_dir": str(out),
         **extra,
     }
-    return ["torchrun_configs/tiny_cpu.yaml", *(f"{k}={v}" for k, v in args.items()), *sys.argv[1:]]
+    extra_args = sys.argv[1:] if argv is None else argv
+    return ["torchrun_configs/tiny_cpu.yaml", *(f"{k}={v}" for k, v in args.items()), *extra_args]
 
 
 def run(cmd: list[str]) -> float:

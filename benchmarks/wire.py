@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.split_overhead import write_text_data
+from benchmarks.split_overhead import overrides, write_text_data
 from models.random_models import save_random_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,24 +40,8 @@ FLOOR = 2 * BATCH * SEQ * HIDDEN * 4
 
 
 def model_args(model: Path, data: Path, out: Path, **extra: str) -> list[str]:
-    args = {
-        "model.path": str(model),
-        "data.train_path": str(data),
-        "data.eval_path": str(data),
-        "data.max_seq_len": str(SEQ),
-        "data.partition": "iid",
-        "data.min_samples": "1",
-        "data.max_eval_samples": "8",
-        "train.batch_size": str(BATCH),
-        "train.eval_batch_size": "8",
-        "train.rounds": "2",
-        "train.local_steps": "6",
-        "lora.r_cut": "8",
-        "runtime.intra_op_threads": "2",
-        "output_dir": str(out),
-        **extra,
-    }
-    return ["torchrun_configs/tiny_cpu.yaml", *(f"{k}={v}" for k, v in args.items())]
+    """The one-client setting of ``benchmarks.split_overhead`` (this command's arguments are part names)."""
+    return overrides(model, data, out, argv=[], **extra)
 
 
 def run(cmd: list[str], threads: str = "2") -> float:
