@@ -56,14 +56,19 @@ def _chains(path):
     return holders
 
 
-def test_stack_is_the_exact_weighted_sum_of_products(random_model):
-    path = random_model("llama")
+def _stacked(path):
+    """The four chains' layout, ranks, holders and stack layout, and the all-reduce's sum: every rank's
+    vector summed (each holder here is its own "rank")."""
     layout = build_layout(load_config(path), SPEC, CUTS, CAPS)
     chains = {i: chain_ranks(layout, SPEC, k, SPEC.r_cut, c) for i, (k, c) in enumerate(zip(CUTS, CAPS), 1)}
     holders = _chains(path)
     stack = StackLayout(layout, chains)
-    # What the all-reduce does: every rank's vector summed (each holder here is its own "rank").
-    summed = sum(stack_vector([h], stack) for h in holders)
+    return layout, chains, holders, stack, sum(stack_vector([h], stack) for h in holders)
+
+
+def test_stack_is_the_exact_weighted_sum_of_products(random_model):
+    path = random_model("llama")
+    layout, chains, holders, stack, summed = _stacked(path)
     ranks_seen = set()
     for s in layout.slots:
         want = torch.zeros(s.out_features, s.in_features, dtype=torch.float64)
@@ -82,11 +87,7 @@ def test_stack_is_the_exact_weighted_sum_of_products(random_model):
 
 def test_stack_restarts_from_zero_b_and_the_averaged_a(random_model):
     path = random_model("llama")
-    layout = build_layout(load_config(path), SPEC, CUTS, CAPS)
-    chains = {i: chain_ranks(layout, SPEC, k, SPEC.r_cut, c) for i, (k, c) in enumerate(zip(CUTS, CAPS), 1)}
-    holders = _chains(path)
-    stack = StackLayout(layout, chains)
-    summed = sum(stack_vector([h], stack) for h in holders)
+    layout, chains, holders, stack, summed = _stacked(path)
     flat = stack_restart(summed, stack, dict(enumerate(WEIGHTS, start=1)))
     for s in layout.slots:
         a, b = layout.views(flat, s.name)
@@ -105,11 +106,7 @@ def test_stack_restarts_from_zero_b_and_the_averaged_a(random_model):
 def test_merging_the_stack_is_the_sum_of_the_copies_deltas(random_model):
     """A base weight plus the stacked delta computes what the copies' weighted LoRA updates add."""
     path = random_model("llama")
-    layout = build_layout(load_config(path), SPEC, CUTS, CAPS)
-    chains = {i: chain_ranks(layout, SPEC, k, SPEC.r_cut, c) for i, (k, c) in enumerate(zip(CUTS, CAPS), 1)}
-    holders = _chains(path)
-    stack = StackLayout(layout, chains)
-    summed = sum(stack_vector([h], stack) for h in holders)
+    layout, chains, holders, stack, summed = _stacked(path)
     name = "model.layers.1.self_attn.q_proj"
     x = torch.randn(3, layout.by_name[name].in_features, generator=torch.Generator().manual_seed(0))
     copies = [(w, lora_modules(m)[name]) for _, m, w in holders if name in lora_modules(m)]
