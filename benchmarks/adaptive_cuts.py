@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.adaptive_cuts           # writes results/adaptive_cuts.json
     .venv/bin/python -m benchmarks.adaptive_cuts --base 1  # writes results/adaptive_cuts__base1.json
     .venv/bin/python -m benchmarks.adaptive_cuts --scenario changing  # results/adaptive_cuts__changing.json
+    .venv/bin/python -m benchmarks.adaptive_cuts --scenario server    # results/adaptive_cuts__server.json
 
 Four clients share this machine with the server; the simulation knobs make them unequal: their
 layer compute really takes 1, 1, 2 and 4 times ``--base`` as long (``simulate.slowdown``), and
@@ -25,6 +26,12 @@ clients turn slow and the other way round), no memory cap, so every fixed k runs
 Goals: ``adaptive`` reaches the target >= 1.3x sooner than the best fixed cut and than ``resource``,
 no worse final loss, predicted training time within 10% of the measured one from the second round
 after a move.
+
+``--scenario server``: the server's node is shared, then the clients' are. In rounds 1-5 another job
+slows the server's layers 16x (``simulate.server_slowdown``) while the clients run at ``--base``;
+from round 6 on the server is free and the clients run 8x ``--base``. The first phase wants deep
+cuts (work off the server), the second the shallowest (work off the clients), so no fixed cut suits
+both. Same policies, rounds, target and goals as ``changing``.
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ CHANGING_SLOWDOWN = {1: [1, 1, 2, 4], 4: [4, 2, 1, 1]}  # x --base; from round 4
 # what they compute), so the time to a target loss compares speed alone; 10 rounds put the target
 # (reached near round 8) well after the change.
 CHANGING_ROUNDS, CHANGING_TARGET, CHANGING_ARGS = 10, 0.58, ["lora.r_cut=8"]
+SERVER_SCENARIO_SLOWDOWN = {1: [1, 1, 1, 1], 6: [8, 8, 8, 8]}  # x --base: the clients turn slow at round 6
+SERVER_SCENARIO_ARGS = ["simulate.server_slowdown={1: 16, 6: 1}"]  # ... as the server turns fast
 CHANGING_POLICIES = {
     "fixed_k1": ["split.policy=fixed", "split.cut_layers=1"],
     "fixed_k2": ["split.policy=fixed", "split.cut_layers=2"],
@@ -160,15 +169,17 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=float, default=2.0, help="slowdown of the fastest client")
-    parser.add_argument("--scenario", choices=("static", "changing"), default="static")
+    parser.add_argument("--scenario", choices=("static", "changing", "server"), default="static")
     parser.add_argument("--only", nargs="*", help="run only these policies")
     parser.add_argument(
         "--keep", type=Path, help="keep each run's output under this folder; a finished run there is reused"
     )
     opts = parser.parse_args()
-    base, changing = opts.base, opts.scenario == "changing"
+    base, changing = opts.base, opts.scenario in ("changing", "server")
+    extra = [*CHANGING_ARGS, *(SERVER_SCENARIO_ARGS if opts.scenario == "server" else [])]
     if changing:
-        slowdown = {r: [base * f for f in v] for r, v in CHANGING_SLOWDOWN.items()}
+        schedule = SERVER_SCENARIO_SLOWDOWN if opts.scenario == "server" else CHANGING_SLOWDOWN
+        slowdown = {r: [base * f for f in v] for r, v in schedule.items()}
         policies = CHANGING_POLICIES
     else:
         slowdown = [base * f for f in RELATIVE_SLOWDOWN]
@@ -176,7 +187,7 @@ def main() -> None:
     policies = {k: v for k, v in policies.items() if not opts.only or k in opts.only}
     out_file = OUT if base == 2.0 else OUT.with_name(f"adaptive_cuts__base{base:g}.json")
     if changing:
-        out_file = out_file.with_name(out_file.stem + "__changing.json")
+        out_file = out_file.with_name(f"{out_file.stem}__{opts.scenario}.json")
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         tmp = opts.keep or scratch
@@ -185,7 +196,7 @@ def main() -> None:
             if changing:
                 results[name] = run(
                     name,
-                    [*args, *CHANGING_ARGS],
+                    [*args, *extra],
                     Path(tmp) / name,
                     slowdown,
                     memory=False,
@@ -240,7 +251,7 @@ def main() -> None:
                     "slowdown": slowdown,
                     "memory_limit_gb_client2": None if changing else MEMORY_LIMIT_GB,
                     "target_eval_loss": CHANGING_TARGET if changing else TARGET,
-                    "extra": CHANGING_ARGS if changing else [],
+                    "extra": extra if changing else [],
                 },
                 "summary": summary,
                 "runs": results,

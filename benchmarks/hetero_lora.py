@@ -1,6 +1,9 @@
 """Heterogeneous LoRA ranks: the aggregation rules, and importance selection against uniform LoRA.
 
     .venv/bin/python -m benchmarks.hetero_lora        # writes benchmarks/results/hetero_lora.json
+    .venv/bin/python -m benchmarks.hetero_lora fedavg stack --steps 30 --rounds 6
+                                                      # some settings, other round lengths:
+                                                      # results/hetero_lora__fedavg_stack__30x6.json
 
 Four clients on the built-in task (the project's tiny Llama, the generated sort data), cut at
 layers 1, 2, 3 and 2, with their own LoRA ranks 2, 4, 8 and 16 (``lora.client_ranks``; the
@@ -19,6 +22,7 @@ mean round time. Goals: ``stack`` ends lower than ``fedavg``; ``importance`` wit
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -45,7 +49,7 @@ SETTINGS = {
 }
 
 
-def run(name: str, args: list[str], out: Path) -> dict:
+def run(name: str, args: list[str], out: Path, rounds: int = ROUNDS, steps: int = STEPS) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -56,8 +60,8 @@ def run(name: str, args: list[str], out: Path) -> dict:
         "launch.train",
         "torchrun_configs/tiny_cpu.yaml",
         f"output_dir={out}",
-        f"train.rounds={ROUNDS}",
-        f"train.local_steps={STEPS}",
+        f"train.rounds={rounds}",
+        f"train.local_steps={steps}",
         "split.cut_layers=[1,2,3,2]",
         *args,
     ]
@@ -88,12 +92,19 @@ def run(name: str, args: list[str], out: Path) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("settings", nargs="*", help=f"some of {', '.join(SETTINGS)} (default: all)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--steps", type=int, default=STEPS, help="local steps per round")
+    opts = parser.parse_args()
+    if unknown := set(opts.settings) - set(SETTINGS):
+        parser.error(f"unknown settings {sorted(unknown)}: choose from {', '.join(SETTINGS)}")
     results = {}
-    chosen = sys.argv[1:] or list(SETTINGS)
+    chosen = opts.settings or list(SETTINGS)
     with tempfile.TemporaryDirectory() as tmp:
         for name, args in ((n, SETTINGS[n]) for n in chosen):
             print(f"[{name}] running", flush=True)
-            results[name] = run(name, args, Path(tmp) / name)
+            results[name] = run(name, args, Path(tmp) / name, opts.rounds, opts.steps)
             r = results[name]
             if "error" in r:
                 print(f"[{name}] failed: {r['error']}", flush=True)
@@ -113,9 +124,13 @@ def main() -> None:
             - 1,
         }
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
-    results["rounds"], results["local_steps"] = ROUNDS, STEPS
+    results["rounds"], results["local_steps"] = opts.rounds, opts.steps
+    results["command"] = " ".join([".venv/bin/python -m benchmarks.hetero_lora", *sys.argv[1:]])
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    out = OUT if set(chosen) == set(SETTINGS) else OUT.with_name(f"hetero_lora__{'_'.join(chosen)}.json")
+    name = "" if set(chosen) == set(SETTINGS) else "_".join(chosen)
+    if (opts.rounds, opts.steps) != (ROUNDS, STEPS):
+        name += f"__{opts.steps}x{opts.rounds}"
+    out = OUT.with_name(f"hetero_lora__{name}.json") if name else OUT
     out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results.get("goals", {}), indent=1))
 

@@ -154,6 +154,9 @@ class SimulateConfig:
     the run (no schedule): the planner's memory caps come from the start-up probe."""
     bandwidth_mbps: float | list[float | None] | dict[int, float | list[float | None] | None] | None = None
     """The client's link to the server: every send (activations, gradients, adapters) takes size/bandwidth."""
+    server_slowdown: float | dict[int, float] = 1.0
+    """The server's layer compute really takes this many times longer (>= 1; one value or a schedule
+    ``{round: value}``), as when another job shares the server's node; its probe sees it too."""
 
     def for_client(self, index: int, rnd: int = 1) -> tuple[float, float | None, float | None]:
         """(slowdown, memory_limit_gb, bandwidth_mbps) of client ``index`` (0-based) during round ``rnd``."""
@@ -167,7 +170,11 @@ class SimulateConfig:
     @property
     def changes(self) -> bool:
         """Whether a knob follows a schedule (its value changes during the run)."""
-        return isinstance(self.slowdown, dict) or isinstance(self.bandwidth_mbps, dict)
+        return any(isinstance(v, dict) for v in (self.slowdown, self.bandwidth_mbps, self.server_slowdown))
+
+    def for_server(self, rnd: int = 1) -> float:
+        """The server's slowdown during round ``rnd``."""
+        return float(at_round(self.server_slowdown, rnd))
 
 
 def at_round(value: Any, rnd: int) -> Any:
@@ -519,6 +526,7 @@ def validate(cfg: Config) -> None:
     )
     for name, value, ok, rule in (
         ("slowdown", sim.slowdown, lambda v: v >= 1, ">= 1"),
+        ("server_slowdown", sim.server_slowdown, lambda v: v >= 1, ">= 1"),
         ("memory_limit_gb", sim.memory_limit_gb, lambda v: v is None or v > 0, "> 0 or null"),
         ("bandwidth_mbps", sim.bandwidth_mbps, lambda v: v is None or v > 0, "> 0 or null"),
     ):

@@ -43,6 +43,7 @@ from models.wire import decode, encode
 from runtime import faults
 from runtime.config import Config
 from runtime.job import make_optimizer, stage_kwargs
+from runtime.simulate import Throttle
 
 
 class _Mark(torch.autograd.Function):
@@ -71,6 +72,7 @@ class ServerReplica:
         device: torch.device,
         cfg: Config,
         stopping: Callable[[], bool] = lambda: False,
+        throttle: Throttle | None = None,
     ):
         hf = _share(base.hf)  # new modules, same frozen tensors
         layers = base.family.layers
@@ -100,6 +102,14 @@ class ServerReplica:
         # runtime.debug: a summary of every tensor that arrived and that left, to show what crosses the wire.
         self.received: set[str] | None = set() if cfg.runtime.debug else None
         self.sent: set[str] = set()
+        self.throttle, self._throttled = throttle, []  # simulate.server_slowdown
+        self.throttle_layers()
+
+    def throttle_layers(self) -> None:
+        """Hooks the simulated server slowdown on this replica's decoder layers (again after a move)."""
+        Throttle.detach(self._throttled)
+        layers = range(self.stage.start, self.stage.end) if self.throttle is not None else []
+        self._throttled = [h for j in layers for h in self.throttle.attach(self.stage.layers[str(j)])]
 
     def watch_parameters(self) -> None:
         """Takes the current LoRA parameters and hooks each one so that distributed autograd's gradient
@@ -172,6 +182,7 @@ class ServerReplica:
                 arriving_ranks,
             )
             self.watch_parameters()
+            self.throttle_layers()
             self.new_round()
 
     def train_forward(self, sent: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor):
@@ -280,6 +291,7 @@ class Server:
         device: torch.device,
         cfg: Config,
         stopping: Callable[[], bool] = lambda: False,
+        throttle: Throttle | None = None,
     ):
         n_layers = load_config(model_path).num_hidden_layers
         self.model_path, self.device, self.cfg = model_path, device, cfg
@@ -295,7 +307,7 @@ class Server:
         )
         self.base = base
         self.replicas = {
-            rank: ServerReplica(base, k, spec, device, cfg, stopping) for rank, k in cuts.items()
+            rank: ServerReplica(base, k, spec, device, cfg, stopping, throttle) for rank, k in cuts.items()
         }
         self.merging = cfg.train.aggregation == "stack"
         self.merge_lock = threading.Lock()  # a client's fetch never sees a layer half moved or merged

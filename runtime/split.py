@@ -480,6 +480,15 @@ class ServerRole(Role):
         self.writer: MetricsWriter | None = None
         self.round_calls: dict[int, dict[str, int]] = {}
         self.fingerprint = fingerprint(cfg, world.n_clients)
+        # simulate.server_slowdown: hooked on the probe's layer and on every replica's layers
+        self.throttle = Throttle(cfg.simulate.for_server(1), changing=cfg.simulate.changes)
+
+    def simulate_round(self, rnd: int) -> None:
+        """Applies the server slowdown a ``simulate.server_slowdown`` schedule gives round ``rnd``."""
+        factor = self.cfg.simulate.for_server(rnd)
+        if factor != self.throttle.factor:
+            log.info("round %d: simulated server slowdown %g -> %g", rnd, self.throttle.factor, factor)
+        self.throttle.set(factor)
 
     def first_round(self) -> int:
         """The round this launch starts with: after the newest checkpoint's, where it will resume (read only
@@ -543,7 +552,13 @@ class ServerRole(Role):
 
     def build(self) -> None:
         self.server = Server(
-            self.model_path, self.cut_map, self.spec, self.world.device, self.cfg, lambda: self.stop.requested
+            self.model_path,
+            self.cut_map,
+            self.spec,
+            self.world.device,
+            self.cfg,
+            lambda: self.stop.requested,
+            self.throttle,
         )
         self.server.layout = self.layout
         if self.server.merging:
@@ -706,6 +721,7 @@ class ServerRole(Role):
                 )
                 for r in sorted(self.cut_map)
             }
+            rec["simulated"]["server"] = {"slowdown": self.cfg.simulate.for_server(rnd)}
         for i, r in enumerate(sorted(self.cut_map)):
             rec["clients"][str(r)]["predicted_time_s"] = prediction.client_time_s[i]
             rec["clients"][str(r)]["server_s"] = server_s[r]

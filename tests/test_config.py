@@ -241,6 +241,8 @@ def test_simulate_schedules_act_by_round_and_are_checked():
     bw = load_config(None, ["simulate.bandwidth_mbps={1: null, 3: [10, 20]}"]).simulate
     assert bw.changes and bw.for_client(1, 2)[2] is None and bw.for_client(1, 3)[2] == 20
     assert not load_config(None, ["simulate.slowdown=[1, 2]"]).simulate.changes
+    server = load_config(None, ["simulate.server_slowdown={1: 8, 5: 1}"]).simulate
+    assert server.changes and [server.for_server(rnd) for rnd in (1, 4, 5, 9)] == [8, 8, 1, 1]
     assert validate_for_world(load_config(None, ["simulate.slowdown={1: 1, 2: [1, 3]}"]), 3, 4) == [2, 2]
     for override, message in (
         ("simulate.slowdown={2: [1, 2]}", r"^simulate.slowdown=.*must start at round 1"),
@@ -248,6 +250,8 @@ def test_simulate_schedules_act_by_round_and_are_checked():
         ("simulate.slowdown={1: 1, 3: [1, 0.5]}", r"^simulate.slowdown=.*every value must be >= 1"),
         ("simulate.bandwidth_mbps={1: -1}", r"^simulate.bandwidth_mbps=.*every value must be > 0 or null"),
         ("simulate.memory_limit_gb={1: 2, 3: 1}", r"^simulate.memory_limit_gb=.*cannot follow a schedule"),
+        ("simulate.server_slowdown={1: 2, 3: 0.5}", r"^simulate.server_slowdown=.*every value must be >= 1"),
+        ("simulate.server_slowdown=[1, 2]", r"^simulate.server_slowdown: \[1, 2\] is not a float or mapping"),
         (
             "simulate.slowdown={1: fast}",
             r"^simulate.slowdown: \{1: 'fast'\} is not a float or list of float or mapping int -> ",

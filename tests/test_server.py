@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from models.lora import lora_modules
+from models.lora import build_layout, lora_modules
+from runtime import simulate
 from runtime.config import load_config
 from runtime.job import lora_spec, model_config
 from runtime.server import Server
+from runtime.simulate import Throttle
 
 
 def test_replicas_share_the_base_and_keep_their_own_lora(random_model):
@@ -37,3 +39,39 @@ def test_replicas_share_the_base_and_keep_their_own_lora(random_model):
     for name, m in lora_modules(b.hf).items():
         torch.testing.assert_close(m.lora_B["default"].weight, before_b[name], rtol=0, atol=0)
     torch.testing.assert_close(qa.base_layer.weight, base_before, rtol=0, atol=0)
+
+
+def test_the_server_slowdown_stretches_every_replica_layer_and_follows_a_move(random_model, monkeypatch):
+    """``simulate.server_slowdown`` hooks each replica's decoder layers (a sleep after the forward and one
+    after the backward of each), leaves the math alone, changes between rounds, and covers a layer that
+    arrives in a move."""
+    path = random_model("llama")
+    cfg = load_config(None, [f"model.path={path}", "simulate.server_slowdown={1: 1, 2: 3}"])
+    mcfg = model_config(path)
+    spec = lora_spec(cfg, mcfg)
+    throttle = Throttle(cfg.simulate.for_server(1), changing=cfg.simulate.changes)
+    server = Server(path, {1: 2}, spec, torch.device("cpu"), cfg, throttle=throttle)
+    replica = server.replicas[1]
+    sleeps: list[float] = []
+    monkeypatch.setattr(simulate.time, "sleep", lambda s: sleeps.append(s))
+    hidden = torch.randn(2, 6, 32, requires_grad=True)
+
+    def fwd_bwd():
+        logits = replica.stage(hidden=hidden)
+        logits.float().pow(2).mean().backward()
+        grad = hidden.grad.clone()
+        hidden.grad = None
+        return logits.detach(), grad
+
+    ref = fwd_bwd()
+    assert sleeps == []  # round 1: factor 1
+    throttle.set(cfg.simulate.for_server(2))
+    slow = fwd_bwd()
+    assert len(sleeps) == 2 * (mcfg.num_hidden_layers - 2) and all(s > 0 for s in sleeps)
+    assert torch.equal(slow[0], ref[0]) and torch.equal(slow[1], ref[1])
+
+    layout = build_layout(mcfg, spec, [1])
+    server.move({1: 1}, {1: (2, spec.r_cut)}, layout, torch.zeros(layout.numel))
+    sleeps.clear()
+    fwd_bwd()
+    assert len(sleeps) == 2 * (mcfg.num_hidden_layers - 1)  # the arriving layer 1 is slowed too
