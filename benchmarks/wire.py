@@ -14,7 +14,8 @@ ushape   tokens/s of one client, standard and U-shaped (tail of 1 layer), agains
          alternated twice on the bytes model; goal for standard/unsplit >= 0.97; and bytes per step.
 scaling  1, 2, 4 and 8 clients cut at 1 of the bytes model (the server runs 7 layers and the head for
          each): aggregate training tokens/s against the server's own compute rate for one client's
-         steps (batch x seq over its median compute per step).
+         steps (batch x seq over its median compute per step), and the cores the server process and
+         the whole host kept busy while the clients trained (what binds).
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ def part_scaling(tmp: Path, model: Path, data: Path) -> dict:
             "aggregate_tokens_per_s": tokens / train_s,
             "server_compute_s_per_step": statistics.median(server_s),
             "client_step_s": statistics.median(c["step_time_s"] for c in clients),
+            # what binds: the server process near one core with host cores idle is the GIL or its
+            # threads; every host core busy is the machine
+            "server_cores_used": rec["server"]["train_cores_used"],
+            "host_cores_busy": rec["server"]["host_cores_busy"],
         }
     capacity = BATCH * SEQ / out["1"]["server_compute_s_per_step"]
     for v in out.values():

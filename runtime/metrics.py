@@ -6,7 +6,10 @@ import json
 import math
 import os
 import resource
+import time
 from pathlib import Path
+
+import psutil
 
 COLUMNS = ("round", "train_loss", "eval_loss", "eval_acc", "eval_ppl", "round_s", "tok/s", "up_MB", "down_MB")
 
@@ -27,6 +30,27 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+class CpuUsage:
+    """Cores this process and the whole host kept busy from construction to ``stop()``: what binds a server
+    under many clients (its process near one core while the host has cores idle: the GIL or its threads;
+    the host's cores all busy: the machine)."""
+
+    def __init__(self):
+        self.t0, self.cpu0, self.host0 = time.perf_counter(), time.process_time(), psutil.cpu_times()
+
+    def stop(self) -> dict[str, float]:
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        host = psutil.cpu_times()
+        total = sum(host) - sum(self.host0)
+        idle = sum(getattr(host, f) - getattr(self.host0, f) for f in ("idle", "iowait") if hasattr(host, f))
+        cores = psutil.cpu_count() or 1
+        return {
+            "train_cores_used": (time.process_time() - self.cpu0) / wall,
+            "host_cores_busy": cores * (total - idle) / total if total > 0 else 0.0,
+            "host_cores": cores,
+        }
 
 
 def peak_rss_mb() -> float:

@@ -65,7 +65,7 @@ from runtime.job import (
     resolve_model_path,
     round_seed,
 )
-from runtime.metrics import MetricsWriter, header, peak_rss_mb, round_record, row
+from runtime.metrics import CpuUsage, MetricsWriter, header, peak_rss_mb, round_record, row
 from runtime.probe import ResourceProfile, probe
 from runtime.progress import round_line
 from runtime.scheduler import Scheduler, model_costs
@@ -479,6 +479,7 @@ class ServerRole(Role):
         self.records: list[dict] = []
         self.writer: MetricsWriter | None = None
         self.round_calls: dict[int, dict[str, int]] = {}
+        self.usage: dict[str, float] = {}  # CpuUsage of the last round's training
         self.fingerprint = fingerprint(cfg, world.n_clients)
         # simulate.server_slowdown: hooked on the probe's layer and on every replica's layers
         self.throttle = Throttle(cfg.simulate.for_server(1), changing=cfg.simulate.changes)
@@ -613,12 +614,14 @@ class ServerRole(Role):
         return self.scheduler.predict([self.cut_map[r] for r in sorted(self.cut_map)])
 
     def train(self) -> dict:
+        self._usage = CpuUsage()  # what the server process and the host used while the clients trained
         return {}  # the replicas serve the clients' steps on RPC threads
 
     def end_training(self) -> None:
         for replica in self.server.replicas.values():
             replica.flush()  # each client's last step, applied lazily
         self.round_calls = {r: dict(rep.calls) for r, rep in self.server.replicas.items()}
+        self.usage = self._usage.stop()
 
     def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
         self.server.merge(self.layout, stack, summed)
@@ -712,6 +715,7 @@ class ServerRole(Role):
         rec = _record(rnd, now - self.t_start, now - t_round, reports, evaluation, self.cut_map, self.weights)
         rec["plan"] = _plan_record(self.cfg, self.plan, new_plan, prediction, after_move, move_s)
         rec["plan"]["client_ranks"] = {str(r): c or self.spec.r for r, c in self.caps.items()}
+        rec["server"].update(self.usage)
         if self.scheduler.reason is not None:
             rec["plan"]["replan"] = self.scheduler.reason
         if self.cfg.simulate.changes:  # what the clients were made to do (never shown to the scheduler)

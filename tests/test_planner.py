@@ -407,3 +407,24 @@ def test_propose_says_why():
     assert p.propose(4, moved) == cuts and p.reason["rule"] == "revert" and "+25.0%" in p.reason["detail"]
     p.observe(cuts, measure(slowed(4), cuts), eval_loss=1.9)
     assert p.propose(6, cuts) is None and p.reason["rule"] is None and p.forbidden(moved)
+
+
+def test_a_server_that_turns_slow_hands_its_layers_to_the_clients():
+    """simulate.server_slowdown's case: slow clients start shallow; when the measured server time per step
+    shows the server 16x slower (another job on its node), the refit takes the shift whole and the next
+    plan moves layers to the clients."""
+    slow = ClientCosts(**{**A_CLIENT.__dict__, "layer_time_s": 0.4})
+    p = AdaptivePlanner(A_MODEL, [slow, slow], A_SERVER, {}, every=1)
+    cuts = p.initial()
+    assert max(cuts) <= 2  # of 8 layers: the server is 4x faster than the clients
+    measured = []
+    for k in cuts:
+        server_s = (A_MODEL.n_layers - k) * 16 * A_SERVER.layer_time_s + A_SERVER.head_time_s
+        compute = k * slow.layer_time_s
+        step = compute + server_s + 2e6 / slow.bandwidth_Bps + 2 * slow.rtt_s
+        measured.append(Measured(compute, step, 10 * step, 1.0, server_s=server_s))
+    p.observe(cuts, measured, eval_loss=2.0)
+    assert p.server.layer_time_s > 10 * A_SERVER.layer_time_s  # a level shift, taken whole
+    new = p.propose(1, cuts)
+    assert new is not None and min(new) > max(cuts), new
+    assert p.reason["rule"] == "speed"
