@@ -16,5 +16,7 @@ def test_cpu_usage_tells_computing_from_waiting():
     while time.perf_counter() < end:  # one thread computing
         pass
     busy = usage.stop()
-    assert waiting["train_cores_used"] < 0.3 < busy["train_cores_used"] <= 1.1
+    # a loaded machine may give the busy thread only part of a core, but far more than a sleeping one
+    idle, used = waiting["train_cores_used"], busy["train_cores_used"]
+    assert idle < 0.1 and max(0.15, 3 * idle) < used <= 1.1
     assert busy["host_cores"] >= 1 and 0 < busy["host_cores_busy"] <= busy["host_cores"]
