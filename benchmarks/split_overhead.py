@@ -101,16 +101,18 @@ def main() -> None:
     write_text_data(data, 400)
 
     # 1 + 2: throughput and bytes, split and local alternated; round 2 only (round 1 warms up).
-    split_tps, local_tps, per_step, local_rss = [], [], [], []
+    split_tps, local_tps, per_step, local_rss, split_cores, local_cores = [], [], [], [], [], []
     for i in range(2):
         out_l = tmp / f"local{i}"
         run([sys.executable, "-m", "launch.train_local", *overrides(model, data, out_l)])
         local_tps.append(last_round(out_l)["tokens_per_s"])
         local_rss.append(last_round(out_l)["clients"]["local"]["peak_rss_mb"])
+        local_cores.append(last_round(out_l)["clients"]["local"]["train_cores_used"])
         out_s = tmp / f"split{i}"
         run(torchrun(2, overrides(model, data, out_s, **{"split.cut_layers": "4"})))
         rec = last_round(out_s)
         split_tps.append(rec["tokens_per_s"])
+        split_cores.append(rec["server"]["train_cores_used"] + rec["clients"]["1"]["train_cores_used"])
         c = rec["comm_bytes"]["1"]
         per_step.append((c["activations_up"] + c["gradients_down"]) / rec["clients"]["1"]["steps"])
     floor = 2 * BATCH * SEQ * HIDDEN * 4
@@ -161,6 +163,11 @@ def main() -> None:
             "local_tokens_per_s": local_tps,
             "split_tokens_per_s": split_tps,
             "ratio_split_over_local": statistics.median(s / u for s, u in zip(split_tps, local_tps)),
+            # cores kept busy while training: the unsplit process, and the split's two processes together
+            # (one of them computes at every moment, so both would be the intra-op thread count if the
+            # split's phases ran as parallel as the unsplit step)
+            "local_train_cores_used": local_cores,
+            "split_train_cores_used": split_cores,
         },
         "bytes_per_step": {
             "floor": floor,

@@ -48,7 +48,7 @@ from runtime.job import (
     resolve_model_path,
     round_seed,
 )
-from runtime.metrics import MetricsWriter, header, peak_rss_mb, round_record, row
+from runtime.metrics import CpuUsage, MetricsWriter, header, peak_rss_mb, round_record, row
 
 log = logging.getLogger("splitft")
 
@@ -133,6 +133,7 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
         if streams is not None:
             streams.start_round(rnd)
         optimizer = make_optimizer(params, cfg)
+        usage = CpuUsage()
         losses, tokens, weighted, input_tokens = [], 0.0, 0.0, 0.0
         for _ in range(cfg.train.local_steps):
             b = stream.next()
@@ -145,6 +146,7 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
             tokens += float(n_tokens)
             weighted += losses[-1] * float(n_tokens)
             input_tokens += float(b["attention_mask"].sum())
+        cores_used = usage.stop()["train_cores_used"]
         evaluation = evaluate()
         now = time.perf_counter()
         train_loss = weighted / max(tokens, 1.0)
@@ -163,6 +165,7 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
                     "train_loss": train_loss,
                     "step_losses": losses,
                     "peak_rss_mb": peak_rss_mb(),
+                    "train_cores_used": cores_used,
                 }
             },
         )

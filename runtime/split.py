@@ -868,7 +868,11 @@ class ClientRole(Role):
         self.client.global_adapter = (self.layout, self.flat.to(self.world.device))
 
     def train(self) -> dict | None:
-        return self.client.train_round(self.cfg.train.local_steps, lambda: self.stop.requested)
+        usage = CpuUsage()
+        stats = self.client.train_round(self.cfg.train.local_steps, lambda: self.stop.requested)
+        if stats is not None and "diverged" not in stats:
+            stats["train_cores_used"] = usage.stop()["train_cores_used"]  # this process, while it trained
+        return stats
 
     def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
         self.client.merge(self.layout, stack, summed)
@@ -964,6 +968,7 @@ def _record(rnd, elapsed, round_time, reports, evaluation, cut_map, weights) -> 
                         "vmdata_mb",
                         "stage_param_mb",
                         "lora_bytes",
+                        "train_cores_used",
                     )
                 },
             }

@@ -158,6 +158,7 @@ def test_three_clients_with_different_cuts_train_concurrently(setup, tmp_path):
             assert r["clients"][rank]["server_calls"] == {"train_forward": 16, "backward": 16}
         server = r["server"]  # the server process computed, and no process uses more cores than the host has
         assert 0 < server["train_cores_used"] <= server["host_cores_busy"] + 0.2 <= server["host_cores"] + 0.2
+        assert all(0 < r["clients"][rank]["train_cores_used"] <= server["host_cores"] + 0.2 for rank in "123")
     assert records[1]["eval_loss"] < json.loads((out / "baseline.json").read_text())["eval_loss"]
 
     # The global adapter is the sample-weighted average of the holders' copies, component by component
