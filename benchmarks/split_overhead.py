@@ -101,7 +101,7 @@ def main() -> None:
     write_text_data(data, 400)
 
     # 1 + 2: throughput and bytes, split and local alternated; round 2 only (round 1 warms up).
-    split_tps, local_tps, per_step, local_rss, split_cores, local_cores = [], [], [], [], [], []
+    split_tps, local_tps, per_step, local_rss, split_cores, local_cores, parts = [], [], [], [], [], [], []
     for i in range(2):
         out_l = tmp / f"local{i}"
         run([sys.executable, "-m", "launch.train_local", *overrides(model, data, out_l)])
@@ -113,6 +113,9 @@ def main() -> None:
         rec = last_round(out_s)
         split_tps.append(rec["tokens_per_s"])
         split_cores.append(rec["server"]["train_cores_used"] + rec["clients"]["1"]["train_cores_used"])
+        c1 = rec["clients"]["1"]  # a step's parts (medians): client compute, server compute, the rest
+        parts.append({k: c1[k] for k in ("step_time_s", "compute_s", "server_s")})
+        parts[-1]["other_s"] = c1["step_time_s"] - c1["compute_s"] - c1["server_s"]
         c = rec["comm_bytes"]["1"]
         per_step.append((c["activations_up"] + c["gradients_down"]) / rec["clients"]["1"]["steps"])
     floor = 2 * BATCH * SEQ * HIDDEN * 4
@@ -168,6 +171,9 @@ def main() -> None:
             # split's phases ran as parallel as the unsplit step)
             "local_train_cores_used": local_cores,
             "split_train_cores_used": split_cores,
+            # the split step's parts: compute on each side, and the rest (transport, hand-offs, optimizer
+            # steps, batch preparation)
+            "split_step_parts_s": parts,
         },
         "bytes_per_step": {
             "floor": floor,
