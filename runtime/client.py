@@ -4,14 +4,19 @@ One training step (the round protocol of runtime.split), two round trips::
 
     with dist_autograd.context() as ctx:
         h = encode(stage(input_ids))                           # layers 0..k-1 here, in wire.dtype
-        loss = replica.rpc_sync().train_forward(h, mask, targets)  # layers k..L-1 + head on the server
-        dist_autograd.backward(ctx, [loss])                    # dL/dh comes back over RPC
-        local step from get_gradients(ctx)                     # the server steps at its next call
+        sent = Catch(h.detach())                               # its backward keeps dL/dh
+        loss = replica.rpc_sync().train_forward(sent, mask, targets)  # layers k..L-1 + head on the server
+        dist_autograd.backward(ctx, [loss])                    # the server's backward; dL/dh comes back
+        h.backward(dL/dh)                                      # this stage's backward, here
+        optimizer step                                         # the server steps at its next call
 
 U-shaped (``split.mode=u_shape``) the client also keeps the top ``split.tail_layers`` layers, the
-norm and the head: ``h2 = replica.u_forward(h, mask)`` comes back down, the loss is computed here,
-and the backward crosses twice. ``input_ids`` never leave the client; in the U-shaped split neither
-do the labels or the logits.
+norm and the head: ``h2 = replica.u_forward(sent, mask)`` comes back down, the loss and the tail's
+backward are computed here, and ``dist_autograd.backward`` starts from ``dL/dh2`` (:class:`_Inject`).
+``input_ids`` never leave the client; in the U-shaped split neither do the labels or the logits.
+
+Every tensor op of a client runs on its main thread: distributed autograd only carries gradients
+across the wire (``runtime.compute`` says why one thread matters on CPU).
 """
 
 from __future__ import annotations
@@ -66,25 +71,41 @@ def nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-class _GradCrossing(torch.autograd.Function):
-    """Identity on a tensor that crossed the wire; its backward runs when that tensor's gradient crosses
-    back. It counts the gradient's bytes under ``key``, charges the simulated link for them and notes
-    the time in ``client.<mark>``. At the cut (``gradients_down``, ``grad_arrived``) that is when the
-    client's own backward starts; on the hidden states a U-shaped split brings back down
-    (``gradients_up``, ``grad_left``), when the gradient leaves for the server."""
+class _Catch(torch.autograd.Function):
+    """Identity on the hidden states sent at the cut (a leaf: detached from the client's stage). Its
+    backward runs when their gradient has come back over the wire: it counts the bytes
+    (``gradients_down``), charges the simulated link for them and keeps the gradient in
+    ``client.caught``, for the client's own backward on its main thread."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, client: Client, key: str, mark: str) -> torch.Tensor:
-        ctx.client, ctx.key, ctx.mark = client, key, mark
-        return hidden.view_as(hidden)
+    def forward(ctx, sent: torch.Tensor, client: Client) -> torch.Tensor:
+        ctx.client = client
+        return sent.view_as(sent)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         client = ctx.client
-        client.comm[ctx.key] += nbytes(grad)
+        client.comm["gradients_down"] += nbytes(grad)
         client.link.delay(nbytes(grad))
-        setattr(client, ctx.mark, time.perf_counter())
-        return grad, None, None, None
+        client.caught = grad
+        return None, None
+
+
+class _Inject(torch.autograd.Function):
+    """U-shaped split: a scalar root for ``dist_autograd.backward`` whose backward hands the gradient
+    of the hidden states that came back down (computed by the client's tail) to the wire: it counts
+    the bytes (``gradients_up``) and charges the simulated link for them."""
+
+    @staticmethod
+    def forward(ctx, back: torch.Tensor, grad: torch.Tensor, client: Client) -> torch.Tensor:
+        ctx.grad, ctx.client = grad, client
+        return back.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, _: torch.Tensor):
+        ctx.client.comm["gradients_up"] += nbytes(ctx.grad)
+        ctx.client.link.delay(nbytes(ctx.grad))
+        return ctx.grad, None, None
 
 
 def server_payload(batch: dict[str, torch.Tensor], sent: torch.Tensor, u_shape: bool = False) -> tuple:
@@ -136,7 +157,7 @@ class Client:
         self.hidden_size = self.stage.config.hidden_size
         self.stage_dtype = DTYPES[cfg.model.dtype]
         self.params = self._lora_parameters()
-        self.grad_arrived = self.grad_left = 0.0
+        self.caught: torch.Tensor | None = None  # the gradient at the cut, back from the server
         self.n_samples = len(data.shard)
         self.stream = BatchStream(
             data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, rank - 1), data.pad_id
@@ -245,43 +266,46 @@ class Client:
             cpu_batch = self.stream.next()
             input_tokens += float(cpu_batch["attention_mask"].sum())  # on CPU: no device sync
             batch = self._to_device(cpu_batch)
+            for p in self.params:
+                p.grad = None
             with dist_autograd.context() as ctx:
                 hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                wire = _GradCrossing.apply(
-                    encode(hidden, self.wire_dtype), self, "gradients_down", "grad_arrived"
-                )  # counts what comes back
-                payload = server_payload(batch, wire, self.u_shape)
-                sent = sum(nbytes(t) for t in payload)
-                forward_s = time.perf_counter() - t0  # on a GPU: queued kernels finish during the send
-                self.comm["activations_up"] += sent
-                self.link.delay(sent)
+                wire = encode(hidden, self.wire_dtype)
+                # a leaf: the server's gradient for it lands in self.caught (none if no LoRA below the cut)
+                sent = _Catch.apply(wire.detach().requires_grad_(wire.requires_grad), self)
+                payload = server_payload(batch, sent, self.u_shape)
+                nsent = sum(nbytes(t) for t in payload)
+                compute_s = time.perf_counter() - t0  # on a GPU: queued kernels finish during the send
+                self.comm["activations_up"] += nsent
+                self.link.delay(nsent)
                 if self.u_shape:
                     back, flag = self.replica.rpc_sync(timeout=self.timeout_s).u_forward(*payload)
                     self.comm["activations_down"] += nbytes(back)
                     self.link.delay(nbytes(back))
                     t_tail = time.perf_counter()
-                    h2 = decode(
-                        _GradCrossing.apply(back, self, "gradients_up", "grad_left"),
-                        self.wire_dtype,
-                        self.hidden_size,
-                        self.stage_dtype,
-                    )
+                    arrived = back.detach().requires_grad_()
+                    h2 = decode(arrived, self.wire_dtype, self.hidden_size, self.stage_dtype)
                     logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
                     loss, n_tokens = target_loss(logits, shift_targets(batch["labels"]))
-                    t_backward = time.perf_counter()
-                    forward_s += t_backward - t_tail
                     stats = torch.stack([n_tokens.double(), flag.double()])
                 else:
                     loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload)
                 if not math.isfinite(float(loss.detach())):
                     return {"diverged": {"step": step, "loss": float(loss.detach())}}
-                dist_autograd.backward(ctx, [loss])
-                tail_backward_s = self.grad_left - t_backward if self.u_shape else 0.0
-                compute_times.append(forward_s + tail_backward_s + time.perf_counter() - self.grad_arrived)
+                if self.u_shape:
+                    loss.backward()  # the tail's backward, here; arrived.grad goes up
+                    root = _Inject.apply(back, arrived.grad, self)
+                    compute_s += time.perf_counter() - t_tail
+                else:
+                    root = loss
+                self.caught = None
+                dist_autograd.backward(ctx, [root])  # the server's part; the gradient at the cut comes back
+                t_stage = time.perf_counter()
+                if wire.requires_grad:
+                    wire.backward(self.caught)  # this stage's backward, here
+                self.caught = None
+                compute_times.append(compute_s + time.perf_counter() - t_stage)
                 # The server steps lazily (at its next forward): no call of its own, no wait here.
-                grads = dist_autograd.get_gradients(ctx)
-                for p in self.params:
-                    p.grad = grads.get(p)
                 if scorer is not None:
                     for model in self.models:
                         scorer.update(named_lora_parameters(model))

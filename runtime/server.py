@@ -7,9 +7,12 @@ another client's graph still needs (the "modified by an inplace operation" hazar
 module-global PEFT state (``set_adapter``) is touched from RPC threads. (U-shaped split: the base
 ends below the clients' tail layers and holds no norm or head.)
 
-A replica's optimizer step costs no call: hooks on its LoRA parameters collect distributed
-autograd's gradients during the backward, and the step is applied at the replica's next forward
-call, or when the round ends (``flush``).
+A replica's optimizer step costs no call: the replica's part of the distributed backward is a local
+backward (``runtime.compute.split_graph``), which leaves its LoRA gradients on ``.grad``, and the
+step is applied at the replica's next forward call, or when the round ends (``flush``).
+
+Every tensor op of the replicas runs on the server's compute thread (``runtime.compute``: on CPU one
+thread, so that the OpenMP runtime keeps one team of workers; on a GPU the calling thread).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from models.moves import restage
 from models.stages import DTYPES, Stage, build_layers, build_stage, load_config, read_tensors
 from models.wire import decode, encode
 from runtime import faults
+from runtime.compute import ComputeThread, split_graph
 from runtime.config import Config
 from runtime.job import make_optimizer, stage_kwargs
 from runtime.simulate import Throttle
@@ -73,7 +77,9 @@ class ServerReplica:
         cfg: Config,
         stopping: Callable[[], bool] = lambda: False,
         throttle: Throttle | None = None,
+        compute: ComputeThread | None = None,
     ):
+        self.compute = compute or ComputeThread(enabled=False, threads=1)
         hf = _share(base.hf)  # new modules, same frozen tensors
         layers = base.family.layers
         owned = hf.get_submodule(layers)
@@ -112,14 +118,8 @@ class ServerReplica:
         self._throttled = [h for j in layers for h in self.throttle.attach(self.stage.layers[str(j)])]
 
     def watch_parameters(self) -> None:
-        """Takes the current LoRA parameters and hooks each one so that distributed autograd's gradient
-        for it also lands on ``.grad``: the step then needs no call of its own (it runs lazily, at the
-        next forward or at the round's end), which saves a round trip per step."""
+        """Takes the current LoRA parameters (the optimizer's, whose ``.grad`` the backward fills)."""
         self.params = lora_parameters(self.stage.hf)
-        for p in self.params:
-            if not getattr(p, "_splitft_hooked", False):
-                p.register_hook(_accumulate_into(p))
-                p._splitft_hooked = True
 
     def new_round(self) -> None:
         for p in self.params:
@@ -132,7 +132,7 @@ class ServerReplica:
     def flush(self) -> None:
         """Applies the last step's gradients if they are still pending (the round's last step)."""
         with self.lock:
-            self._apply_step()
+            self.compute.run(self._apply_step)
 
     def _apply_step(self) -> None:
         if not self.pending:
@@ -192,18 +192,22 @@ class ServerReplica:
         to stop (a signal). A step is this call and the distributed backward: two round trips."""
         with self.lock:
             self.calls["train_forward"] += 1
-            self._apply_step()
             self.steps += 1
             faults.injector.hit("step", self.steps)
             if self.received is not None:
                 self.received.update(_describe(t) for t in (sent, mask, targets))
                 sent.register_hook(lambda g: self.sent.add("grad:" + _describe(g)))
-            t0 = time.perf_counter()
-            hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
-            logits = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
-            loss, n_tokens = target_loss(logits, targets)
-            self.marks["forward_s"] = time.perf_counter() - t0
-            loss = _Mark.apply(loss, self.marks, "start")
+
+            def layers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                self._apply_step()
+                t0 = time.perf_counter()
+                hidden = decode(x, self.wire_dtype, self.hidden_size, self.stage_dtype)
+                logits = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
+                loss, n_tokens = target_loss(logits, targets)
+                self.marks["forward_s"] = time.perf_counter() - t0
+                return _Mark.apply(loss, self.marks, "start"), n_tokens
+
+            loss, n_tokens = split_graph(self.compute, layers, sent)
             self.pending = True
             flag = n_tokens.new_tensor(float(self.stopping()), dtype=torch.float64)
             stats = torch.stack([n_tokens.double(), flag])
@@ -217,14 +221,18 @@ class ServerReplica:
         here sees labels, token ids or logits. Two round trips a step, as in the standard split."""
         with self.lock:
             self.calls["u_forward"] += 1
-            self._apply_step()
             self.steps += 1
             faults.injector.hit("step", self.steps)
-            t0 = time.perf_counter()
-            hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
-            out = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
-            self.marks["forward_s"] = time.perf_counter() - t0
-            back = encode(_Mark.apply(out, self.marks, "start"), self.wire_dtype)
+
+            def layers(x: torch.Tensor) -> tuple[torch.Tensor]:
+                self._apply_step()
+                t0 = time.perf_counter()
+                hidden = decode(x, self.wire_dtype, self.hidden_size, self.stage_dtype)
+                out = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
+                self.marks["forward_s"] = time.perf_counter() - t0
+                return (encode(_Mark.apply(out, self.marks, "start"), self.wire_dtype),)
+
+            (back,) = split_graph(self.compute, layers, sent)
             self.pending = True
             if self.received is not None:
                 self.received.update(_describe(t) for t in (sent, mask))
@@ -233,34 +241,36 @@ class ServerReplica:
                 sent.register_hook(lambda g: self.sent.add("grad:" + _describe(g)))
             return back, torch.tensor(float(self.stopping()), dtype=torch.float64)
 
-    @torch.no_grad()
     def u_evaluate(self, sent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        with self.lock, global_view([self.stage.hf], *self.global_adapter):
-            self.stage.eval()
-            try:
-                hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
-                return encode(self.stage(hidden=hidden, attention_mask=mask), self.wire_dtype)
-            finally:
-                self.stage.train()
+        def job() -> torch.Tensor:
+            hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
+            return encode(self.stage(hidden=hidden, attention_mask=mask), self.wire_dtype)
 
-    @torch.no_grad()
+        return self._evaluating(job)
+
     def evaluate(self, sent: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
-        with self.lock, global_view([self.stage.hf], *self.global_adapter):
-            self.stage.eval()
-            try:
-                hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
-                logits = self.stage(hidden=hidden, attention_mask=mask)
-                loss_sum, n_tokens, correct = target_stats(logits, targets)
-            finally:
-                self.stage.train()
+        def job() -> torch.Tensor:
+            hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
+            loss_sum, n_tokens, correct = target_stats(
+                self.stage(hidden=hidden, attention_mask=mask), targets
+            )
             return torch.stack([loss_sum.double(), n_tokens.double(), correct.double()])
 
+        return self._evaluating(job)
 
-def _accumulate_into(p: nn.Parameter) -> Callable[[torch.Tensor], None]:
-    def hook(grad: torch.Tensor) -> None:
-        p.grad = grad.detach().clone() if p.grad is None else p.grad + grad
+    def _evaluating(self, job: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``job()`` through the global adapter, in eval mode, without grad, on the compute thread."""
 
-    return hook
+        def run() -> torch.Tensor:
+            with torch.no_grad(), global_view([self.stage.hf], *self.global_adapter):
+                self.stage.eval()
+                try:
+                    return job()
+                finally:
+                    self.stage.train()
+
+        with self.lock:
+            return self.compute.run(run)
 
 
 def _share(module: nn.Module) -> nn.Module:
@@ -292,8 +302,10 @@ class Server:
         cfg: Config,
         stopping: Callable[[], bool] = lambda: False,
         throttle: Throttle | None = None,
+        compute: ComputeThread | None = None,
     ):
         n_layers = load_config(model_path).num_hidden_layers
+        self.compute = compute or ComputeThread(enabled=False, threads=1)
         self.model_path, self.device, self.cfg = model_path, device, cfg
         # split.mode=u_shape: the top split.tail_layers layers and the head stay on the clients
         top = n_layers - cfg.split.tail_layers if cfg.split.mode == "u_shape" else n_layers
@@ -307,7 +319,8 @@ class Server:
         )
         self.base = base
         self.replicas = {
-            rank: ServerReplica(base, k, spec, device, cfg, stopping, throttle) for rank, k in cuts.items()
+            rank: ServerReplica(base, k, spec, device, cfg, stopping, throttle, self.compute)
+            for rank, k in cuts.items()
         }
         self.merging = cfg.train.aggregation == "stack"
         self.merge_lock = threading.Lock()  # a client's fetch never sees a layer half moved or merged
@@ -334,8 +347,11 @@ class Server:
                 )
 
     def merged_weights(self, layout: AdapterLayout, names: list[str]) -> dict[str, torch.Tensor]:
-        with self.merge_lock:
+        def copies() -> dict[str, torch.Tensor]:
             return {n: self.target_weight(n, layout.by_name[n].layer).detach().cpu().clone() for n in names}
+
+        with self.merge_lock:
+            return self.compute.run(copies)
 
     def load_merged(self, layout: AdapterLayout, weights: dict[str, torch.Tensor]) -> None:
         with self.merge_lock, torch.no_grad():

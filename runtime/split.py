@@ -51,6 +51,7 @@ from runtime import checkpoint, dist, faults
 from runtime.aggregate import aggregate
 from runtime.checkpoint import CheckpointMismatch
 from runtime.client import COMM_KEYS, Client
+from runtime.compute import ComputeThread, for_process
 from runtime.config import Config, fingerprint, validate_for_world
 from runtime.dist import SERVER
 from runtime.explain import describe_plan, describe_replan
@@ -108,17 +109,22 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
     rt = cfg.runtime
     limit_malloc_arenas(rt.malloc_arenas)
     stop = faults.StopSignals()
-    world = heartbeat = None
+    world = heartbeat = compute = None
     try:
         world = dist.start(rt.device, rt.rpc_timeout_s, rt.round_timeout_s, rt.rpc_threads, rt.rpc_transports)
         setup_logging(world.rank)
-        torch.set_num_threads(rt.intra_op_threads or default_threads(world.local_world_size))
+        threads = rt.intra_op_threads or default_threads(world.local_world_size)
+        compute = for_process(world.device, threads, world.is_server, rt.compute_thread)
         faults.injector = faults.FaultInjector(world.rank)
         token = dist.broadcast_object(world, uuid.uuid4().hex)  # heartbeat keys of this attempt only
         heartbeat = faults.Heartbeat(world.rank, world.world_size, token, rt.peer_timeout_s)
         dist.barrier(world)
         heartbeat.start()
-        role = ServerRole(cfg, world, stop) if world.is_server else ClientRole(cfg, world, stop, data)
+        role = (
+            ServerRole(cfg, world, stop, compute)
+            if world.is_server
+            else ClientRole(cfg, world, stop, compute, data)
+        )
         role.run()
         dist.stop(world)
     except faults.Preempted:
@@ -159,14 +165,17 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
     finally:
         if heartbeat is not None:
             heartbeat.close()
+        if compute is not None:
+            compute.close()
         stop.close()
 
 
 class Role:
     """What both roles share: the run's settings and the round protocol."""
 
-    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals):
+    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals, compute: ComputeThread):
         self.cfg, self.world, self.stop = cfg, world, stop
+        self.compute = compute  # where this process's tensor work runs (runtime.compute)
         torch.manual_seed(cfg.seed)
         self.model_path = resolve_model_path(cfg)
         self.mcfg = model_config(self.model_path)
@@ -394,19 +403,21 @@ class Role:
         profile = None
         for turn in range(w.world_size):
             if turn == w.rank:
-                profile = probe(
-                    self.model_path,
-                    self.spec,
-                    cfg.train.batch_size,
-                    seq,
-                    w.device,
-                    cfg.model.dtype,
-                    cfg.model.attn_implementation,
-                    self.throttle,
-                    send=None if w.is_server else lambda t: rpc.rpc_sync(SERVER, sink, args=(t,)),
-                    payload_bytes=payload,
-                    link=self.link,
-                    server=w.is_server,
+                profile = self.compute.run(
+                    lambda: probe(
+                        self.model_path,
+                        self.spec,
+                        cfg.train.batch_size,
+                        seq,
+                        w.device,
+                        cfg.model.dtype,
+                        cfg.model.attn_implementation,
+                        self.throttle,
+                        send=None if w.is_server else lambda t: rpc.rpc_sync(SERVER, sink, args=(t,)),
+                        payload_bytes=payload,
+                        link=self.link,
+                        server=w.is_server,
+                    )
                 )
             dist.barrier(w)
         return profile
@@ -471,8 +482,8 @@ class Role:
 class ServerRole(Role):
     """Rank 0: the shared frozen base, one LoRA replica per client, the scheduler, metrics and checkpoints."""
 
-    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals):
-        super().__init__(cfg, world, stop)
+    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals, compute: ComputeThread):
+        super().__init__(cfg, world, stop, compute)
         self.ckpt_root = self.out / "checkpoint"
         self.scheduler: Scheduler | None = None
         self.server: Server | None = None
@@ -516,7 +527,7 @@ class ServerRole(Role):
                 max(p.activation_bytes for p in profiles[1:]),
                 self.world.n_clients,
             )
-            self.scheduler = Scheduler(self.cfg, costs, profiles[1:], profiles[0], torch.get_num_threads())
+            self.scheduler = Scheduler(self.cfg, costs, profiles[1:], profiles[0], self.compute.threads)
             if resume is None:
                 cuts = self.scheduler.initial()
                 plan = {r: (k, self.spec.r_cut) for r, k in enumerate(cuts, start=1)}
@@ -560,6 +571,7 @@ class ServerRole(Role):
             self.cfg,
             lambda: self.stop.requested,
             self.throttle,
+            self.compute,
         )
         self.server.layout = self.layout
         if self.server.merging:
@@ -801,8 +813,15 @@ class ServerRole(Role):
 class ClientRole(Role):
     """Rank r >= 1: its own data, the embeddings and layers ``0..k-1``, its optimizer."""
 
-    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals, data: ClientData | None):
-        super().__init__(cfg, world, stop)
+    def __init__(
+        self,
+        cfg: Config,
+        world: dist.World,
+        stop: faults.StopSignals,
+        compute: ComputeThread,
+        data: ClientData | None,
+    ):
+        super().__init__(cfg, world, stop, compute)
         slowdown, memory_gb, bandwidth = cfg.simulate.for_client(world.rank - 1)
         apply_memory_limit(memory_gb, world.device)
         self.throttle, self.link = Throttle(slowdown, changing=cfg.simulate.changes), Link(bandwidth)

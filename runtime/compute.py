@@ -1,0 +1,157 @@
+"""One compute thread per process on CPU: where the server's tensor work runs, and why.
+
+PyTorch's CPU build parallelises an op with OpenMP (libgomp), and libgomp keeps one team of worker
+threads for every thread that starts a parallel op. While the workers it manages outnumber the
+process's cores, it stops letting idle workers spin (100 spins instead of about 3 ms) and puts them
+to sleep after every op, so every op then pays a wake-up. One such extra team is enough: an idle
+second team cost the unsplit training step 10-25% (1.6-1.8 of 2 cores busy instead of 1.98,
+benchmarks/RESULTS.md section 8).
+
+A split process has several threads that compute unless told otherwise: distributed autograd runs a
+backward on its own thread pool, RPC requests arrive on a pool of 16, and the main thread does the
+rest. So on CPU every rank computes on one thread:
+
+- a client on its main thread: its forward, its loss and, after ``dist_autograd.backward`` has
+  brought the gradient at the cut back (:class:`Catch` holds it), its own backward
+  (``runtime.client``);
+- the server on a :class:`ComputeThread`: the replicas' forwards and evaluations, submitted from the
+  RPC threads, and their backwards, which :func:`split_graph` hands over from distributed autograd's
+  thread. Its main thread (loading, aggregation, checkpoints) is made serial (:func:`serial_here`),
+  so that it starts no team of its own.
+
+On a GPU none of this applies (kernels do not use OpenMP, and CUDA streams are bound to the calling
+thread): :class:`ComputeThread` runs every job inline, as if it were not there.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class ComputeThread:
+    """Runs submitted jobs one at a time on one thread with ``threads`` intra-op threads.
+
+    ``run(fn)`` blocks the caller until ``fn()`` has run there and returns its result (or raises
+    its exception). The caller's grad mode goes with the job. Jobs run one after another, so a
+    simulated server slowdown (``simulate.server_slowdown``, sleeps in the job) slows every client's
+    requests, as a slower server would. Disabled (``enabled=False``: a GPU, or
+    ``runtime.compute_thread=false``) it calls ``fn`` inline.
+    """
+
+    def __init__(self, enabled: bool, threads: int, name: str = "splitft-compute"):
+        self.enabled = enabled
+        self.threads = threads
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        if enabled:
+            ready = threading.Event()
+            self._thread = threading.Thread(target=self._serve, args=(ready,), name=name, daemon=True)
+            self._thread.start()
+            ready.wait()
+
+    def _serve(self, ready: threading.Event) -> None:
+        torch.set_num_threads(self.threads)  # this thread's count, and the default of threads started later
+        ready.set()
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, grad_mode, box, done = job
+            try:
+                with torch.set_grad_enabled(grad_mode):
+                    box["value"] = fn()
+            except BaseException as e:  # handed to the caller
+                box["error"] = e
+            done.set()
+
+    def on_thread(self) -> bool:
+        """True where a job runs inline: disabled, closed, or called from the compute thread itself."""
+        thread = self._thread
+        return thread is None or not thread.is_alive() or threading.current_thread() is thread
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        if self.on_thread():
+            return fn()
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        self._jobs.put((fn, torch.is_grad_enabled(), box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout=10)
+
+
+def serial_here() -> None:
+    """Makes the calling thread run every op on one core (its OpenMP and MKL thread counts are its
+    own), so it never starts an OpenMP team. Call it before the thread's first parallel op; the
+    process-wide default that threads started later take is set again by the next
+    ``torch.set_num_threads`` (a :class:`ComputeThread` sets it when it starts)."""
+    torch.get_num_threads()  # the thread's one-time initialisation from the process default, done now
+    torch.set_num_threads(1)
+
+
+class _Split(torch.autograd.Function):
+    """The boundary of :func:`split_graph`: outputs detached from the caller's graph, a backward that
+    runs the inner graph's own backward on the compute thread."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, compute: ComputeThread, fn: Callable):
+        leaf = x.detach().requires_grad_()
+
+        def job():
+            with torch.enable_grad():
+                return leaf, fn(leaf)
+
+        leaf, outs = compute.run(job)
+        ctx.compute, ctx.leaf, ctx.outs = compute, leaf, outs
+        detached = tuple(o.detach() for o in outs)
+        ctx.mark_non_differentiable(*(d for d, o in zip(detached, outs) if not o.requires_grad))
+        return detached
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        pairs = [(o, g) for o, g in zip(ctx.outs, grads) if o.requires_grad and g is not None]
+        leaf = ctx.leaf
+
+        def job():
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            return leaf.grad
+
+        grad = ctx.compute.run(job) if pairs else None
+        ctx.leaf = ctx.outs = None  # the inner graph is freed with this step
+        return grad, None, None
+
+
+def split_graph(
+    compute: ComputeThread, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``fn(x)`` computed on ``compute``'s thread, with its backward there too.
+
+    ``x`` must require grad (it came over the wire, and distributed autograd waits for its
+    gradient). ``fn`` returns a tuple of tensors; those that require grad are differentiable here.
+    Whoever runs the outer backward (distributed autograd's thread) only hands the gradients over:
+    the inner backward is a local one, so it leaves the gradients of ``fn``'s parameters on their
+    ``.grad``, where an optimizer takes them.
+    """
+    return _Split.apply(x, compute, fn)
+
+
+def for_process(device: torch.device, threads: int, server: bool, enabled: bool = True) -> ComputeThread:
+    """Sets this process's intra-op threads and returns its compute thread: a running one for the server
+    on CPU (``enabled``: ``runtime.compute_thread``), whose main thread becomes serial first, before
+    anything has started a team; otherwise one that runs jobs inline, with ``threads`` for the caller."""
+    if enabled and server and device.type == "cpu":
+        serial_here()
+        return ComputeThread(True, threads)
+    torch.set_num_threads(threads)
+    return ComputeThread(False, threads)

@@ -1,0 +1,126 @@
+"""The compute thread in-process: where a replica's forward and backward run, and that moving them there
+changes no number."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from models.loss import shift_targets
+from runtime.compute import ComputeThread, for_process
+from runtime.config import load_config
+from runtime.job import lora_spec, model_config
+from runtime.server import Server
+
+
+def in_thread(fn):
+    """``fn()`` on a new thread (as an RPC or distributed-autograd thread calls it); returns its result."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=60)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def test_compute_thread_runs_jobs_there_with_the_callers_grad_mode():
+    compute = ComputeThread(True, threads=1)
+    try:
+        ident = compute.run(threading.get_ident)
+        assert ident != threading.get_ident()
+        assert in_thread(lambda: compute.run(threading.get_ident)) == ident  # from any thread: the same one
+        assert compute.run(torch.is_grad_enabled) is True
+        with torch.no_grad():
+            assert compute.run(torch.is_grad_enabled) is False
+        with pytest.raises(ValueError, match="boom"):
+            compute.run(lambda: (_ for _ in ()).throw(ValueError("boom")))
+        assert compute.run(lambda: 7) == 7  # still serving after an error
+        assert compute.run(lambda: compute.run(threading.get_ident)) == ident  # nested: inline, no deadlock
+    finally:
+        compute.close()
+    assert compute.run(threading.get_ident) == threading.get_ident()  # closed: inline
+    assert ComputeThread(False, threads=1).run(threading.get_ident) == threading.get_ident()
+
+
+def test_server_process_threads_main_serial_compute_thread_parallel():
+    threads = torch.get_num_threads()
+
+    def setup():
+        compute = for_process(torch.device("cpu"), 2, server=True)
+        try:
+            return torch.get_num_threads(), compute.run(torch.get_num_threads), compute.enabled
+        finally:
+            compute.close()
+
+    try:
+        assert in_thread(setup) == (1, 2, True)
+        client = in_thread(lambda: for_process(torch.device("cpu"), 2, server=False))
+        assert not client.enabled  # a client computes on its own main thread
+        off = in_thread(lambda: for_process(torch.device("cpu"), 2, server=True, enabled=False))
+        assert not off.enabled
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _replica(path, compute):
+    cfg = load_config(None, [f"model.path={path}", "model.dtype=float32"])
+    spec = lora_spec(cfg, model_config(path))
+    torch.manual_seed(0)
+    server = Server(path, {1: 1}, spec, torch.device("cpu"), cfg, compute=compute)
+    replica = server.replicas[1]
+    for p in replica.params:  # B starts at zero: make every LoRA gradient non-trivial
+        torch.nn.init.normal_(p, std=0.02)
+    return replica
+
+
+def _step(path, enabled: bool, sent: torch.Tensor, targets: torch.Tensor):
+    """One replica step, its forward called from one thread (as RPC does) and its backward from another
+    (as distributed autograd does): (loss, stats, gradient sent back, LoRA gradients, threads seen)."""
+    compute = ComputeThread(enabled, threads=1)
+    try:
+        replica = _replica(path, compute)
+        seen = set()
+        for layer in replica.stage.layers.values():
+            layer.register_forward_pre_hook(lambda *_: seen.add(("forward", threading.get_ident())))
+        for p in replica.params:
+            p.register_hook(lambda g: seen.add(("backward", threading.get_ident())))
+        x = sent.clone().requires_grad_()
+        loss, stats = in_thread(lambda: replica.train_forward(x, None, targets))
+        in_thread(loss.backward)
+        grads = [p.grad.clone() for p in replica.params]
+        replica.flush()  # the pending step is applied (on the compute thread too)
+        assert all(p.grad is None for p in replica.params)
+        if enabled:
+            assert seen == {
+                ("forward", compute.run(threading.get_ident)),
+                ("backward", compute.run(threading.get_ident)),
+            }
+        return loss.detach(), stats, x.grad, grads
+    finally:
+        compute.close()
+
+
+def test_replica_forward_and_backward_run_on_the_compute_thread_with_the_same_numbers(random_model):
+    path = random_model("llama")
+    torch.manual_seed(1)
+    sent = torch.randn(2, 8, 32)
+    targets = shift_targets(torch.randint(0, 64, (2, 8)))
+    l0, s0, g0, p0 = _step(path, False, sent, targets)
+    l1, s1, g1, p1 = _step(path, True, sent, targets)  # asserts where it ran
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    torch.testing.assert_close(s1, s0, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g0, rtol=0, atol=0)  # what goes back down the wire
+    assert len(p0) == len(p1) > 0
+    for a, b in zip(p0, p1):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
