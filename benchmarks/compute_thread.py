@@ -7,14 +7,15 @@ seq 256, batch 8), with all cores as intra-op threads, in a fresh process per se
 OpenMP workers, once started, lives as long as its thread):
 
 - ``main``: the steps on the main thread, nothing else computing (the unsplit trainer).
-- ``second_team``: another thread has run one parallel op first (an add on 1M floats), then the
-  main thread steps. This is a split process before ``runtime.compute``: its forward on one thread,
-  its backward on distributed autograd's, each with its own team.
+- ``second_team``: another thread, alive throughout, has run one parallel op first (an add on 1M
+  floats), then the main thread steps. This is a split process before ``runtime.compute``: its
+  forward on one thread, its backward on distributed autograd's, each with its own team.
 - ``compute_thread``: the main thread made serial and the steps on a ``runtime.compute``
-  ComputeThread (the server's layout), after the main thread has run the same add.
+  ComputeThreads (the server's layout), after the main thread has run the same add.
 
 Each setting runs twice, alternated, so that machine noise hits all; it reports the median step
-time and the cores the process kept busy (its user + system CPU time over wall time).
+time, the cores the process kept busy (its user + system CPU time over wall time) and the cores the
+hypervisor gave to other guests meanwhile (steal time: a run with much of it is noise).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results"
 SETTINGS = ("main", "second_team", "compute_thread")
-STEPS = 4
+STEPS = 6
 
 
 def measure(setting: str, model_dir: str) -> dict:
@@ -43,24 +44,30 @@ def measure(setting: str, model_dir: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from runtime.compute import ComputeThread, for_process
+    from runtime.compute import ComputeThreads, for_process
 
     cores = len(os.sched_getaffinity(0))
     if setting == "compute_thread":
         compute = for_process(torch.device("cpu"), cores, server=True)
     else:
         torch.set_num_threads(cores)
-        compute = ComputeThread(False, cores)
+        compute = ComputeThreads(False, cores)
     model = compute.run(lambda: AutoModelForCausalLM.from_pretrained(model_dir))
     ids = torch.randint(0, model.config.vocab_size, (8, 256), generator=torch.Generator().manual_seed(0))
 
     def big_op() -> None:
         torch.ones(2**20).add_(1)
 
+    done, release = threading.Event(), threading.Event()
+
+    def second_thread() -> None:
+        big_op()
+        done.set()
+        release.wait()  # alive until the end, and so is its team (a thread's team ends with it)
+
     if setting == "second_team":
-        t = threading.Thread(target=big_op)  # the thread stays alive, and so does its team
-        t.start()
-        t.join()
+        threading.Thread(target=second_thread, daemon=True).start()
+        done.wait()
     elif setting == "compute_thread":
         big_op()  # on the serial main thread: no team
 
@@ -70,6 +77,7 @@ def measure(setting: str, model_dir: str) -> dict:
 
     compute.run(step)  # warm-up
     times = []
+    steal0 = _steal_s()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu0, wall0 = usage.ru_utime + usage.ru_stime, time.perf_counter()
     for _ in range(STEPS):
@@ -77,9 +85,19 @@ def measure(setting: str, model_dir: str) -> dict:
         compute.run(step)
         times.append(time.perf_counter() - t0)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    busy = (usage.ru_utime + usage.ru_stime - cpu0) / (time.perf_counter() - wall0)
+    wall = time.perf_counter() - wall0
+    busy = (usage.ru_utime + usage.ru_stime - cpu0) / wall
+    stolen = (_steal_s() - steal0) / wall
+    release.set()
     compute.close()
-    return {"step_s": statistics.median(times), "cores_busy": busy, "cores": cores}
+    return {"step_s": statistics.median(times), "cores_busy": busy, "cores_stolen": stolen, "cores": cores}
+
+
+def _steal_s() -> float:
+    """CPU time the hypervisor gave to other guests (all cores; /proc/stat), in seconds."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def main() -> None:
@@ -111,6 +129,7 @@ def main() -> None:
         s: {
             "step_s": [round(r["step_s"], 3) for r in runs[s]],
             "cores_busy": [round(r["cores_busy"], 2) for r in runs[s]],
+            "cores_stolen": [round(r["cores_stolen"], 2) for r in runs[s]],
             "step_over_main": round(statistics.median(r["step_s"] for r in runs[s]) / base, 3),
         }
         for s in SETTINGS

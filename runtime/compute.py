@@ -1,4 +1,4 @@
-"""One compute thread per process on CPU: where the server's tensor work runs, and why.
+"""Few computing threads per process on CPU: where the server's tensor work runs, and why.
 
 PyTorch's CPU build parallelises an op with OpenMP (libgomp), and libgomp keeps one team of worker
 threads for every thread that starts a parallel op. While the workers it manages outnumber the
@@ -9,22 +9,26 @@ benchmarks/RESULTS.md section 8).
 
 A split process has several threads that compute unless told otherwise: distributed autograd runs a
 backward on its own thread pool, RPC requests arrive on a pool of 16, and the main thread does the
-rest. So on CPU every rank computes on one thread:
+rest. So:
 
-- a client on its main thread: its forward, its loss and, after ``dist_autograd.backward`` has
-  brought the gradient at the cut back (:class:`Catch` holds it), its own backward
+- a client computes on its main thread only: its forward, its loss and, after
+  ``dist_autograd.backward`` has brought the gradient at the cut back, its own backward
   (``runtime.client``);
-- the server on a :class:`ComputeThread`: the replicas' forwards and evaluations, submitted from the
-  RPC threads, and their backwards, which :func:`split_graph` hands over from distributed autograd's
-  thread. Its main thread (loading, aggregation, checkpoints) is made serial (:func:`serial_here`),
-  so that it starts no team of its own.
+- the server, when its ops run on more than one intra-op thread, computes on :class:`ComputeThreads`:
+  as many threads as keep libgomp's workers within the cores (one when a process gets half the
+  cores or more). They run the replicas' forwards and evaluations, submitted from the RPC threads,
+  and their backwards, which :func:`split_graph` hands over from distributed autograd's thread. Its
+  main thread (loading, aggregation, checkpoints) is made serial (:func:`serial_here`), so that it
+  starts no team of its own. At one intra-op thread there are no teams: requests compute on the
+  RPC threads, concurrently, as they arrive.
 
 On a GPU none of this applies (kernels do not use OpenMP, and CUDA streams are bound to the calling
-thread): :class:`ComputeThread` runs every job inline, as if it were not there.
+thread): :class:`ComputeThreads` runs every job inline, as if it were not there.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -33,26 +37,34 @@ from typing import Any
 import torch
 
 
-class ComputeThread:
-    """Runs submitted jobs one at a time on one thread with ``threads`` intra-op threads.
+class ComputeThreads:
+    """Runs submitted jobs on ``workers`` threads, each with ``threads`` intra-op threads.
 
-    ``run(fn)`` blocks the caller until ``fn()`` has run there and returns its result (or raises
-    its exception). The caller's grad mode goes with the job. Jobs run one after another, so a
-    simulated server slowdown (``simulate.server_slowdown``, sleeps in the job) slows every client's
-    requests, as a slower server would. Disabled (``enabled=False``: a GPU, or
-    ``runtime.compute_thread=false``) it calls ``fn`` inline.
+    ``run(fn)`` blocks the caller until ``fn()`` has run on one of them and returns its result (or
+    raises its exception). The caller's grad mode goes with the job. At most ``workers`` jobs run at
+    once, so a simulated server slowdown (``simulate.server_slowdown``, sleeps in the job) holds up
+    other clients' requests, as a slower server would. Disabled (``enabled=False``) it calls ``fn``
+    inline, on the caller's thread.
     """
 
-    def __init__(self, enabled: bool, threads: int, name: str = "splitft-compute"):
+    def __init__(self, enabled: bool, threads: int, workers: int = 1):
         self.enabled = enabled
         self.threads = threads
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         if enabled:
-            ready = threading.Event()
-            self._thread = threading.Thread(target=self._serve, args=(ready,), name=name, daemon=True)
-            self._thread.start()
-            ready.wait()
+            for i in range(workers):
+                ready = threading.Event()
+                worker = threading.Thread(
+                    target=self._serve, args=(ready,), name=f"splitft-compute-{i}", daemon=True
+                )
+                worker.start()
+                ready.wait()
+                self._workers.append(worker)
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
 
     def _serve(self, ready: threading.Event) -> None:
         torch.set_num_threads(self.threads)  # this thread's count, and the default of threads started later
@@ -69,13 +81,16 @@ class ComputeThread:
                 box["error"] = e
             done.set()
 
-    def on_thread(self) -> bool:
-        """True where a job runs inline: disabled, closed, or called from the compute thread itself."""
-        thread = self._thread
-        return thread is None or not thread.is_alive() or threading.current_thread() is thread
+    def inline(self) -> bool:
+        """True where a job runs inline: disabled, closed, or called from one of the compute threads."""
+        return (
+            not self._workers
+            or threading.current_thread() in self._workers
+            or not self._workers[0].is_alive()
+        )
 
     def run(self, fn: Callable[[], Any]) -> Any:
-        if self.on_thread():
+        if self.inline():
             return fn()
         box: dict[str, Any] = {}
         done = threading.Event()
@@ -86,16 +101,17 @@ class ComputeThread:
         return box["value"]
 
     def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        for _ in self._workers:
             self._jobs.put(None)
-            self._thread.join(timeout=10)
+        for worker in self._workers:
+            worker.join(timeout=10)
 
 
 def serial_here() -> None:
     """Makes the calling thread run every op on one core (its OpenMP and MKL thread counts are its
     own), so it never starts an OpenMP team. Call it before the thread's first parallel op; the
     process-wide default that threads started later take is set again by the next
-    ``torch.set_num_threads`` (a :class:`ComputeThread` sets it when it starts)."""
+    ``torch.set_num_threads`` (:class:`ComputeThreads` sets it when they start)."""
     torch.get_num_threads()  # the thread's one-time initialisation from the process default, done now
     torch.set_num_threads(1)
 
@@ -105,7 +121,7 @@ class _Split(torch.autograd.Function):
     runs the inner graph's own backward on the compute thread."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, compute: ComputeThread, fn: Callable):
+    def forward(ctx, x: torch.Tensor, compute: ComputeThreads, fn: Callable):
         leaf = x.detach().requires_grad_()
 
         def job():
@@ -133,7 +149,7 @@ class _Split(torch.autograd.Function):
 
 
 def split_graph(
-    compute: ComputeThread, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor
+    compute: ComputeThreads, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
     """``fn(x)`` computed on ``compute``'s thread, with its backward there too.
 
@@ -146,12 +162,20 @@ def split_graph(
     return _Split.apply(x, compute, fn)
 
 
-def for_process(device: torch.device, threads: int, server: bool, enabled: bool = True) -> ComputeThread:
-    """Sets this process's intra-op threads and returns its compute thread: a running one for the server
-    on CPU (``enabled``: ``runtime.compute_thread``), whose main thread becomes serial first, before
-    anything has started a team; otherwise one that runs jobs inline, with ``threads`` for the caller."""
-    if enabled and server and device.type == "cpu":
+def workers_within(cores: int, threads: int) -> int:
+    """How many threads can each run ops on ``threads`` intra-op threads while libgomp's workers stay
+    within ``cores``: it counts the initial thread and every team's ``threads - 1`` workers, and
+    throttles their spinning above the cores."""
+    return max(1, (cores - 1) // (threads - 1)) if threads > 1 else cores
+
+
+def for_process(device: torch.device, threads: int, server: bool, enabled: bool = True) -> ComputeThreads:
+    """Sets this process's intra-op threads and returns where its tensor work runs: for the server on
+    CPU at more than one intra-op thread (``enabled``: ``runtime.compute_threads``), running compute
+    threads, its main thread made serial first, before anything has started a team; otherwise
+    inline, with ``threads`` for the caller."""
+    if enabled and server and device.type == "cpu" and threads > 1:
         serial_here()
-        return ComputeThread(True, threads)
+        return ComputeThreads(True, threads, workers_within(len(os.sched_getaffinity(0)), threads))
     torch.set_num_threads(threads)
-    return ComputeThread(False, threads)
+    return ComputeThreads(False, threads)

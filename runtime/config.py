@@ -217,12 +217,12 @@ class RuntimeConfig:
     the next and every step page-faults it in again (benchmarks/RESULTS.md)."""
     intra_op_threads: int = 0
     """torch intra-op threads per process (0: cores / processes on this node)."""
-    compute_thread: bool = True
-    """CPU: the server runs every tensor op on one thread (its replicas' forwards, backwards and
-    evaluations) and its main thread runs serially. OpenMP keeps a team of workers per computing
-    thread, and with more workers than cores it lets them sleep after every op; one team keeps them
-    busy (``runtime/compute.py``). false: the replicas compute on the RPC and autograd threads. No
-    effect on a GPU."""
+    compute_threads: bool = True
+    """CPU, more than one intra-op thread: the server runs every tensor op of its replicas on as few
+    threads as keep OpenMP's workers within its cores (one when it has half the cores or more), and
+    its main thread serially. OpenMP keeps a team of workers per computing thread, and with more
+    workers than cores it lets them sleep after every op (``runtime/compute.py``). false: the
+    replicas compute on the RPC and autograd threads. No effect at one intra-op thread or on a GPU."""
 
 
 @dataclass

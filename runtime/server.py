@@ -44,7 +44,7 @@ from models.moves import restage
 from models.stages import DTYPES, Stage, build_layers, build_stage, load_config, read_tensors
 from models.wire import decode, encode
 from runtime import faults
-from runtime.compute import ComputeThread, split_graph
+from runtime.compute import ComputeThreads, split_graph
 from runtime.config import Config
 from runtime.job import make_optimizer, stage_kwargs
 from runtime.simulate import Throttle
@@ -77,9 +77,9 @@ class ServerReplica:
         cfg: Config,
         stopping: Callable[[], bool] = lambda: False,
         throttle: Throttle | None = None,
-        compute: ComputeThread | None = None,
+        compute: ComputeThreads | None = None,
     ):
-        self.compute = compute or ComputeThread(enabled=False, threads=1)
+        self.compute = compute or ComputeThreads(enabled=False, threads=1)
         hf = _share(base.hf)  # new modules, same frozen tensors
         layers = base.family.layers
         owned = hf.get_submodule(layers)
@@ -302,10 +302,10 @@ class Server:
         cfg: Config,
         stopping: Callable[[], bool] = lambda: False,
         throttle: Throttle | None = None,
-        compute: ComputeThread | None = None,
+        compute: ComputeThreads | None = None,
     ):
         n_layers = load_config(model_path).num_hidden_layers
-        self.compute = compute or ComputeThread(enabled=False, threads=1)
+        self.compute = compute or ComputeThreads(enabled=False, threads=1)
         self.model_path, self.device, self.cfg = model_path, device, cfg
         # split.mode=u_shape: the top split.tail_layers layers and the head stay on the clients
         top = n_layers - cfg.split.tail_layers if cfg.split.mode == "u_shape" else n_layers

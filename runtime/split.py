@@ -51,7 +51,7 @@ from runtime import checkpoint, dist, faults
 from runtime.aggregate import aggregate
 from runtime.checkpoint import CheckpointMismatch
 from runtime.client import COMM_KEYS, Client
-from runtime.compute import ComputeThread, for_process
+from runtime.compute import ComputeThreads, for_process
 from runtime.config import Config, fingerprint, validate_for_world
 from runtime.dist import SERVER
 from runtime.explain import describe_plan, describe_replan
@@ -114,7 +114,7 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
         world = dist.start(rt.device, rt.rpc_timeout_s, rt.round_timeout_s, rt.rpc_threads, rt.rpc_transports)
         setup_logging(world.rank)
         threads = rt.intra_op_threads or default_threads(world.local_world_size)
-        compute = for_process(world.device, threads, world.is_server, rt.compute_thread)
+        compute = for_process(world.device, threads, world.is_server, rt.compute_threads)
         faults.injector = faults.FaultInjector(world.rank)
         token = dist.broadcast_object(world, uuid.uuid4().hex)  # heartbeat keys of this attempt only
         heartbeat = faults.Heartbeat(world.rank, world.world_size, token, rt.peer_timeout_s)
@@ -173,7 +173,7 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
 class Role:
     """What both roles share: the run's settings and the round protocol."""
 
-    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals, compute: ComputeThread):
+    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals, compute: ComputeThreads):
         self.cfg, self.world, self.stop = cfg, world, stop
         self.compute = compute  # where this process's tensor work runs (runtime.compute)
         torch.manual_seed(cfg.seed)
@@ -482,7 +482,7 @@ class Role:
 class ServerRole(Role):
     """Rank 0: the shared frozen base, one LoRA replica per client, the scheduler, metrics and checkpoints."""
 
-    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals, compute: ComputeThread):
+    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals, compute: ComputeThreads):
         super().__init__(cfg, world, stop, compute)
         self.ckpt_root = self.out / "checkpoint"
         self.scheduler: Scheduler | None = None
@@ -818,7 +818,7 @@ class ClientRole(Role):
         cfg: Config,
         world: dist.World,
         stop: faults.StopSignals,
-        compute: ComputeThread,
+        compute: ComputeThreads,
         data: ClientData | None,
     ):
         super().__init__(cfg, world, stop, compute)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.loss import shift_targets
-from runtime.compute import ComputeThread, for_process
+from runtime.compute import ComputeThreads, for_process, workers_within
 from runtime.config import load_config
 from runtime.job import lora_spec, model_config
 from runtime.server import Server
@@ -34,7 +34,7 @@ def in_thread(fn):
 
 
 def test_compute_thread_runs_jobs_there_with_the_callers_grad_mode():
-    compute = ComputeThread(True, threads=1)
+    compute = ComputeThreads(True, threads=1)
     try:
         ident = compute.run(threading.get_ident)
         assert ident != threading.get_ident()
@@ -49,27 +49,56 @@ def test_compute_thread_runs_jobs_there_with_the_callers_grad_mode():
     finally:
         compute.close()
     assert compute.run(threading.get_ident) == threading.get_ident()  # closed: inline
-    assert ComputeThread(False, threads=1).run(threading.get_ident) == threading.get_ident()
+    assert ComputeThreads(False, threads=1).run(threading.get_ident) == threading.get_ident()
 
 
-def test_server_process_threads_main_serial_compute_thread_parallel():
+def test_workers_keep_openmp_within_the_cores():
+    # libgomp counts the initial thread and threads - 1 workers per team
+    assert workers_within(2, 2) == 1  # a process with all of 2 cores: one team
+    assert workers_within(64, 8) == 9 and 1 + 9 * 7 <= 64 < 1 + 10 * 7
+    assert workers_within(8, 8) == 1  # never none
+    assert workers_within(4, 1) == 4  # one thread each: no teams
+
+
+def test_server_process_threads_main_serial_compute_threads_parallel():
     threads = torch.get_num_threads()
 
-    def setup():
-        compute = for_process(torch.device("cpu"), 2, server=True)
+    def setup(n: int):
+        compute = for_process(torch.device("cpu"), n, server=True)
         try:
             return torch.get_num_threads(), compute.run(torch.get_num_threads), compute.enabled
         finally:
             compute.close()
 
     try:
-        assert in_thread(setup) == (1, 2, True)
+        assert in_thread(lambda: setup(2)) == (1, 2, True)
+        assert in_thread(lambda: setup(1)) == (1, 1, False)  # one intra-op thread: no teams, inline
         client = in_thread(lambda: for_process(torch.device("cpu"), 2, server=False))
         assert not client.enabled  # a client computes on its own main thread
         off = in_thread(lambda: for_process(torch.device("cpu"), 2, server=True, enabled=False))
         assert not off.enabled
     finally:
         torch.set_num_threads(threads)
+
+
+def test_compute_threads_share_the_jobs():
+    compute = ComputeThreads(True, threads=1, workers=3)
+    try:
+        gate = threading.Barrier(3, timeout=30)  # passes only if three jobs run at once
+        idents = set()
+
+        def job():
+            gate.wait()
+            idents.add(threading.get_ident())
+
+        threads = [threading.Thread(target=compute.run, args=(job,)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(idents) == 3 and threading.get_ident() not in idents
+    finally:
+        compute.close()
 
 
 def _replica(path, compute):
@@ -86,7 +115,7 @@ def _replica(path, compute):
 def _step(path, enabled: bool, sent: torch.Tensor, targets: torch.Tensor):
     """One replica step, its forward called from one thread (as RPC does) and its backward from another
     (as distributed autograd does): (loss, stats, gradient sent back, LoRA gradients, threads seen)."""
-    compute = ComputeThread(enabled, threads=1)
+    compute = ComputeThreads(enabled, threads=1)
     try:
         replica = _replica(path, compute)
         seen = set()
