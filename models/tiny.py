@@ -27,6 +27,7 @@ import string
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -314,16 +315,23 @@ def _build_into(folder: Path, *, seed: int, pretrain_steps: int) -> dict[str, An
         eos_token_id=tokenizer.eos_token_id,
         **MODEL_KWARGS,
     )
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    try:
-        # fork_rng keeps the caller's global RNG state untouched by our seeding.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
-            final_loss = _pretrain(model, tokenizer, steps=pretrain_steps, seed=seed)
-    finally:
-        torch.set_num_threads(previous_threads)
+
+    def build() -> tuple[LlamaForCausalLM, float]:
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        try:
+            # fork_rng keeps the caller's global RNG state untouched by our seeding.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = LlamaForCausalLM(config)
+                return model, _pretrain(model, tokenizer, steps=pretrain_steps, seed=seed)
+        finally:
+            torch.set_num_threads(previous_threads)
+
+    # On a short-lived thread: the OpenMP workers its ops start end with it, and do not stay on in
+    # the caller's process (runtime/compute.py says why that matters).
+    with ThreadPoolExecutor(1) as pool:
+        model, final_loss = pool.submit(build).result()
     model.save_pretrained(folder)  # safetensors is the only format in transformers 5
     tokenizer.save_pretrained(folder)
     return {"final_pretrain_loss": final_loss, "build_seconds": round(time.monotonic() - started, 1)}

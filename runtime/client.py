@@ -301,6 +301,8 @@ class Client:
                 self.caught = None
                 dist_autograd.backward(ctx, [root])  # the server's part; the gradient at the cut comes back
                 t_stage = time.perf_counter()
+                if self.caught is not None and self.caught.is_cuda:  # it came on RPC's stream
+                    torch.cuda.synchronize(self.caught.device)
                 if wire.requires_grad:
                     wire.backward(self.caught)  # this stage's backward, here
                 self.caught = None

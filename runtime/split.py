@@ -115,6 +115,13 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
         setup_logging(world.rank)
         threads = rt.intra_op_threads or default_threads(world.local_world_size)
         compute = for_process(world.device, threads, world.is_server, rt.compute_threads)
+        if compute.enabled:
+            log.info(
+                "the replicas compute on %d thread(s) of %d intra-op threads; the main thread is serial "
+                "(runtime.compute_threads)",
+                compute.workers,
+                threads,
+            )
         faults.injector = faults.FaultInjector(world.rank)
         token = dist.broadcast_object(world, uuid.uuid4().hex)  # heartbeat keys of this attempt only
         heartbeat = faults.Heartbeat(world.rank, world.world_size, token, rt.peer_timeout_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,13 +89,16 @@ def metrics(out: Path) -> list[dict]:
 
 
 def test_one_client_split_matches_unsplit_step_for_step(setup, tmp_path):
-    """Parity: 1 client cut at 2 vs launch.train_local, 20 steps, same seed and data order."""
+    """Parity: 1 client cut at 2 vs launch.train_local, 20 steps, same seed and data order. At 2 intra-op
+    threads the server computes on its compute thread (runtime.compute), the client on its main thread."""
     from runtime.config import load_config
     from runtime.local import run_local
 
     settings = ["train.rounds=2", "train.local_steps=10", "lora.r_cut=8", "split.cut_layers=2"]
+    settings.append("runtime.intra_op_threads=2")
     split = torchrun(2, [*common_args(setup, tmp_path / "split"), *settings])
     assert split.returncode == 0, split.stdout[-4000:]
+    assert re.search(r"the replicas compute on \d+ thread\(s\) of 2 intra-op threads", split.stdout)
     local = run_local(
         load_config(
             "torchrun_configs/tiny_cpu.yaml", [*common_args(setup, tmp_path / "local")[1:], *settings]
