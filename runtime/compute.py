@@ -3,9 +3,9 @@
 PyTorch's CPU build parallelises an op with OpenMP (libgomp), and libgomp keeps one team of worker
 threads for every thread that starts a parallel op. While the workers it manages outnumber the
 process's cores, it stops letting idle workers spin (100 spins instead of about 3 ms) and puts them
-to sleep after every op, so every op then pays a wake-up. One such extra team is enough: an idle
-second team cost the unsplit training step 10-25% (1.6-1.8 of 2 cores busy instead of 1.98,
-benchmarks/RESULTS.md section 8).
+to sleep after every op, so every op then pays a wake-up. One such extra team is enough: at two
+intra-op threads on two cores, an idle second team costs a training step about 10% (1.81 of 2 cores
+busy instead of 1.98; ``python -m benchmarks.compute_thread``, benchmarks/RESULTS.md section 8).
 
 A split process has several threads that compute unless told otherwise: distributed autograd runs a
 backward on its own thread pool, RPC requests arrive on a pool of 16, and the main thread does the
@@ -15,8 +15,8 @@ rest. So:
   ``dist_autograd.backward`` has brought the gradient at the cut back, its own backward
   (``runtime.client``);
 - the server, when its ops run on more than one intra-op thread, computes on :class:`ComputeThreads`:
-  as many threads as keep libgomp's workers within the cores (one when a process gets half the
-  cores or more). They run the replicas' forwards and evaluations, submitted from the RPC threads,
+  as many threads as keep libgomp's workers within the cores (one when its intra-op threads are
+  more than half the cores). They run the replicas' forwards and evaluations, submitted from the RPC threads,
   and their backwards, which :func:`split_graph` hands over from distributed autograd's thread. Its
   main thread (loading, aggregation, checkpoints) is made serial (:func:`serial_here`), so that it
   starts no team of its own. At one intra-op thread there are no teams: requests compute on the
@@ -176,6 +176,7 @@ def for_process(device: torch.device, threads: int, server: bool, enabled: bool 
     inline, with ``threads`` for the caller."""
     if enabled and server and device.type == "cpu" and threads > 1:
         serial_here()
-        return ComputeThreads(True, threads, workers_within(len(os.sched_getaffinity(0)), threads))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return ComputeThreads(True, threads, workers_within(cores, threads))
     torch.set_num_threads(threads)
     return ComputeThreads(False, threads)
