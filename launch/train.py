@@ -102,9 +102,10 @@ def user_error(kind: str, error: Exception, say: bool) -> SystemExit:
     would show a worker's traceback."""
     if say:
         print(f"{kind} error: {error}", file=sys.stderr)
-    # every rank has the same error: torchrun's summary shows it (without the prefix) for the rank that
-    # says it and a note for the others, so the line is printed once with "KIND error:"
-    message = str(error) if say else "stopped on the error another rank reports"
+    # Every rank has the same error and puts it in its error file: torchrun's summary shows the first
+    # rank to fail, and torchrun stops the others at once, so the rank that says it may not get the
+    # chance (a rank with less to check often fails first). The line on stderr is printed once.
+    message = str(error)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         info = {"py_callstack": message, "timestamp": str(int(time.time()))}
