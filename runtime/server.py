@@ -11,8 +11,9 @@ A replica's optimizer step costs no call: the replica's part of the distributed 
 backward (``runtime.compute.split_graph``), which leaves its LoRA gradients on ``.grad``, and the
 step is applied at the replica's next forward call, or when the round ends (``flush``).
 
-Every tensor op of the replicas runs on the server's compute thread (``runtime.compute``: on CPU one
-thread, so that the OpenMP runtime keeps one team of workers; on a GPU the calling thread).
+Every tensor op of the replicas runs on the server's compute threads (``runtime.compute``): on CPU at
+more than one intra-op thread as few as keep OpenMP's workers within the cores (one here), else
+the calling thread (an RPC thread, or distributed autograd's for a backward).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The compute thread in-process: where a replica's forward and backward run, and that moving them there
+"""The compute threads in-process: where a replica's forward and backward run, and that moving them there
 changes no number."""
 
 from __future__ import annotations
@@ -13,6 +13,14 @@ from runtime.compute import ComputeThreads, for_process, workers_within
 from runtime.config import load_config
 from runtime.job import lora_spec, model_config
 from runtime.server import Server
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """Compute threads set the process-wide default intra-op count; later tests get the old one back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def in_thread(fn):
@@ -61,8 +69,6 @@ def test_workers_keep_openmp_within_the_cores():
 
 
 def test_server_process_threads_main_serial_compute_threads_parallel():
-    threads = torch.get_num_threads()
-
     def setup(n: int):
         compute = for_process(torch.device("cpu"), n, server=True)
         try:
@@ -70,15 +76,12 @@ def test_server_process_threads_main_serial_compute_threads_parallel():
         finally:
             compute.close()
 
-    try:
-        assert in_thread(lambda: setup(2)) == (1, 2, True)
-        assert in_thread(lambda: setup(1)) == (1, 1, False)  # one intra-op thread: no teams, inline
-        client = in_thread(lambda: for_process(torch.device("cpu"), 2, server=False))
-        assert not client.enabled  # a client computes on its own main thread
-        off = in_thread(lambda: for_process(torch.device("cpu"), 2, server=True, enabled=False))
-        assert not off.enabled
-    finally:
-        torch.set_num_threads(threads)
+    assert in_thread(lambda: setup(2)) == (1, 2, True)
+    assert in_thread(lambda: setup(1)) == (1, 1, False)  # one intra-op thread: no teams, inline
+    client = in_thread(lambda: for_process(torch.device("cpu"), 2, server=False))
+    assert not client.enabled  # a client computes on its own main thread
+    off = in_thread(lambda: for_process(torch.device("cpu"), 2, server=True, enabled=False))
+    assert not off.enabled
 
 
 def test_compute_threads_share_the_jobs():
