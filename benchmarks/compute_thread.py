@@ -1,6 +1,8 @@
 """What a second computing thread costs a process on CPU, and what the compute thread gets back.
 
     .venv/bin/python -m benchmarks.compute_thread      # writes benchmarks/results/compute_thread.json
+    OMP_WAIT_POLICY=ACTIVE .venv/bin/python -m benchmarks.compute_thread
+                                       # ... compute_thread__omp_wait_policy_active.json
 
 One training step (forward + backward) of the random 8-layer Llama of ``split_overhead`` (hidden 512,
 seq 256, batch 8), with all cores as intra-op threads, in a fresh process per setting (a team of
@@ -140,7 +142,10 @@ def main() -> None:
         "settings": summary,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "compute_thread.json").write_text(json.dumps(result, indent=1) + "\n")
+    policy = os.environ.get("OMP_WAIT_POLICY")  # libgomp's spin policy, passed on to every setting's process
+    name = f"compute_thread__omp_wait_policy_{policy.lower()}.json" if policy else "compute_thread.json"
+    result["omp_wait_policy"] = policy
+    (OUT / name).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
 
 

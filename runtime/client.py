@@ -266,8 +266,6 @@ class Client:
             cpu_batch = self.stream.next()
             input_tokens += float(cpu_batch["attention_mask"].sum())  # on CPU: no device sync
             batch = self._to_device(cpu_batch)
-            for p in self.params:
-                p.grad = None
             with dist_autograd.context() as ctx:
                 hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 wire = encode(hidden, self.wire_dtype)

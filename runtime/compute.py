@@ -28,13 +28,14 @@ thread): :class:`ComputeThreads` runs every job inline, as if it were not there.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from runtime.job import usable_cores
 
 
 class ComputeThreads:
@@ -176,7 +177,6 @@ def for_process(device: torch.device, threads: int, server: bool, enabled: bool 
     inline, with ``threads`` for the caller."""
     if enabled and server and device.type == "cpu" and threads > 1:
         serial_here()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return ComputeThreads(True, threads, workers_within(cores, threads))
+        return ComputeThreads(True, threads, workers_within(usable_cores(), threads))
     torch.set_num_threads(threads)
     return ComputeThreads(False, threads)

@@ -219,10 +219,11 @@ class RuntimeConfig:
     """torch intra-op threads per process (0: cores / processes on this node)."""
     compute_threads: bool = True
     """CPU, more than one intra-op thread: the server runs every tensor op of its replicas on as few
-    threads as keep OpenMP's workers within its cores (one when it has half the cores or more), and
-    its main thread serially. OpenMP keeps a team of workers per computing thread, and with more
-    workers than cores it lets them sleep after every op (``runtime/compute.py``). false: the
-    replicas compute on the RPC and autograd threads. No effect at one intra-op thread or on a GPU."""
+    threads as keep OpenMP's workers within its cores (one when its intra-op threads are more than
+    half its cores), and its main thread serially. OpenMP keeps a team of workers per computing
+    thread, and with more workers than cores it lets them sleep after every op
+    (``runtime/compute.py``). false: the replicas compute on the RPC and autograd threads. No effect
+    at one intra-op thread or on a GPU."""
 
 
 @dataclass

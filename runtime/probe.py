@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from models.families import run_layer
 from models.lora import LoraSpec, add_lora
 from models.stages import build_stage, load_config
+from runtime.job import usable_cores
 from runtime.simulate import Link, Throttle, vmdata_bytes
 
 _UNLIMITED = 2**60  # cgroup "no limit" shows as max (v2) or ~2**63 (v1)
@@ -341,7 +342,7 @@ def probe(
         host=socket.gethostname(),
         physical_cores=psutil.cpu_count(logical=False) or logical,
         logical_cores=logical,
-        usable_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical,
+        usable_cores=usable_cores(),
         cpu_freq_mhz=float(freq.current) if freq else 0.0,
         memory_total_bytes=int(min(c for c in caps if c is not None)),
         memory_available_bytes=available_memory("cpu"),
