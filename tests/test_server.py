@@ -75,3 +75,29 @@ def test_the_server_slowdown_stretches_every_replica_layer_and_follows_a_move(ra
     sleeps.clear()
     fwd_bwd()
     assert len(sleeps) == 2 * (mcfg.num_hidden_layers - 1)  # the arriving layer 1 is slowed too
+
+
+def test_the_optimizer_is_fused_adamw_and_steps_as_the_per_tensor_loop_does(random_model):
+    """``make_optimizer`` (clients, replicas, the unsplit trainer) takes torch's fused AdamW kernel on
+    CPU; its steps on a replica's LoRA parameters match the default per-tensor AdamW to float rounding."""
+    path = random_model("llama")
+    cfg = load_config(None, [f"model.path={path}", "train.lr=0.01", "train.weight_decay=0.1"])
+    spec = lora_spec(cfg, model_config(path))
+    fused = Server(path, {1: 1}, spec, torch.device("cpu"), cfg).replicas[1]
+    loop = Server(path, {1: 1}, spec, torch.device("cpu"), cfg).replicas[1]
+    assert fused.optimizer.defaults["fused"] is True
+    reference = torch.optim.AdamW(loop.params, lr=0.01, weight_decay=0.1)
+    for p, q in zip(fused.params, loop.params):
+        with torch.no_grad():
+            q.copy_(p)
+    start = [p.detach().clone() for p in fused.params]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        for p, q in zip(fused.params, loop.params):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        fused.optimizer.step()
+        reference.step()
+    assert all(float((p - p0).abs().mean()) > 1e-3 for p, p0 in zip(fused.params, start))  # each moved
+    for p, q in zip(fused.params, loop.params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
