@@ -6,9 +6,14 @@
                                                              # written to split_overhead__<overrides>.json
 
 1. tokens/s of a one-client split run (torchrun, 2 processes) over launch.train_local on the
-   same random 8-layer Llama (hidden 512, seq 256, batch 8), alternated 4x so that machine noise
-   hits both, rounds 2-3 of 3 (6 steps each); the ratio of the medians over those 8 rounds each
-   (and each alternation's ratio); goal >= 0.85 (issue 10: >= 0.97).
+   same random 8-layer Llama (hidden 512, seq 256, batch 8), rounds 2-4 of 4 (6 steps each; a
+   round's time includes its evaluation and, split, its collectives). The two runs are paired and
+   the pairs alternate in order (local first, then split first, ...), so that a drift of the
+   machine's speed falls on both alike. Reported: the ratio of the medians over all measured rounds,
+   each pair's ratio, and their geometric mean with a 95% interval (Student's t over the pairs' log
+   ratios: this machine's noise, not the split, is most of a pair's spread); goal >= 0.85 (issue 10:
+   >= 0.97). Also each split step's parts (client compute, server compute, the rest) and each
+   round's time outside its steps (evaluation, collectives), for both runs.
 2. bytes moved per training step (hidden states + mask + labels up, gradients down, as
    counted from the tensors sent) over the floor 2 x batch x seq x hidden x itemsize; goal <= 1.1.
 3. peak RSS of clients cut at 1, 4 and 7 of 8 layers, against the parameter bytes of their
@@ -19,6 +24,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -36,7 +42,9 @@ from models.random_models import save_random_model
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results"
 HIDDEN, LAYERS, SEQ, BATCH = 512, 8, 256, 8
-ALTERNATIONS, ROUNDS = 4, 3  # throughput: rounds 2..ROUNDS of each run
+PAIRS, ROUNDS = 8, 4  # throughput: PAIRS local/split pairs, rounds 2..ROUNDS of each run
+# Student's t, two-sided 95%, by degrees of freedom (the pairs' log ratios)
+T975 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def write_text_data(path: Path, n_lines: int) -> None:
@@ -107,22 +115,26 @@ def main() -> None:
     data = tmp / "train.txt"
     write_text_data(data, 400)
 
-    # 1 + 2: throughput and bytes, split and local alternated; rounds 2.. only (round 1 warms up).
+    # 1 + 2: throughput and bytes, local and split paired, rounds 2.. only (round 1 warms up).
     split_tps, local_tps, per_step, local_rss, split_cores, local_cores, parts = [], [], [], [], [], [], []
-    by_alternation = []
+    by_pair, outside_steps = [], {"local": [], "split": []}
     rounds = {"train.rounds": str(ROUNDS)}
-    for i in range(ALTERNATIONS):
-        out_l = tmp / f"local{i}"
-        run([sys.executable, "-m", "launch.train_local", *overrides(model, data, out_l, **rounds)])
-        local = measured_rounds(out_l)
+    for i in range(PAIRS):
+        pair = {}
+        for kind in ("local", "split") if i % 2 == 0 else ("split", "local"):
+            out = tmp / f"{kind}{i}"
+            if kind == "local":
+                run([sys.executable, "-m", "launch.train_local", *overrides(model, data, out, **rounds)])
+            else:
+                run(torchrun(2, overrides(model, data, out, **{"split.cut_layers": "4"}, **rounds)))
+            pair[kind] = measured_rounds(out)
+        local, split = pair["local"], pair["split"]
         local_tps += [r["tokens_per_s"] for r in local]
         local_rss.append(local[-1]["clients"]["local"]["peak_rss_mb"])
         local_cores += [r["clients"]["local"]["train_cores_used"] for r in local]
-        out_s = tmp / f"split{i}"
-        run(torchrun(2, overrides(model, data, out_s, **{"split.cut_layers": "4"}, **rounds)))
-        split = measured_rounds(out_s)
+        outside_steps["local"] += [r["round_time_s"] - r["clients"]["local"]["train_time_s"] for r in local]
         split_tps += [r["tokens_per_s"] for r in split]
-        by_alternation.append(
+        by_pair.append(
             statistics.mean(r["tokens_per_s"] for r in split)
             / statistics.mean(r["tokens_per_s"] for r in local)
         )
@@ -131,8 +143,12 @@ def main() -> None:
             c1 = rec["clients"]["1"]  # a step's parts (medians): client compute, server compute, the rest
             parts.append({k: c1[k] for k in ("step_time_s", "compute_s", "server_s")})
             parts[-1]["other_s"] = c1["step_time_s"] - c1["compute_s"] - c1["server_s"]
+            outside_steps["split"].append(rec["round_time_s"] - c1["train_time_s"])
             c = rec["comm_bytes"]["1"]
             per_step.append((c["activations_up"] + c["gradients_down"]) / c1["steps"])
+    logs = [math.log(r) for r in by_pair]
+    half = T975[len(logs) - 1] * statistics.stdev(logs) / math.sqrt(len(logs))
+    mean_log = statistics.mean(logs)
     floor = 2 * BATCH * SEQ * HIDDEN * 4
 
     # 3: memory of clients cut at 1, 4, 7.
@@ -181,7 +197,9 @@ def main() -> None:
             "local_tokens_per_s": local_tps,
             "split_tokens_per_s": split_tps,
             "ratio_split_over_local": statistics.median(split_tps) / statistics.median(local_tps),
-            "ratio_by_alternation": by_alternation,
+            "ratio_by_pair": by_pair,  # pair i ran local first for even i, split first for odd i
+            "ratio_geometric_mean": math.exp(mean_log),
+            "ratio_95_interval": [math.exp(mean_log - half), math.exp(mean_log + half)],
             # cores kept busy while training: the unsplit process, and the split's two processes together
             # (one of them computes at every moment, so both would be the intra-op thread count if the
             # split's phases ran as parallel as the unsplit step)
@@ -190,6 +208,9 @@ def main() -> None:
             # the split step's parts: compute on each side, and the rest (transport, hand-offs, optimizer
             # steps, batch preparation)
             "split_step_parts_s": parts,
+            # a round's time outside its training steps: the evaluation, and in the split the barriers,
+            # gathers and the adapter all-reduce
+            "round_outside_steps_s": outside_steps,
         },
         "bytes_per_step": {
             "floor": floor,

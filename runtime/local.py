@@ -135,6 +135,7 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
         optimizer = make_optimizer(params, cfg)
         usage = CpuUsage()
         losses, tokens, weighted, input_tokens = [], 0.0, 0.0, 0.0
+        t_steps = time.perf_counter()
         for _ in range(cfg.train.local_steps):
             b = stream.next()
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -147,6 +148,7 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
             weighted += losses[-1] * float(n_tokens)
             input_tokens += float(b["attention_mask"].sum())
         cores_used = usage.stop()["train_cores_used"]
+        train_time = time.perf_counter() - t_steps
         evaluation = evaluate()
         now = time.perf_counter()
         train_loss = weighted / max(tokens, 1.0)
@@ -166,6 +168,7 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
                     "step_losses": losses,
                     "peak_rss_mb": peak_rss_mb(),
                     "train_cores_used": cores_used,
+                    "train_time_s": train_time,
                 }
             },
         )

@@ -112,6 +112,7 @@ def test_one_client_split_matches_unsplit_step_for_step(setup, tmp_path):
     assert local_losses[-1] < local_losses[0]  # it trained
     for a, b in zip(metrics(tmp_path / "split"), local):
         assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4
+        assert 0 < b["clients"]["local"]["train_time_s"] < b["round_time_s"]  # the round's steps only
     ours = load_file(str(tmp_path / "split" / "adapter" / "adapter_model.safetensors"))
     ref = load_file(str(tmp_path / "local" / "adapter" / "adapter_model.safetensors"))
     assert ours.keys() == ref.keys()
