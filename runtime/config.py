@@ -215,6 +215,12 @@ class RuntimeConfig:
     """glibc malloc arenas per process (0: glibc's default, 8 per core). RPC requests run on a pool of
     threads, each with its own arena by default, so activation memory freed by one is not reused by
     the next and every step page-faults it in again (benchmarks/RESULTS.md)."""
+    malloc_keep_mb: int = 2047
+    """glibc malloc: freed memory up to this many MiB stays in the process for the next step instead of
+    going back to the OS, and blocks up to 32 MiB come from its heaps (0: glibc's dynamic thresholds).
+    Without it the server, computing on a thread of its own, page-faulted about 50,000 pages a round
+    back in (benchmarks/RESULTS.md section 1). Peak memory is unchanged; memory freed after the peak
+    is not returned."""
     intra_op_threads: int = 0
     """torch intra-op threads per process (0: cores / processes on this node)."""
     compute_threads: bool = True
@@ -489,6 +495,11 @@ def validate(cfg: Config) -> None:
         f"runtime.rpc_transports={rt.rpc_transports}: use a non-empty list of uv, shm, ibv",
     )
     _require(rt.malloc_arenas >= 0, f"runtime.malloc_arenas={rt.malloc_arenas}: must be >= 0 (0 = default)")
+    _require(
+        0 <= rt.malloc_keep_mb <= 2047,
+        f"runtime.malloc_keep_mb={rt.malloc_keep_mb}: must be 0..2047 (glibc's M_TRIM_THRESHOLD is an int; "
+        "0 = glibc's default)",
+    )
     _require(rt.intra_op_threads >= 0, f"runtime.intra_op_threads={rt.intra_op_threads}: must be >= 0")
     sp, sim = cfg.split, cfg.simulate
     _require(

@@ -215,19 +215,27 @@ def data_seed(cfg: Config, client_index: int) -> int:
     return cfg.seed * 1000 + client_index
 
 
-def limit_malloc_arenas(n: int) -> None:
-    """Caps glibc's malloc arenas (``mallopt(M_ARENA_MAX, n)``) before the RPC thread pool starts.
+def tune_malloc(arenas: int, keep_mb: int) -> None:
+    """Sets glibc's malloc for a training process, before the RPC thread pool starts.
 
-    A no-op for ``n == 0`` or where libc is not glibc.
+    ``arenas`` > 0 caps its arenas (``M_ARENA_MAX``; glibc's default is 8 per core). ``keep_mb`` > 0
+    keeps freed memory in the process for reuse: the top of a heap goes back to the OS only beyond
+    ``keep_mb`` MiB free (``M_TRIM_THRESHOLD``), and blocks up to 32 MiB come from the heaps, not from
+    mmap (``M_MMAP_THRESHOLD``). A step frees its activations and the next one allocates them again;
+    returned, they are page-faulted in again. A no-op where libc is not glibc.
     """
-    if n <= 0:
+    if arenas <= 0 and keep_mb <= 0:
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_arena_max = -8  # from malloc.h
-    libc.mallopt(m_arena_max, n)
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # from malloc.h
+    if arenas > 0:
+        libc.mallopt(m_arena_max, arenas)
+    if keep_mb > 0:
+        libc.mallopt(m_trim_threshold, min(keep_mb, 2047) * 2**20)
+        libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit)
 
 
 def usable_cores() -> int:

@@ -41,12 +41,12 @@ from runtime.job import (
     client_data,
     data_seed,
     default_threads,
-    limit_malloc_arenas,
     lora_spec,
     make_optimizer,
     model_config,
     resolve_model_path,
     round_seed,
+    tune_malloc,
 )
 from runtime.metrics import CpuUsage, MetricsWriter, header, peak_rss_mb, round_record, row
 
@@ -88,7 +88,7 @@ def reference_cut(cfg: Config, n_layers: int) -> int | None:
 
 def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     """Trains ``cfg.train.rounds`` rounds; writes metrics.jsonl and adapter/ and returns the records."""
-    limit_malloc_arenas(cfg.runtime.malloc_arenas)
+    tune_malloc(cfg.runtime.malloc_arenas, cfg.runtime.malloc_keep_mb)
     torch.set_num_threads(cfg.runtime.intra_op_threads or default_threads(1))
     torch.manual_seed(cfg.seed)
     model_path = resolve_model_path(cfg)

@@ -60,11 +60,11 @@ from runtime.job import (
     client_data,
     data_seed,
     default_threads,
-    limit_malloc_arenas,
     lora_spec,
     model_config,
     resolve_model_path,
     round_seed,
+    tune_malloc,
 )
 from runtime.metrics import CpuUsage, MetricsWriter, header, peak_rss_mb, round_record, row
 from runtime.probe import ResourceProfile, probe
@@ -107,7 +107,7 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
     rank), and re-raises anything else after logging it once.
     """
     rt = cfg.runtime
-    limit_malloc_arenas(rt.malloc_arenas)
+    tune_malloc(rt.malloc_arenas, rt.malloc_keep_mb)
     stop = faults.StopSignals()
     world = heartbeat = compute = None
     try:

@@ -103,6 +103,8 @@ def test_wrong_type_is_named(override, field):
         ("simulate.slowdown=0.5", "simulate.slowdown"),
         ("simulate.memory_limit_gb=[1,0]", "simulate.memory_limit_gb"),
         ("simulate.bandwidth_mbps=-3", "simulate.bandwidth_mbps"),
+        ("runtime.malloc_keep_mb=4096", "runtime.malloc_keep_mb"),  # glibc's threshold is an int
+        ("runtime.malloc_keep_mb=-1", "runtime.malloc_keep_mb"),
     ],
 )
 def test_out_of_range_is_named(override, field):
