@@ -179,7 +179,7 @@ print(out["faults"])
 
 
 def test_tuned_malloc_reuses_a_steps_memory_instead_of_faulting_it_in_again():
-    """``runtime.malloc_keep_mb`` (with the arena cap): five more steps of about 260 MB of activations on a
+    """``runtime.malloc_keep_mb`` (with the arena cap): five more steps of about 300 MB of activations on a
     non-main thread page-fault almost nothing in, where glibc's defaults fault about a step's worth in again.
     A process of its own each: malloc's settings are process-wide and belong before any thread starts."""
     import subprocess
