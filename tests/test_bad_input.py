@@ -245,13 +245,16 @@ def test_real_command_line_prints_one_line(inputs, tmp_path, extra):
 
 
 def test_weightless_model_under_torchrun_is_one_message_from_three_ranks(inputs, tmp_path):
-    """Every rank finds the problem before any process group; rank 0 says it, torchrun's failure summary
-    shows the message where a traceback would be, and no worker prints a traceback."""
+    """Every rank finds the problem before any process group; torchrun's failure summary shows the message
+    where a traceback would be, rank 0 prints it at most once, and no worker prints a traceback. (Rank 0
+    prints it unless another rank failed first and torchrun stopped rank 0 before it got there: seen once
+    in the full suite.)"""
     res = torchrun(3, _argv(inputs, ["model.path={weightless}"], tmp_path / "out"))
     assert res.returncode != 0
     said = [line for line in res.stdout.splitlines() if line.startswith("config error: ")]
-    assert len(said) == 1 and "no model.safetensors" in said[0]
-    assert "traceback : model.path=" in res.stdout  # torchrun's summary of rank 0: the message
+    assert len(said) <= 1 and all("no model.safetensors" in line for line in said)
+    summary = [line for line in res.stdout.splitlines() if "traceback : model.path=" in line]
+    assert summary and "no model.safetensors" in summary[0]  # torchrun's summary: the message
     assert "launch/train.py" not in res.stdout and "runtime/" not in res.stdout  # no worker frames
 
 
