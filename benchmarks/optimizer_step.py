@@ -16,9 +16,9 @@ import time
 import psutil
 import torch
 
-from benchmarks.split_overhead import OUT
+from benchmarks.split_overhead import HIDDEN, OUT
 
-HIDDEN, INTERMEDIATE, R = 512, 1376, 8
+INTERMEDIATE, R = 2 * HIDDEN, 8  # save_random_model's MLP width, and lora.r
 PROJECTIONS = [(HIDDEN, HIDDEN)] * 4 + [(HIDDEN, INTERMEDIATE)] * 2 + [(INTERMEDIATE, HIDDEN)]  # (in, out)
 
 

@@ -184,6 +184,9 @@ def at_round(value: Any, rnd: int) -> Any:
     return value[max(k for k in value if k <= rnd)]
 
 
+MALLOC_KEEP_MAX_MB = 2047  # glibc's M_TRIM_THRESHOLD is a C int of bytes
+
+
 @dataclass
 class RuntimeConfig:
     device: str = "auto"
@@ -215,7 +218,7 @@ class RuntimeConfig:
     """glibc malloc arenas per process (0: glibc's default, 8 per core). RPC requests run on a pool of
     threads, each with its own arena by default, so activation memory freed by one is not reused by
     the next and every step page-faults it in again (benchmarks/RESULTS.md)."""
-    malloc_keep_mb: int = 2047
+    malloc_keep_mb: int = MALLOC_KEEP_MAX_MB
     """glibc malloc: freed memory up to this many MiB stays in the process for the next step instead of
     going back to the OS, and blocks up to 32 MiB come from its heaps (0: glibc's dynamic thresholds).
     Without it the server, computing on a thread of its own, page-faulted 90,000-135,000 pages a round
@@ -496,9 +499,9 @@ def validate(cfg: Config) -> None:
     )
     _require(rt.malloc_arenas >= 0, f"runtime.malloc_arenas={rt.malloc_arenas}: must be >= 0 (0 = default)")
     _require(
-        0 <= rt.malloc_keep_mb <= 2047,
-        f"runtime.malloc_keep_mb={rt.malloc_keep_mb}: must be 0..2047 (glibc's M_TRIM_THRESHOLD is an int; "
-        "0 = glibc's default)",
+        0 <= rt.malloc_keep_mb <= MALLOC_KEEP_MAX_MB,
+        f"runtime.malloc_keep_mb={rt.malloc_keep_mb}: must be 0..{MALLOC_KEEP_MAX_MB} "
+        "(glibc's M_TRIM_THRESHOLD is an int; 0 = glibc's default)",
     )
     _require(rt.intra_op_threads >= 0, f"runtime.intra_op_threads={rt.intra_op_threads}: must be >= 0")
     sp, sim = cfg.split, cfg.simulate

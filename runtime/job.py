@@ -21,7 +21,7 @@ from models.families import FAMILIES, family_of
 from models.lora import LoraSpec
 from models.stages import CheckpointReader, load_config
 from partition import iid_partition, length_dirichlet_partition
-from runtime.config import Config, ConfigError
+from runtime.config import MALLOC_KEEP_MAX_MB, Config, ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 BUILTIN_MODEL = "builtin:tiny"
@@ -203,8 +203,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim
     """AdamW, made afresh each round: the weights it tracked were replaced by the aggregate.
 
     Fused (one kernel per parameter) where torch has that kernel, on CPU and CUDA: a LoRA adapter is
-    many small tensors, and the default per-tensor loop takes 4.8 ms a step for a four-layer stage's
-    56 of them against 1.1 ms fused (``python -m benchmarks.optimizer_step``, 2 intra-op threads)."""
+    many small tensors, and the default per-tensor loop takes 5.0 ms a step for a four-layer stage's
+    56 of them against 0.7 ms fused (``python -m benchmarks.optimizer_step``, 2 intra-op threads)."""
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(
         params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused or None
@@ -234,7 +234,7 @@ def tune_malloc(arenas: int, keep_mb: int) -> None:
     if arenas > 0:
         libc.mallopt(m_arena_max, arenas)
     if keep_mb > 0:
-        libc.mallopt(m_trim_threshold, min(keep_mb, 2047) * 2**20)
+        libc.mallopt(m_trim_threshold, min(keep_mb, MALLOC_KEEP_MAX_MB) * 2**20)
         libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit)
 
 
