@@ -1,6 +1,6 @@
 """Split over unsplit throughput, with both runs alive at once and taking turns on the cores.
 
-    .venv/bin/python -m benchmarks.split_interleaved     # about 8 minutes a repeat; writes
+    .venv/bin/python -m benchmarks.split_interleaved     # about 7 minutes a repeat, 6 repeats; writes
                                                          # benchmarks/results/split_interleaved.json
 
 ``benchmarks.split_overhead`` runs the unsplit and the split job one after the other, minutes apart,
