@@ -94,9 +94,13 @@ class Job:
     def done(self) -> bool:
         return self.proc.poll() is not None
 
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
     def finish(self) -> list[dict]:
-        self.signal(signal.SIGCONT)
-        code = self.proc.wait(timeout=1800)
+        code = self.proc.wait(timeout=60)  # every job has ended when interleave() returns
         self.log.close()
         if code != 0:
             tail = self.out.with_suffix(".log").read_text()[-3000:]
@@ -148,8 +152,11 @@ def one_repeat(tmp: Path, model: Path, data: Path, i: int) -> dict:
     jobs = [local, split] if i % 2 == 0 else [split, local]
     try:
         interleave(jobs)
-    finally:
-        records = {job.name: job.finish() for job in jobs}
+    except BaseException:  # interrupted: no job is left behind, stopped or running
+        for job in jobs:
+            job.kill()
+        raise
+    records = {job.name: job.finish() for job in jobs}
     tps = {}
     for job in jobs:
         recs, marks = records[job.name], job.marks
