@@ -41,7 +41,7 @@ from models.random_models import save_random_model
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results"
 ROUNDS, REPEATS, WINDOW_S, POLL_S = 12, 6, 5.0, 0.02
-# Student's t, two-sided 95%, by degrees of freedom up to 30
+# Student's t, two-sided 95%, by degrees of freedom up to 30 (beyond, 30's: a little wider than exact)
 T975 = [0, 12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042]  # fmt: skip
@@ -57,7 +57,6 @@ class Job:
         self.log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 - closed in finish()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.clock, self.since, self.marks = 0.0, None, []
-        self.running = True
 
     def processes(self) -> list[psutil.Process]:
         try:
@@ -124,8 +123,10 @@ def interleave(jobs: list[Job]) -> None:
             while time.perf_counter() < end and not job.done():
                 time.sleep(POLL_S)
                 job.poll()
-            others = [j for j in jobs if j is not job and not j.done()]
-            if others and not job.done():
+            if job.done():  # its last line, at the clock of its end, which then stands still
+                job.poll()
+                job.clock, job.since = job.now(), None
+            elif any(not j.done() for j in jobs if j is not job):
                 job.pause()
         turn += 1
 

@@ -1,6 +1,6 @@
 """What splitting a model across two processes on shared cores costs, with no torch.distributed.
 
-    .venv/bin/python -m benchmarks.two_processes     # about 6 minutes; results/two_processes.json
+    .venv/bin/python -m benchmarks.two_processes     # about 5 minutes; results/two_processes.json
 
 The model, batch and LoRA settings are ``split_overhead``'s: the random 8-layer Llama, hidden 512,
 seq 256, batch 8, r 8 on all seven projections, 2 intra-op threads, the runtime's malloc tuning.
@@ -42,6 +42,7 @@ from models.lora import LoraSpec, add_lora, lora_parameters
 from models.loss import target_loss
 from models.random_models import save_random_model
 from models.stages import build_stage
+from runtime.config import RuntimeConfig
 from runtime.job import tune_malloc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +54,7 @@ SPEC = LoraSpec(
     r_cut=8,
     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
+MALLOC = (RuntimeConfig.malloc_arenas, RuntimeConfig.malloc_keep_mb)  # the runtime's defaults
 T975 = {29: 2.045, 59: 2.001}  # Student's t, two-sided 95%, at the degrees of freedom used here
 
 
@@ -72,7 +74,7 @@ def top_half(model: str, conn, hidden: torch.Tensor, grad: torch.Tensor, compute
     """The second process: stage CUT..LAYERS, on its main thread or on runtime.compute's thread."""
     from runtime.compute import for_process
 
-    tune_malloc(2, 2047)
+    tune_malloc(*MALLOC)
     compute = for_process(torch.device("cpu"), THREADS, server=compute_thread)
     top, optimizer = compute.run(lambda: stage(model, CUT, LAYERS))
     conn.send("ready")
@@ -99,7 +101,7 @@ def top_backward(loss: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, optimi
 
 def measure(model: str, compute_thread: bool) -> dict:
     torch.set_num_threads(THREADS)
-    tune_malloc(2, 2047)
+    tune_malloc(*MALLOC)
     bottom, opt_bottom = stage(model, 0, CUT)
     top, opt_top = stage(model, CUT, LAYERS)
     hidden = torch.zeros(BATCH, SEQ, HIDDEN).share_memory_()
