@@ -22,11 +22,9 @@ ratios), and the same over all repeats together.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,15 +34,12 @@ from pathlib import Path
 import psutil
 
 from benchmarks.split_overhead import BATCH, HIDDEN, LAYERS, SEQ, overrides, torchrun, write_text_data
+from benchmarks.stats import geometric_interval
 from models.random_models import save_random_model
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results"
 ROUNDS, REPEATS, WINDOW_S, POLL_S = 12, 6, 5.0, 0.02
-# Student's t, two-sided 95%, by degrees of freedom up to 30 (beyond, 30's: a little wider than exact)
-T975 = [0, 12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042]  # fmt: skip
 
 
 class Job:
@@ -132,10 +127,8 @@ def interleave(jobs: list[Job]) -> None:
 
 
 def interval(ratios: list[float]) -> dict:
-    logs = [math.log(r) for r in ratios]
-    mean = statistics.mean(logs)
-    half = T975[min(len(logs) - 1, len(T975) - 1)] * statistics.stdev(logs) / math.sqrt(len(logs))
-    return {"geometric_mean": math.exp(mean), "interval_95": [math.exp(mean - half), math.exp(mean + half)]}
+    mean, low, high = geometric_interval(ratios)
+    return {"geometric_mean": mean, "interval_95": [low, high]}
 
 
 def one_repeat(tmp: Path, model: Path, data: Path, i: int) -> dict:

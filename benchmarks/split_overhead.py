@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import resource
@@ -37,14 +36,13 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.stats import geometric_interval
 from models.random_models import save_random_model
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results"
 HIDDEN, LAYERS, SEQ, BATCH = 512, 8, 256, 8
 PAIRS, ROUNDS = 8, 4  # throughput: PAIRS local/split pairs, rounds 2..ROUNDS of each run
-# Student's t, two-sided 95%, by degrees of freedom (the pairs' log ratios)
-T975 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def write_text_data(path: Path, n_lines: int) -> None:
@@ -146,9 +144,7 @@ def main() -> None:
             outside_steps["split"].append(rec["round_time_s"] - c1["train_time_s"])
             c = rec["comm_bytes"]["1"]
             per_step.append((c["activations_up"] + c["gradients_down"]) / c1["steps"])
-    logs = [math.log(r) for r in by_pair]
-    half = T975[len(logs) - 1] * statistics.stdev(logs) / math.sqrt(len(logs))
-    mean_log = statistics.mean(logs)
+    geo_mean, geo_low, geo_high = geometric_interval(by_pair)
     floor = 2 * BATCH * SEQ * HIDDEN * 4
 
     # 3: memory of clients cut at 1, 4, 7.
@@ -198,8 +194,8 @@ def main() -> None:
             "split_tokens_per_s": split_tps,
             "ratio_split_over_local": statistics.median(split_tps) / statistics.median(local_tps),
             "ratio_by_pair": by_pair,  # pair i ran local first for even i, split first for odd i
-            "ratio_geometric_mean": math.exp(mean_log),
-            "ratio_95_interval": [math.exp(mean_log - half), math.exp(mean_log + half)],
+            "ratio_geometric_mean": geo_mean,
+            "ratio_95_interval": [geo_low, geo_high],
             # cores kept busy while training: the unsplit process, and the split's two processes together
             # (one of them computes at every moment, so both would be the intra-op thread count if the
             # split's phases ran as parallel as the unsplit step)

@@ -24,9 +24,7 @@ no RPC, gloo or distributed autograd in it, so comparing with ``split_interleave
 from __future__ import annotations
 
 import json
-import math
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import torch
 import torch.multiprocessing as mp
 
 from benchmarks.split_overhead import BATCH, HIDDEN, LAYERS, SEQ
+from benchmarks.stats import geometric_interval
 from models.lora import LoraSpec, add_lora, lora_parameters
 from models.loss import target_loss
 from models.random_models import save_random_model
@@ -55,7 +54,6 @@ SPEC = LoraSpec(
     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
 MALLOC = (RuntimeConfig.malloc_arenas, RuntimeConfig.malloc_keep_mb)  # the runtime's defaults
-T975 = {29: 2.045, 59: 2.001}  # Student's t, two-sided 95%, at the degrees of freedom used here
 
 
 def stage(model: str, start: int, end: int):
@@ -150,12 +148,8 @@ def measure(model: str, compute_thread: bool) -> dict:
 
 
 def interval(ratios: list[float]) -> dict:
-    logs = [math.log(r) for r in ratios]
-    mean, half = statistics.mean(logs), T975[len(logs) - 1] * statistics.stdev(logs) / math.sqrt(len(logs))
-    return {
-        "cross_over_in_process": math.exp(mean),
-        "interval_95": [math.exp(mean - half), math.exp(mean + half)],
-    }
+    mean, low, high = geometric_interval(ratios)
+    return {"cross_over_in_process": mean, "interval_95": [low, high]}
 
 
 def main() -> None:
