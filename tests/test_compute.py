@@ -186,6 +186,8 @@ def test_tuned_malloc_reuses_a_steps_memory_instead_of_faulting_it_in_again():
     import sys
     from pathlib import Path
 
+    from runtime.config import RuntimeConfig
+
     def faults(arenas: int, keep_mb: int) -> int:
         res = subprocess.run(
             [sys.executable, "-c", _STEPS_ON_A_THREAD, str(arenas), str(keep_mb)],
@@ -198,6 +200,7 @@ def test_tuned_malloc_reuses_a_steps_memory_instead_of_faulting_it_in_again():
         return int(res.stdout.split()[-1])
 
     pages_per_step = 60 * 1024 * 1216 * 4 // 4096
-    default, tuned = faults(0, 0), faults(2, 2047)
+    default = faults(0, 0)
+    tuned = faults(RuntimeConfig.malloc_arenas, RuntimeConfig.malloc_keep_mb)  # the runtime's defaults
     assert default > pages_per_step / 2  # glibc's defaults: most of a step's pages, again
     assert tuned < min(pages_per_step, default) / 20
