@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.split_overhead import BATCH, HIDDEN, LAYERS, SEQ, overrides, torchrun, write_text_data
-from benchmarks.stats import geometric_interval
+from benchmarks.stats import interval
 from models.random_models import save_random_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,11 +124,6 @@ def interleave(jobs: list[Job]) -> None:
             elif any(not j.done() for j in jobs if j is not job):
                 job.pause()
         turn += 1
-
-
-def interval(ratios: list[float]) -> dict:
-    mean, low, high = geometric_interval(ratios)
-    return {"geometric_mean": mean, "interval_95": [low, high]}
 
 
 def one_repeat(tmp: Path, model: Path, data: Path, i: int) -> dict:

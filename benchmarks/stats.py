@@ -27,3 +27,9 @@ def geometric_interval(ratios: list[float]) -> tuple[float, float, float]:
     mean = statistics.mean(logs)
     half = t975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def interval(ratios: list[float], name: str = "geometric_mean") -> dict:
+    """``geometric_interval`` as a results entry: ``{name: mean, "interval_95": [low, high]}``."""
+    mean, low, high = geometric_interval(ratios)
+    return {name: mean, "interval_95": [low, high]}

@@ -36,7 +36,7 @@ import torch
 import torch.multiprocessing as mp
 
 from benchmarks.split_overhead import BATCH, HIDDEN, LAYERS, SEQ
-from benchmarks.stats import geometric_interval
+from benchmarks.stats import interval
 from models.lora import LoraSpec, add_lora, lora_parameters
 from models.loss import target_loss
 from models.random_models import save_random_model
@@ -143,13 +143,8 @@ def measure(model: str, compute_thread: bool) -> dict:
         "second_process_computes_on": "runtime.compute's thread" if compute_thread else "its main thread",
         "step_s": times,
         "ratio_by_pair": ratios,
-        **interval(ratios),
+        **interval(ratios, "cross_over_in_process"),
     }
-
-
-def interval(ratios: list[float]) -> dict:
-    mean, low, high = geometric_interval(ratios)
-    return {"cross_over_in_process": mean, "interval_95": [low, high]}
 
 
 def main() -> None:
@@ -164,7 +159,7 @@ def main() -> None:
         "model": f"random Llama, {LAYERS} layers, hidden {HIDDEN}, seq {SEQ}, batch {BATCH}, float32, CPU",
         "pairs": PAIRS,
         "settings": settings,
-        "all_pairs": interval([r for s in settings for r in s["ratio_by_pair"]]),
+        "all_pairs": interval([r for s in settings for r in s["ratio_by_pair"]], "cross_over_in_process"),
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "two_processes.json").write_text(json.dumps(result, indent=2) + "\n")
