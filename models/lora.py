@@ -434,6 +434,13 @@ def export_peft_adapter(
     base_model: str,
 ) -> Path:
     """Writes the global adapter in PEFT format; ``PeftModel.from_pretrained(base, out_dir)`` loads it."""
+    return write_peft_adapter(*peft_adapter(layout, flat, spec, config, base_model), out_dir)
+
+
+def peft_adapter(
+    layout: AdapterLayout, flat: torch.Tensor, spec: LoraSpec, config: PretrainedConfig, base_model: str
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The PEFT config and tensors (copies, one per LoRA weight) of the global adapter ``flat``."""
     family = family_of(config)
     per_layer: dict[int, set[int]] = {}
     for s in layout.slots:
@@ -443,13 +450,18 @@ def export_peft_adapter(
     else:  # per-weight ranks (a selection, or clients' own ranks): every module named with its rank
         cfg = module_lora_config(spec, {s.name: s.rank for s in layout.slots})
     cfg.base_model_name_or_path = base_model
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for s in layout.slots:
         a, b = layout.views(flat, s.name)
         tensors[f"base_model.model.{s.name}.lora_A.weight"] = a.contiguous().clone()
         tensors[f"base_model.model.{s.name}.lora_B.weight"] = b.contiguous().clone()
+    return cfg, tensors
+
+
+def write_peft_adapter(cfg: LoraConfig, tensors: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """Writes what :func:`peft_adapter` made into ``out_dir``; runs no tensor op."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg.save_pretrained(str(out))
     return out

@@ -15,6 +15,14 @@ complete: a kill at any instant leaves the newest complete one (or the previous 
 The newest ``runtime.keep_checkpoints`` are kept. Nothing in a checkpoint is ever replaced in
 place.
 
+Rank 0 writes each round's checkpoint, and the exported adapter, on a thread of its own
+(:class:`Saver`) while the next round trains, so no rank waits for the disk: fsync on a cluster's
+shared file system, or ``stack``'s merged weights of a large model, can take seconds. The round's
+state is serialized, and the adapter copied, before the next round starts. A run that stops
+(finished, preempted, failed) waits for the write in flight first, so the last complete round is on
+disk; a rank killed during a write leaves the round before it as the newest complete one, and a
+relaunch repeats the round whose write was cut off.
+
 Optimizers restart every round and the data order and random streams are functions of (seed,
 client, round), so the adapter plus the plan reproduce the state at the start of the next round
 exactly; a move decided at the end of the round is replayed on resume by the same code that made
@@ -27,13 +35,15 @@ import json
 import logging
 import os
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from models.lora import export_peft_adapter
+from models.lora import peft_adapter, write_peft_adapter
 from runtime import faults
 
 log = logging.getLogger("splitft")
@@ -69,6 +79,17 @@ def save(
     merged: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes round ``rnd``'s checkpoint atomically and prunes all but the newest ``keep``."""
+    return _write(root, rnd, flat, json.dumps(state, indent=1), keep, merged)
+
+
+def _write(
+    root: Path,
+    rnd: int,
+    flat: torch.Tensor,
+    state_text: str,
+    keep: int,
+    merged: dict[str, torch.Tensor] | None,
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = round_dir(root, rnd)
     tmp = root / f".{final.name}.tmp"
@@ -81,7 +102,7 @@ def save(
         save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / MERGED_FILE))
         files.append(MERGED_FILE)
     faults.injector.hit("checkpoint")
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    (tmp / STATE_FILE).write_text(state_text)
     for f in files:
         _fsync(tmp / f)
     _fsync(tmp)
@@ -92,6 +113,64 @@ def save(
     for old in rounds(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class Saver:
+    """Writes round checkpoints (and the exported adapter) on a thread of its own, one at a time.
+
+    ``submit`` takes the round's snapshot on the caller's thread: the state serialized, the adapter
+    copied and, through ``export`` (from :func:`prepare_export`), the PEFT tensors made. It waits for
+    the write before it and starts this one. ``wait`` waits for the write in flight. A failed write (a
+    full disk, a removed folder) is raised by the next ``submit`` or ``wait``, naming its round:
+    nothing is lost silently. The writing thread runs no tensor op, so it never starts an OpenMP team
+    beside the server's compute threads (``runtime.compute``).
+    """
+
+    def __init__(self, root: Path, keep: int):
+        self.root, self.keep = root, keep
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._round = 0
+
+    def submit(
+        self,
+        rnd: int,
+        flat: torch.Tensor,
+        state: dict,
+        merged: dict[str, torch.Tensor] | None = None,
+        export: Callable[[], None] | None = None,
+    ) -> None:
+        """Round ``rnd``'s checkpoint; ``export()`` runs first. ``merged`` must be the caller's own copies."""
+        text = json.dumps(state, indent=1)
+        flat = flat.detach().to("cpu", copy=True).contiguous()
+        merged = None if merged is None else {k: v.contiguous() for k, v in merged.items()}
+        self.wait()
+        self._round = rnd
+        self._thread = threading.Thread(
+            target=self._run, args=(rnd, flat, text, merged, export), name="splitft-checkpoint", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, rnd, flat, text, merged, export) -> None:
+        try:
+            if export is not None:
+                export()
+            _write(self.root, rnd, flat, text, self.keep, merged)
+        except BaseException as e:  # raised on the caller's thread by the next submit or wait
+            self._error = e
+
+    def wait(self) -> None:
+        """Returns once no write is in flight; raises the error of a write that failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise OSError(
+                f"writing the checkpoint of round {self._round} under {str(self.root)!r} failed ({error}); "
+                "the rounds before it are kept: free space or fix the folder's permissions and launch "
+                "again to continue from them"
+            ) from error
 
 
 def rounds(root: Path) -> list[Path]:
@@ -152,13 +231,26 @@ def export_adapter(
     """Writes ``out/adapter`` (PEFT format) via a temporary folder, so a crash keeps the last one.
 
     With an importance selection, ``selection.json`` beside it gives every weight's score and rank."""
-    tmp = out / "adapter.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    export_peft_adapter(layout, flat.cpu(), spec, model_config, tmp, str(Path(model_path).resolve()))
-    if selection is not None:
-        (tmp / "selection.json").write_text(json.dumps(selection, indent=1))
-    replace_dir(tmp, out / "adapter")
+    prepare_export(out, layout, flat, spec, model_config, model_path, selection)()
+
+
+def prepare_export(
+    out: Path, layout, flat: torch.Tensor, spec, model_config, model_path: Path, selection: dict | None = None
+) -> Callable[[], None]:
+    """:func:`export_adapter` in two parts: the adapter's tensors are copied now, and the function
+    returned writes them (no tensor op: it can run on any thread)."""
+    cfg, tensors = peft_adapter(layout, flat.cpu(), spec, model_config, str(Path(model_path).resolve()))
+
+    def write() -> None:
+        tmp = out / "adapter.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        write_peft_adapter(cfg, tensors, tmp)
+        if selection is not None:
+            (tmp / "selection.json").write_text(json.dumps(selection, indent=1))
+        replace_dir(tmp, out / "adapter")
+
+    return write
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -68,6 +68,9 @@ class ComputeThreads:
         return len(self._workers)
 
     def _serve(self, ready: threading.Event) -> None:
+        # The thread's one-time initialisation first: left for its first op, it would take the process
+        # default then, which any later serial_here (another thread's) sets to 1.
+        torch.get_num_threads()
         torch.set_num_threads(self.threads)  # this thread's count, and the default of threads started later
         ready.set()
         while True:

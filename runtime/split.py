@@ -10,7 +10,8 @@ says what it does in each phase:
     aggregate  one all-reduce gives every holder the global adapter
     evaluate   the global model on the held-out set
     re-plan    rank 0 may move cuts; every rank moves the layers concerned
-    record     rank 0 writes metrics.jsonl, the PEFT adapter and the round's checkpoint
+    record     rank 0 writes metrics.jsonl, and hands the PEFT adapter and the round's checkpoint to
+               a thread that writes them while the next round trains (``checkpoint.Saver``)
 
 Failure handling has one home, ``run``: a stop request leaves after the last complete round
 with ``EXIT_PREEMPTED``; a lost peer is named; everything else is logged once and re-raised.
@@ -109,7 +110,7 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
     rt = cfg.runtime
     tune_malloc(rt.malloc_arenas, rt.malloc_keep_mb)
     stop = faults.StopSignals()
-    world = heartbeat = compute = None
+    world = heartbeat = compute = role = None
     try:
         world = dist.start(rt.device, rt.rpc_timeout_s, rt.round_timeout_s, rt.rpc_threads, rt.rpc_transports)
         setup_logging(world.rank)
@@ -170,6 +171,8 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
             raise
         raise SystemExit(code) from None
     finally:
+        if role is not None:
+            role.close()
         if heartbeat is not None:
             heartbeat.close()
         if compute is not None:
@@ -485,6 +488,9 @@ class Role:
     def finish(self) -> None:
         pass
 
+    def close(self) -> None:
+        """On the way out, however the run ends."""
+
 
 class ServerRole(Role):
     """Rank 0: the shared frozen base, one LoRA replica per client, the scheduler, metrics and checkpoints."""
@@ -492,6 +498,7 @@ class ServerRole(Role):
     def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals, compute: ComputeThreads):
         super().__init__(cfg, world, stop, compute)
         self.ckpt_root = self.out / "checkpoint"
+        self.saver = checkpoint.Saver(self.ckpt_root, cfg.runtime.keep_checkpoints)
         self.scheduler: Scheduler | None = None
         self.server: Server | None = None
         self.records: list[dict] = []
@@ -776,8 +783,9 @@ class ServerRole(Role):
         if new_plan is not None:
             for line in describe_plan(self.scheduler, [new_plan[r][0] for r in order])[1:]:
                 log.info(line)
+        export = None
         if not self.server.merging:  # under stack the model is the merged weights (launch.export --merged)
-            checkpoint.export_adapter(
+            export = checkpoint.prepare_export(
                 self.out, self.layout, self.flat, self.spec, self.mcfg, self.model_path, self.selection
             )
         plan_json = lambda p: None if p is None else {str(r): list(v) for r, v in p.items()}
@@ -796,7 +804,15 @@ class ServerRole(Role):
         merged = None
         if self.server.merging:
             merged = self.server.merged_weights(self.layout, [s.name for s in self.layout.slots])
-        checkpoint.save(self.ckpt_root, rnd, self.flat, state, self.cfg.runtime.keep_checkpoints, merged)
+        # written while the next round trains; finish() and close() wait for it
+        self.saver.submit(rnd, self.flat, state, merged, export)
+
+    def close(self) -> None:
+        """Waits for the checkpoint in flight, so a stopped or failed run keeps its last complete round."""
+        try:
+            self.saver.wait()
+        except OSError as e:  # the run is ending for another reason: say it, do not hide that reason
+            log.error("%s", e)
 
     def dump_copies(self, folder: Path) -> None:
         _dump_copies(
@@ -805,6 +821,7 @@ class ServerRole(Role):
         )
 
     def finish(self) -> None:
+        self.saver.wait()  # the last round's checkpoint and adapter are on disk before the job ends
         if self.cfg.runtime.debug:
             (self.out / "debug" / "wire.json").write_text(
                 json.dumps(

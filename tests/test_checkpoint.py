@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,37 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     assert state["round"] == 1 and flat.tolist() == [1.0, 1.0]
     assert checkpoint.latest(root, adapter=False) == (state, None)  # the launch check picks the same one
     assert checkpoint.latest(tmp_path / "nothing") is None
+
+
+def test_the_saver_writes_in_the_background_what_was_handed_over(tmp_path):
+    root = tmp_path / "checkpoint"
+    saver = checkpoint.Saver(root, keep=2)
+    caller = threading.get_ident()
+    exported = []
+    for rnd in range(1, 4):
+        state, flat = {"round": rnd, "metrics": [rnd]}, torch.full((3,), float(rnd))
+        saver.submit(rnd, flat, state, export=lambda: exported.append(threading.get_ident()))
+        state["metrics"].append(-1)  # the caller goes on with its objects: the snapshot is not touched
+        flat.fill_(-1.0)
+    saver.wait()
+    assert [p.name for p in checkpoint.rounds(root)] == ["round-000002", "round-000003"]  # in order
+    state, flat = checkpoint.latest(root)
+    assert state == {"round": 3, "metrics": [3]} and flat.tolist() == [3.0, 3.0, 3.0]
+    assert len(exported) == 3 and caller not in exported  # the export ran on the writing thread
+
+
+def test_a_failed_background_write_is_raised_with_its_round_and_the_rounds_before_it_are_kept(tmp_path):
+    root = tmp_path / "checkpoint"
+    saver = checkpoint.Saver(root, keep=3)
+    saver.submit(1, torch.zeros(2), {"round": 1})
+    saver.wait()
+    (root / ".round-000002.tmp").write_text("not a folder")  # the write of round 2 cannot clear it
+    saver.submit(2, torch.ones(2), {"round": 2})
+    said = r"checkpoint of round 2 under .*checkpoint.* failed.*the rounds before it are kept"
+    with pytest.raises(OSError, match=said):
+        saver.wait()
+    saver.wait()  # raised once, not again
+    assert checkpoint.latest(root)[0]["round"] == 1
 
 
 KILL_MID_WRITE = """

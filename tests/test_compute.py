@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.loss import shift_targets
-from runtime.compute import ComputeThreads, for_process, workers_within
+from runtime.compute import ComputeThreads, for_process, serial_here, workers_within
 from runtime.config import load_config
 from runtime.job import lora_spec, model_config
 from runtime.server import Server
@@ -82,6 +82,29 @@ def test_server_process_threads_main_serial_compute_threads_parallel():
     assert not client.enabled  # a client computes on its own main thread
     off = in_thread(lambda: for_process(torch.device("cpu"), 2, server=True, enabled=False))
     assert not off.enabled
+
+
+def test_an_idle_compute_thread_keeps_its_count_when_another_thread_goes_serial():
+    """A worker that has not run a job yet must not take the default another thread's serial_here sets
+    later (the server's checkpoint writer, say): its count is its own from the start."""
+    compute = ComputeThreads(True, threads=2, workers=2)
+    try:
+        in_thread(serial_here)  # the process default is now 1
+        gate = threading.Barrier(2, timeout=30)  # both workers run a job, at once
+
+        def job():
+            gate.wait()
+            return torch.get_num_threads()
+
+        counts = []
+        threads = [threading.Thread(target=lambda: counts.append(compute.run(job))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert counts == [2, 2]
+    finally:
+        compute.close()
 
 
 def test_compute_threads_share_the_jobs():
