@@ -101,7 +101,7 @@ def _write(
     if merged is not None:
         save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / MERGED_FILE))
         files.append(MERGED_FILE)
-    faults.injector.hit("checkpoint")
+    faults.injector.hit("checkpoint", rnd=rnd)
     (tmp / STATE_FILE).write_text(state_text)
     for f in files:
         _fsync(tmp / f)

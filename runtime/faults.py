@@ -201,15 +201,18 @@ class FaultInjector:
             parts = [int(x) for x in where.split(":")]
             self.target = (point, parts[0], parts[1], parts[2] if len(parts) > 2 else None)
 
-    def hit(self, point: str, step: int | None = None) -> None:
+    def hit(self, point: str, step: int | None = None, rnd: int | None = None) -> None:
+        """``rnd``: the round the point belongs to, where it is not the one running (the checkpoint
+        writer's thread writes a round while the next one trains)."""
         if self.target is None:
             return
         t_point, t_rank, t_round, t_step = self.target
-        if (point, self.rank, self.round) == (t_point, t_rank, t_round) and t_step in (None, step):
+        rnd = self.round if rnd is None else rnd
+        if (point, self.rank, rnd) == (t_point, t_rank, t_round) and t_step in (None, step):
             sig = signal.Signals[f"SIG{os.environ.get('SPLITFT_FAULT_SIGNAL', 'KILL')}"]
             verb = "killing" if sig == signal.SIGKILL else f"sending {sig.name} to"
             log.warning(
-                "SPLITFT_FAULT: %s rank %d at %s, round %d, step %s", verb, self.rank, point, self.round, step
+                "SPLITFT_FAULT: %s rank %d at %s, round %d, step %s", verb, self.rank, point, rnd, step
             )
             for handler in logging.getLogger().handlers:
                 handler.flush()

@@ -98,19 +98,21 @@ def assert_same_run(out: Path, ref: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "fault",
+    "fault, resumed_after",
     [
-        "step@2:2:2",  # client 2, round 2 (right after the move), after its 2nd step
-        "step@0:3:3",  # the server, round 3, while serving a 3rd forward
-        "checkpoint@0:2",  # rank 0 between the adapter and the state of round 2's checkpoint
+        ("step@2:2:2", 1),  # client 2, round 2 (right after the move), after its 2nd step
+        ("step@0:3:3", 2),  # the server, round 3, while serving a 3rd forward
+        # rank 0 between the adapter and the state of round 2's checkpoint, on the writing thread while
+        # round 3 has started: round 1's checkpoint is the newest complete one
+        ("checkpoint@0:2", 1),
     ],
 )
-def test_a_killed_rank_is_recovered_by_torchrun_restarts(setup, reference, tmp_path, fault):
+def test_a_killed_rank_is_recovered_by_torchrun_restarts(setup, reference, tmp_path, fault, resumed_after):
     out = tmp_path / "run"
     code, log = launch([*common_args(setup, out), *SETTINGS], restarts=2, fault=fault)
     assert code == 0, log[-6000:]
     assert "SPLITFT_FAULT: killing rank" in log
-    assert "resuming after round" in log
+    assert f"resuming after round {resumed_after} " in log
     assert_same_run(out, reference)
 
 
