@@ -85,8 +85,8 @@ def test_server_process_threads_main_serial_compute_threads_parallel():
 
 
 def test_an_idle_compute_thread_keeps_its_count_when_another_thread_goes_serial():
-    """A worker that has not run a job yet must not take the default another thread's serial_here sets
-    later (the server's checkpoint writer, say): its count is its own from the start."""
+    """A worker that has not run a job yet must not take the default that a later serial_here on another
+    thread sets: its count is its own from the start."""
     compute = ComputeThreads(True, threads=2, workers=2)
     try:
         in_thread(serial_here)  # the process default is now 1

@@ -102,8 +102,8 @@ def assert_same_run(out: Path, ref: Path) -> None:
     [
         ("step@2:2:2", 1),  # client 2, round 2 (right after the move), after its 2nd step
         ("step@0:3:3", 2),  # the server, round 3, while serving a 3rd forward
-        # rank 0 between the adapter and the state of round 2's checkpoint, on the writing thread while
-        # round 3 has started: round 1's checkpoint is the newest complete one
+        # rank 0 between the adapter and the state of round 2's checkpoint, on the writing thread (round 3
+        # may have started): round 1's checkpoint is the newest complete one
         ("checkpoint@0:2", 1),
     ],
 )
