@@ -126,6 +126,17 @@ def interleave(jobs: list[Job]) -> None:
         turn += 1
 
 
+def round_rates(jobs: list[Job]) -> dict[str, list[float]]:
+    """Each ended job's tokens/s in rounds 2.. on its own running clock: round r's input tokens (as the
+    job's own tokens_per_s counts them) over the clock between its metrics lines r-1 and r."""
+    rates = {}
+    for job in jobs:
+        recs, marks = job.finish(), job.marks
+        tokens = [r["tokens_per_s"] * r["round_time_s"] for r in recs]
+        rates[job.name] = [tokens[r] / (marks[r] - marks[r - 1]) for r in range(1, len(recs))]
+    return rates
+
+
 def one_repeat(tmp: Path, model: Path, data: Path, i: int) -> dict:
     rounds = {"train.rounds": str(ROUNDS)}
     local = Job(
@@ -145,13 +156,7 @@ def one_repeat(tmp: Path, model: Path, data: Path, i: int) -> dict:
         for job in jobs:
             job.kill()
         raise
-    records = {job.name: job.finish() for job in jobs}
-    tps = {}
-    for job in jobs:
-        recs, marks = records[job.name], job.marks
-        # tokens of round r (input tokens, as the job's own tokens_per_s counts them) over its run time
-        tokens = [r["tokens_per_s"] * r["round_time_s"] for r in recs]
-        tps[job.name] = [tokens[r] / (marks[r] - marks[r - 1]) for r in range(1, len(recs))]
+    tps = round_rates(jobs)
     ratios = [s / u for s, u in zip(tps["split"], tps["unsplit"])]
     return {
         "first": jobs[0].name,
