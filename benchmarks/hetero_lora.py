@@ -49,7 +49,7 @@ SETTINGS = {
     "svd": [*HETERO, "train.aggregation=svd"],
     "uniform": [*UNIFORM, "lora.selection=all"],
     # a 12-step warm-up (its LoRA is discarded): scored over 4 steps the selection ended 2.8% above uniform
-    # at 30 steps a round, over 12 steps 1.0% (RESULTS section 7)
+    # at 30 steps a round, over 12 steps 1.0% (benchmarks/RESULTS.md, hetero_lora)
     "importance": [*UNIFORM, "lora.selection=importance", "lora.budget=0.5", "lora.warmup_steps=12"],
 }
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 import statistics
 
-# Student's t, two-sided 95%, by degrees of freedom: 1-30 and 59 (split_overhead uses 7, split_interleaved
-# 10 and 65, two_processes 29 and 59). An untabulated df takes the largest tabulated one below it, which
-# gives a slightly wider interval than the exact one.
+# Student's t, two-sided 95%, by degrees of freedom: 1-30 and 59 (split_overhead uses 7; the investigations
+# split_interleaved 10 and 65, two_processes 29 and 59). An untabulated df takes the largest tabulated one
+# below it, which gives a slightly wider interval than the exact one.
 T975 = {
     **dict(enumerate([12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
                       2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,

@@ -1,7 +1,8 @@
 """Split over unsplit throughput, with both runs alive at once and taking turns on the cores.
 
-    .venv/bin/python -m benchmarks.split_interleaved     # about 7 minutes a repeat, 6 repeats; writes
-                                                         # benchmarks/results/split_interleaved.json
+    .venv/bin/python -m benchmarks.investigations.split_interleaved   # about 7 minutes a repeat, 6 repeats
+
+writes benchmarks/investigations/results/split_interleaved.json.
 
 ``benchmarks.split_overhead`` runs the unsplit and the split job one after the other, minutes apart,
 and this machine's speed drifts by 5-10% over minutes: as much as the gap being measured. Here the
@@ -37,8 +38,8 @@ from benchmarks.split_overhead import BATCH, HIDDEN, LAYERS, SEQ, overrides, tor
 from benchmarks.stats import interval
 from models.random_models import save_random_model
 
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "benchmarks" / "results"
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "benchmarks" / "investigations" / "results"
 ROUNDS, REPEATS, WINDOW_S, POLL_S = 12, 6, 5.0, 0.02
 
 
@@ -182,7 +183,9 @@ def main() -> None:
 
 def write(repeats: list[dict]) -> dict:
     result = {
-        "command": " ".join([".venv/bin/python -m benchmarks.split_interleaved", *sys.argv[1:]]),
+        "command": " ".join(
+            [".venv/bin/python -m benchmarks.investigations.split_interleaved", *sys.argv[1:]]
+        ),
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {platform.python_version()}",
         "model": f"random Llama, {LAYERS} layers, hidden {HIDDEN}, seq {SEQ}, batch {BATCH}, float32, CPU",
         "method": f"both jobs alive, {WINDOW_S:g} s turns (SIGSTOP/SIGCONT), rounds 2..{ROUNDS} paired",

@@ -1,9 +1,9 @@
 """What torch.distributed's threads cost a process that computes, measured on the unsplit trainer.
 
-    .venv/bin/python -m benchmarks.dist_overhead runtime_world   # about 14 minutes
-    .venv/bin/python -m benchmarks.dist_overhead gloo_world      # about 13 minutes
+    .venv/bin/python -m benchmarks.investigations.dist_overhead runtime_world   # about 14 minutes
+    .venv/bin/python -m benchmarks.investigations.dist_overhead gloo_world      # about 13 minutes
 
-each writing ``benchmarks/results/dist_overhead__<variant>.json``.
+each writing ``benchmarks/investigations/results/dist_overhead__<variant>.json``.
 
 Job A is ``launch.train_local`` alone (``split_overhead``'s model, data and settings, 12 rounds). Job B is
 the same trainer with
@@ -14,9 +14,9 @@ the same trainer with
 - ``gloo_world``: an idle 2-process gloo group beside it, nothing but gloo's loop threads (each wakes
   100 times a second): the wake-ups a split process's computing threads see, without the split.
 
-Both jobs run at once and take turns on the cores, as in ``benchmarks.split_interleaved`` (same
-``Job`` and turns); rounds 2-12 of A and B are paired, 2 repeats alternating which job starts. Reported:
-B / A per repeat and over all pairs, geometric mean and 95% interval.
+Both jobs run at once and take turns on the cores, as in ``split_interleaved`` (same ``Job`` and
+turns); rounds 2-12 of A and B are paired, 2 repeats alternating which job starts. Reported: B / A
+per repeat and over all pairs, geometric mean and 95% interval.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.split_interleaved import OUT, Job, interleave, round_rates
+from benchmarks.investigations.split_interleaved import OUT, Job, interleave, round_rates
 from benchmarks.split_overhead import HIDDEN, LAYERS, SEQ, overrides, write_text_data
 from benchmarks.stats import interval
 from models.random_models import save_random_model
@@ -66,8 +66,8 @@ def commands(variant: str, model: Path, data: Path, a: Path, b: Path, store: Pat
     alone = [py, "-m", "launch.train_local", *args(a)]
     if variant == "runtime_world":
         run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        return alone, [py, *run, "-m", "benchmarks.dist_overhead", "_in_world", *args(b)]
-    idle = f"{py} -m benchmarks.dist_overhead _idle_gloo"
+        return alone, [py, *run, "-m", "benchmarks.investigations.dist_overhead", "_in_world", *args(b)]
+    idle = f"{py} -m benchmarks.investigations.dist_overhead _idle_gloo"
     trainer = " ".join([py, "-m", "launch.train_local", *args(b)])
     script = f"{idle} 0 {store} & P0=$!; {idle} 1 {store} & P1=$!; {trainer}; c=$?; kill $P0 $P1; exit $c"
     return alone, ["bash", "-c", script]
@@ -75,7 +75,7 @@ def commands(variant: str, model: Path, data: Path, a: Path, b: Path, store: Pat
 
 def main(variant: str) -> None:
     if variant not in VARIANTS:
-        raise SystemExit(f"usage: python -m benchmarks.dist_overhead {{{','.join(VARIANTS)}}}")
+        raise SystemExit(f"usage: python -m benchmarks.investigations.dist_overhead {{{','.join(VARIANTS)}}}")
     tmp = Path(tempfile.mkdtemp(prefix="splitft-dist-overhead-"))
     model = save_random_model("llama", tmp / "model", n_layers=LAYERS, hidden=HIDDEN, heads=8, max_len=SEQ)
     data = tmp / "train.txt"
@@ -96,7 +96,7 @@ def main(variant: str) -> None:
         repeats.append({"first": jobs[0].name, "ratio_by_round": ratios, **interval(ratios)})
         print(json.dumps(repeats[-1]), flush=True)
     result = {
-        "command": f".venv/bin/python -m benchmarks.dist_overhead {variant}",
+        "command": f".venv/bin/python -m benchmarks.investigations.dist_overhead {variant}",
         "variant": variant,
         "method": f"B / A, both alive, split_interleaved's turns, rounds 2..{ROUNDS} paired, "
         f"{REPEATS} repeats",

@@ -1,8 +1,10 @@
 """What a second computing thread costs a process on CPU, and what the compute thread gets back.
 
-    .venv/bin/python -m benchmarks.compute_thread      # writes benchmarks/results/compute_thread.json
-    OMP_WAIT_POLICY=ACTIVE .venv/bin/python -m benchmarks.compute_thread
-                                       # ... compute_thread__omp_wait_policy_active.json
+    .venv/bin/python -m benchmarks.investigations.compute_thread
+    OMP_WAIT_POLICY=ACTIVE .venv/bin/python -m benchmarks.investigations.compute_thread
+
+each writing benchmarks/investigations/results/compute_thread.json (the second
+compute_thread__omp_wait_policy_active.json).
 
 One training step (forward + backward) of the random 8-layer Llama of ``split_overhead`` (hidden 512,
 seq 256, batch 8), with all cores as intra-op threads, in a fresh process per setting (a team of
@@ -31,8 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "benchmarks" / "results"
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "benchmarks" / "investigations" / "results"
 SETTINGS = ("main", "second_team", "compute_thread")
 STEPS = 6
 
@@ -116,7 +118,14 @@ def main() -> None:
     for _ in range(2):
         for setting in SETTINGS:
             res = subprocess.run(
-                [sys.executable, "-m", "benchmarks.compute_thread", "--one", setting, str(model)],
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.investigations.compute_thread",
+                    "--one",
+                    setting,
+                    str(model),
+                ],
                 cwd=REPO,
                 env=env,
                 capture_output=True,
@@ -137,7 +146,7 @@ def main() -> None:
         for s in SETTINGS
     }
     result = {
-        "command": ".venv/bin/python -m benchmarks.compute_thread",
+        "command": ".venv/bin/python -m benchmarks.investigations.compute_thread",
         "machine": {"cores": runs["main"][0]["cores"], "platform": platform.platform()},
         "settings": summary,
     }

@@ -1,6 +1,6 @@
 """What splitting a model across two processes on shared cores costs, with no torch.distributed.
 
-    .venv/bin/python -m benchmarks.two_processes     # about 5 minutes; results/two_processes.json
+    .venv/bin/python -m benchmarks.investigations.two_processes     # about 5 minutes
 
 The model, batch and LoRA settings are ``split_overhead``'s: the random 8-layer Llama, hidden 512,
 seq 256, batch 8, r 8 on all seven projections, 2 intra-op threads, the runtime's malloc tuning.
@@ -44,8 +44,8 @@ from models.stages import build_stage
 from runtime.config import RuntimeConfig
 from runtime.job import tune_malloc
 
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "benchmarks" / "results"
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "benchmarks" / "investigations" / "results"
 PAIRS, WARMUP, THREADS, CUT = 30, 2, 2, LAYERS // 2
 SPEC = LoraSpec(
     r=8,
@@ -154,7 +154,7 @@ def main() -> None:
     )
     settings = [measure(model, compute_thread) for compute_thread in (False, True)]
     result = {
-        "command": ".venv/bin/python -m benchmarks.two_processes",
+        "command": ".venv/bin/python -m benchmarks.investigations.two_processes",
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {platform.python_version()}",
         "model": f"random Llama, {LAYERS} layers, hidden {HIDDEN}, seq {SEQ}, batch {BATCH}, float32, CPU",
         "pairs": PAIRS,

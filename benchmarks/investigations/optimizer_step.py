@@ -1,6 +1,8 @@
 """AdamW's step on a LoRA adapter: the default per-tensor loop, foreach, and fused (make_optimizer's).
 
-    .venv/bin/python -m benchmarks.optimizer_step     # seconds; writes benchmarks/results/optimizer_step.json
+    .venv/bin/python -m benchmarks.investigations.optimizer_step
+
+takes seconds and writes benchmarks/investigations/results/optimizer_step.json.
 
 The adapter is that of a four-layer stage of ``split_overhead``'s model (hidden 512, r = 8, the seven
 projections of a Llama layer: 56 tensors) and of the whole eight layers (112), on 2 intra-op threads;
@@ -12,11 +14,14 @@ from __future__ import annotations
 import json
 import platform
 import time
+from pathlib import Path
 
 import psutil
 import torch
 
-from benchmarks.split_overhead import HIDDEN, OUT
+from benchmarks.split_overhead import HIDDEN
+
+OUT = Path(__file__).resolve().parent / "results"
 
 INTERMEDIATE, R = 2 * HIDDEN, 8  # save_random_model's MLP width, and lora.r
 PROJECTIONS = [(HIDDEN, HIDDEN)] * 4 + [(HIDDEN, INTERMEDIATE)] * 2 + [(INTERMEDIATE, HIDDEN)]  # (in, out)
@@ -53,7 +58,7 @@ def main() -> None:
         "fused": {"fused": True},
     }
     result = {
-        "command": ".venv/bin/python -m benchmarks.optimizer_step",
+        "command": ".venv/bin/python -m benchmarks.investigations.optimizer_step",
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, torch {torch.__version__}",
         "step_ms": {
             f"{layers} layers ({2 * len(PROJECTIONS) * layers} tensors)": {
