@@ -14,6 +14,7 @@ from launch.train import parse
 from runtime import checkpoint
 from runtime.config import ConfigError
 from runtime.job import client_data, model_config, resolve_model_path
+from runtime.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +32,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     from runtime.local import run_local
-    from runtime.split import setup_logging
 
     setup_logging(0)
     run_local(cfg, data)
