@@ -191,6 +191,13 @@ MALLOC_KEEP_MAX_MB = 2047  # glibc's M_TRIM_THRESHOLD is a C int of bytes
 class RuntimeConfig:
     device: str = "auto"
     """auto (CUDA when every rank has a GPU, else CPU), cpu or cuda."""
+    server_gpu: str = "own"
+    """On a node with G >= 2 GPUs: own (the server, rank 0, gets cuda:0 to itself and the workers share
+    cuda:1..G-1 round-robin) or shared (every rank of the node round-robin on cuda:0..G-1). With one GPU
+    every rank shares it; workers on other nodes use all their node's GPUs (``runtime/placement.py``)."""
+    aggregation_backend: str = "auto"
+    """The adapter all-reduce: auto (NCCL when every rank has a GPU and no two ranks share one, else
+    gloo; NCCL refuses two ranks on one device), nccl (an error where that does not hold) or gloo."""
     rpc_timeout_s: float = 600.0
     """Timeout of one RPC (a training step's forward, an evaluation batch) and of the RPC shutdown."""
     round_timeout_s: float = 86400.0
@@ -485,6 +492,19 @@ def validate(cfg: Config) -> None:
         )
     _require(cfg.wire.dtype in WIRE_DTYPES, f"wire.dtype={cfg.wire.dtype!r}: use one of {list(WIRE_DTYPES)}")
     _require(rt.device in ("auto", "cpu", "cuda"), f"runtime.device={rt.device!r}: use auto, cpu or cuda")
+    _require(
+        rt.server_gpu in ("own", "shared"),
+        f"runtime.server_gpu={rt.server_gpu!r}: use own (the server gets a GPU of its own) or shared",
+    )
+    _require(
+        rt.aggregation_backend in ("auto", "nccl", "gloo"),
+        f"runtime.aggregation_backend={rt.aggregation_backend!r}: use auto, nccl or gloo",
+    )
+    _require(
+        not (rt.aggregation_backend == "nccl" and rt.device == "cpu"),
+        "runtime.aggregation_backend=nccl needs a GPU on every rank but runtime.device=cpu: use "
+        "runtime.aggregation_backend=auto or gloo, or runtime.device=cuda",
+    )
     for name in ("rpc_timeout_s", "round_timeout_s", "peer_timeout_s"):
         _require(getattr(rt, name) > 0, f"runtime.{name}={getattr(rt, name)}: must be > 0")
     _require(

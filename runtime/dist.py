@@ -2,19 +2,24 @@
 
 Rank 0 is the RPC worker ``server``; rank r >= 1 is ``client{r}``. The default process group is
 gloo and carries control traffic (object gathers, barriers): CUDA RPC and an NCCL barrier are
-known to deadlock. When every rank drives a GPU, the adapter all-reduce runs on an NCCL group.
+known to deadlock. Where each rank computes, whether the adapter all-reduce runs on an NCCL group
+(every rank on a GPU of its own) and the RPC device maps are decided by ``runtime.placement`` from
+what every rank reports over that gloo group; this module only gathers the reports and applies them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
+
+from runtime import placement as pl
 
 SERVER = "server"
 log = logging.getLogger("splitft")
@@ -31,8 +36,12 @@ class World:
     local_rank: int
     local_world_size: int
     device: torch.device
-    aggregation: dist.ProcessGroup | None  # NCCL group on GPUs; None means the default (gloo) group
+    aggregation: dist.ProcessGroup | None  # the NCCL group (``backend``); None means the default (gloo) group
     rpc_timeout_s: float
+    placement: pl.Placement | None = None
+    """Every rank's device, as decided at start-up (the same on every rank)."""
+    backend: pl.Backend | None = None
+    """The adapter all-reduce's backend and why."""
 
     @property
     def is_server(self) -> bool:
@@ -94,50 +103,74 @@ def init_method() -> str:
     return "splitft://" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "env://"
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
+def report(rank: int, requested: str) -> pl.RankReport:
+    """This rank's report for ``placement.place``: its node and how many GPUs it sees.
+
+    ``runtime.device=cpu`` asks CUDA nothing. The node is the host name plus CUDA_VISIBLE_DEVICES, so
+    two torchrun agents on one host that see the same GPUs count as one node (their ranks must not be
+    placed as if each had the GPUs to itself).
+    """
+    if requested == "cpu":
+        return pl.RankReport(rank, socket.gethostname(), 0)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "cuda" and gpus == 0:
         raise RuntimeError("runtime.device=cuda but this rank sees no CUDA device; use runtime.device=cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return pl.RankReport(rank, f"{socket.gethostname()}|{os.environ.get('CUDA_VISIBLE_DEVICES', '*')}", gpus)
+
+
+def pick_device(placement: pl.Placement, rank: int) -> torch.device:
+    """This rank's device from the world's placement."""
+    return torch.device(placement.device(rank))
 
 
 def start(
-    device_request: str, rpc_timeout_s: float, round_timeout_s: float, rpc_threads: int, transports: list[str]
+    device_request: str,
+    rpc_timeout_s: float,
+    round_timeout_s: float,
+    rpc_threads: int,
+    transports: list[str],
+    server_gpu: str = "own",
+    aggregation_backend: str = "auto",
 ) -> World:
     """Initialises the process group and RPC on this rank (call once, on every rank).
 
     Collectives get ``round_timeout_s`` (rank 0 waits in one while the clients train a round); one
     RPC gets ``rpc_timeout_s``. Neither is how a dead peer is noticed (``runtime.faults.Heartbeat``).
+    ``server_gpu`` and ``aggregation_backend`` are ``runtime.server_gpu`` and
+    ``runtime.aggregation_backend``; a backend that cannot hold raises ``placement.PlacementError`` (a
+    ``ConfigError``) on every rank alike, before any NCCL group or RPC exists.
     """
     rank, world_size, local_rank, local_world_size = env_world()
-    device = pick_device(device_request, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    mine = report(rank, device_request)
     timeout = timedelta(seconds=round_timeout_s)
-    # NCCL only if every rank has a GPU: agree first over a gloo group.
+    # Placement needs every rank's report: gather them over a gloo group first.
     dist.init_process_group(
         "gloo", init_method=init_method(), rank=rank, world_size=world_size, timeout=timeout
     )
-    flags = torch.tensor([1 if device.type == "cuda" else 0])
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    aggregation = None
-    if flags.item() == 1:
-        aggregation = dist.new_group(backend="nccl", timeout=timeout)
-    elif device.type == "cuda":
-        device = torch.device("cpu")  # a mixed GPU/CPU world computes on CPU everywhere
+    reports: list[pl.RankReport] = [None] * world_size  # type: ignore[list-item]
+    dist.all_gather_object(reports, mine)
+    placement = pl.place(reports, device_request, server_gpu)
+    backend = pl.choose_backend(placement, aggregation_backend)
+    device = pick_device(placement, rank)
+    if rank == 0:
+        log.info("placement: %s", placement.reason)
+        log.info("adapter aggregation on %s: %s", backend.name, backend.reason)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    aggregation = dist.new_group(backend="nccl", timeout=timeout) if backend.name == "nccl" else None
     options = rpc.TensorPipeRpcBackendOptions(
         num_worker_threads=rpc_threads,
         rpc_timeout=rpc_timeout_s,
         _transports=transports,
         init_method=init_method(),
     )
-    if device.type == "cuda" and rank != 0:
-        # Activations go straight GPU to GPU (the server, rank 0, is on cuda:0 of the first node);
-        # replies use the reverse map.
-        options.set_device_map(SERVER, {device.index: 0})
+    # Activations go straight from a worker's GPU to the server's; replies use the reverse map.
+    for target, device_map in pl.device_maps(placement, rank).items():
+        options.set_device_map(worker_name(target), device_map)
     rpc.init_rpc(worker_name(rank), rank=rank, world_size=world_size, rpc_backend_options=options)
-    return World(rank, world_size, local_rank, local_world_size, device, aggregation, rpc_timeout_s)
+    return World(
+        rank, world_size, local_rank, local_world_size, device, aggregation, rpc_timeout_s, placement, backend
+    )
 
 
 def gather_objects(world: World, obj: object) -> list[object]:
