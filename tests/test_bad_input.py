@@ -1,5 +1,5 @@
-"""Every bad input in the README's table: one clear message naming the problem and the fix, exit code 2,
-no traceback, and a checkpoint already in output_dir left exactly as it was.
+"""Every bad input in docs/bad-input.md's table: one clear message naming the problem and the fix, exit
+code 2, no traceback, and a checkpoint already in output_dir left exactly as it was.
 
 Most errors are found before any process group starts, so most rows call the launch entry point
 in this process with torchrun's environment (``RANK``, ``WORLD_SIZE``) set; a few go through the
