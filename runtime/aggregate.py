@@ -66,6 +66,8 @@ def aggregate(
 
 
 def _all_reduce(vec: torch.Tensor, device: torch.device, group: dist.ProcessGroup | None) -> torch.Tensor:
-    wire = vec.to(device=device, dtype=torch.float32)
+    """Sums ``vec`` over every rank: on ``device`` in the NCCL ``group``, on CPU in the default gloo group
+    (``group`` None, also where ranks share a GPU)."""
+    wire = vec.to(device=device if group is not None else torch.device("cpu"), dtype=torch.float32)
     dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group)
     return wire.double().cpu()

@@ -1,6 +1,6 @@
 """The client side of the split: embeddings + layers ``0..k-1`` with LoRA, its own data, its optimizer.
 
-One training step (the round protocol of runtime.split), two round trips::
+One training step (the train phase of runtime.protocol), two round trips::
 
     with dist_autograd.context() as ctx:
         h = encode(stage(input_ids))                           # layers 0..k-1 here, in wire.dtype
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -52,19 +52,11 @@ from runtime import faults
 from runtime.config import Config
 from runtime.dist import SERVER
 from runtime.job import ClientData, data_seed, make_optimizer, stage_kwargs
+from runtime.messages import ClientRound, CommBytes, Divergence, RoundStats
 from runtime.metrics import peak_rss_mb
 from runtime.progress import StepBar
 from runtime.server import merged_weights, replica_rref
 from runtime.simulate import Link, Throttle, vmdata_bytes
-
-COMM_KEYS = (
-    "activations_up",
-    "gradients_down",
-    "activations_down",
-    "gradients_up",
-    "adapters_up",
-    "adapters_down",
-)
 
 
 def nbytes(t: torch.Tensor | None) -> int:
@@ -85,7 +77,7 @@ class _Catch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         client = ctx.client
-        client.comm["gradients_down"] += nbytes(grad)
+        client.comm.gradients_down += nbytes(grad)
         client.link.delay(nbytes(grad))
         client.caught = grad
         return None, None
@@ -103,7 +95,7 @@ class _Inject(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _: torch.Tensor):
-        ctx.client.comm["gradients_up"] += nbytes(ctx.grad)
+        ctx.client.comm.gradients_up += nbytes(ctx.grad)
         ctx.client.link.delay(nbytes(ctx.grad))
         return ctx.grad, None, None
 
@@ -117,6 +109,37 @@ def server_payload(batch: dict[str, torch.Tensor], sent: torch.Tensor, u_shape: 
     if u_shape:
         return sent, mask
     return sent, mask, shift_targets(batch["labels"])
+
+
+@dataclass
+class _Forward:
+    """One step's forward across the cut: what its backward needs."""
+
+    wire: torch.Tensor  # the hidden states at the cut as sent (this stage's graph hangs from them)
+    loss: torch.Tensor
+    stats: torch.Tensor  # [target tokens, the server's stop flag]
+    compute_s: float  # client-side compute so far
+    back: torch.Tensor | None = None  # U-shape: the server's top hidden states, as they came back
+    arrived: torch.Tensor | None = None  # U-shape: their leaf on this side
+
+
+@dataclass
+class _Tally:
+    """A round's running figures."""
+
+    start: float
+    loss_sum: float = 0.0
+    tokens: float = 0.0
+    input_tokens: float = 0.0
+    step_losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    compute_s: list[float] = field(default_factory=list)
+
+    def add_step(self, loss: float, tokens: float, wall_s: float) -> None:
+        self.step_losses.append(loss)
+        self.loss_sum += loss * tokens
+        self.tokens += tokens
+        self.step_times.append(wall_s)
 
 
 class Client:
@@ -165,7 +188,7 @@ class Client:
         self.eval_set = eval_batches(
             data.eval_examples, data.eval_indices, cfg.train.eval_batch_size, data.pad_id
         )
-        self.comm: Counter = Counter()
+        self.comm = CommBytes()
         self.replica: rpc.RRef | None = None
         self.global_adapter: tuple[AdapterLayout, torch.Tensor] | None = None  # what evaluate measures
 
@@ -227,7 +250,7 @@ class Client:
         """stack: takes the merged weights of ``layers`` from the server (after a move or on resume)."""
         names = [s.name for s in layout.slots if s.layer in set(layers)]
         weights = rpc.rpc_sync(SERVER, merged_weights, args=(names,), timeout=self.timeout_s)
-        self.comm["adapters_down"] += sum(nbytes(t) for t in weights.values())
+        self.comm.adapters_down += sum(nbytes(t) for t in weights.values())
         modules = {n: m for model in self.models for n, m in lora_modules(model).items()}
         with torch.no_grad():
             for name, w in weights.items():
@@ -248,15 +271,13 @@ class Client:
 
     def train_round(
         self, steps: int, stop: Callable[[], bool], scorer: Sensitivity | None = None
-    ) -> dict | None:
-        """Runs ``steps`` split steps; returns the round's loss, token and timing figures, or None if a
-        stop was requested (checked before every step: this rank's signal, or the server's, which
-        comes back with every step's reply), or ``{"diverged": {step, loss}}`` at the first NaN or
-        infinite loss (nothing is stepped with it)."""
+    ) -> ClientRound:
+        """Runs ``steps`` split steps; returns the round's :class:`RoundStats`, or None if a stop was
+        requested (checked before every step: this rank's signal, or the server's, which comes back
+        with every step's reply), or a :class:`Divergence` at the first NaN or infinite loss (nothing
+        is stepped with it)."""
         optimizer = make_optimizer(self.params, self.cfg)
-        loss_sum = tokens = input_tokens = 0.0
-        step_times, step_losses, compute_times = [], [], []
-        start = time.perf_counter()
+        tally = _Tally(time.perf_counter())
         server_stopping = False
         bar = StepBar(f"client{self.rank} training", steps) if self.rank == 1 else None
         for step in range(1, steps + 1):
@@ -264,77 +285,94 @@ class Client:
                 return None
             t0 = time.perf_counter()
             cpu_batch = self.stream.next()
-            input_tokens += float(cpu_batch["attention_mask"].sum())  # on CPU: no device sync
+            tally.input_tokens += float(cpu_batch["attention_mask"].sum())  # on CPU: no device sync
             batch = self._to_device(cpu_batch)
             with dist_autograd.context() as ctx:
-                hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                wire = encode(hidden, self.wire_dtype)
-                # a leaf: the server's gradient for it lands in self.caught (none if no LoRA below the cut)
-                sent = _Catch.apply(wire.detach().requires_grad_(wire.requires_grad), self)
-                payload = server_payload(batch, sent, self.u_shape)
-                nsent = sum(nbytes(t) for t in payload)
-                compute_s = time.perf_counter() - t0  # on a GPU: queued kernels finish during the send
-                self.comm["activations_up"] += nsent
-                self.link.delay(nsent)
-                if self.u_shape:
-                    back, flag = self.replica.rpc_sync(timeout=self.timeout_s).u_forward(*payload)
-                    self.comm["activations_down"] += nbytes(back)
-                    self.link.delay(nbytes(back))
-                    t_tail = time.perf_counter()
-                    arrived = back.detach().requires_grad_()
-                    h2 = decode(arrived, self.wire_dtype, self.hidden_size, self.stage_dtype)
-                    logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
-                    loss, n_tokens = target_loss(logits, shift_targets(batch["labels"]))
-                    stats = torch.stack([n_tokens.double(), flag.double()])
-                else:
-                    loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload)
-                if not math.isfinite(float(loss.detach())):
-                    return {"diverged": {"step": step, "loss": float(loss.detach())}}
-                if self.u_shape:
-                    loss.backward()  # the tail's backward, here; arrived.grad goes up
-                    root = _Inject.apply(back, arrived.grad, self)
-                    compute_s += time.perf_counter() - t_tail
-                else:
-                    root = loss
-                self.caught = None
-                dist_autograd.backward(ctx, [root])  # the server's part; the gradient at the cut comes back
-                t_stage = time.perf_counter()
-                if self.caught is not None and self.caught.is_cuda:  # it came on RPC's stream
-                    torch.cuda.synchronize(self.caught.device)
-                if wire.requires_grad:
-                    wire.backward(self.caught)  # this stage's backward, here
-                self.caught = None
-                compute_times.append(compute_s + time.perf_counter() - t_stage)
+                fwd = self._forward(batch)
+                if not math.isfinite(float(fwd.loss.detach())):
+                    return Divergence(step=step, loss=float(fwd.loss.detach()))
+                tally.compute_s.append(self._backward(ctx, fwd))
                 # The server steps lazily (at its next forward): no call of its own, no wait here.
-                if scorer is not None:
-                    for model in self.models:
-                        scorer.update(named_lora_parameters(model))
-                optimizer.step()
-                for p in self.params:
-                    p.grad = None
-            n = float(stats[0])
-            step_losses.append(float(loss.detach()))
-            loss_sum += step_losses[-1] * n
-            tokens += n
-            server_stopping = bool(stats[1])
-            step_times.append(time.perf_counter() - t0)
+                self._step(optimizer, scorer)
+            tally.add_step(float(fwd.loss.detach()), float(fwd.stats[0]), time.perf_counter() - t0)
+            server_stopping = bool(fwd.stats[1])
             if bar is not None:
                 bar.update(step)
             faults.injector.hit("step", step)
-        return {
-            "steps": steps,
-            "train_loss": loss_sum / max(tokens, 1.0),
-            "train_tokens": tokens,
-            "input_tokens": input_tokens,
-            "train_time_s": time.perf_counter() - start,
-            "step_time_s": sorted(step_times)[len(step_times) // 2],
-            "compute_s": sorted(compute_times)[len(compute_times) // 2],
-            "step_losses": step_losses,
-            "peak_rss_mb": peak_rss_mb(),
-            "vmdata_mb": vmdata_bytes() / 2**20,  # what simulate.memory_limit_gb (RLIMIT_DATA) caps
-            "stage_param_mb": sum(stage_parameter_bytes(st) for st in (self.stage, self.tail) if st) / 2**20,
-            "lora_bytes": sum(nbytes(p) for p in self.params),  # the adapter this client holds
-        }
+        return self._round_stats(steps, tally)
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> _Forward:
+        """This stage's forward, the send across the cut and the server's forward (and, U-shaped, the
+        tail's forward here): the step's loss and ``stats`` = [target tokens, the server's stop flag]."""
+        t0 = time.perf_counter()
+        hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        wire = encode(hidden, self.wire_dtype)
+        # a leaf: the server's gradient for it lands in self.caught (none if no LoRA below the cut)
+        sent = _Catch.apply(wire.detach().requires_grad_(wire.requires_grad), self)
+        payload = server_payload(batch, sent, self.u_shape)
+        nsent = sum(nbytes(t) for t in payload)
+        compute_s = time.perf_counter() - t0  # on a GPU: queued kernels finish during the send
+        self.comm.activations_up += nsent
+        self.link.delay(nsent)
+        if not self.u_shape:
+            loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload)
+            return _Forward(wire, loss, stats, compute_s)
+        back, flag = self.replica.rpc_sync(timeout=self.timeout_s).u_forward(*payload)
+        self.comm.activations_down += nbytes(back)
+        self.link.delay(nbytes(back))
+        t_tail = time.perf_counter()
+        arrived = back.detach().requires_grad_()
+        h2 = decode(arrived, self.wire_dtype, self.hidden_size, self.stage_dtype)
+        logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
+        loss, n_tokens = target_loss(logits, shift_targets(batch["labels"]))
+        stats = torch.stack([n_tokens.double(), flag.double()])
+        return _Forward(wire, loss, stats, compute_s + time.perf_counter() - t_tail, back, arrived)
+
+    def _backward(self, ctx: int, fwd: _Forward) -> float:
+        """The server's backward (distributed autograd brings the gradient at the cut back), then this
+        stage's; returns the step's client-side compute time."""
+        compute_s = fwd.compute_s
+        if self.u_shape:
+            t_tail = time.perf_counter()
+            fwd.loss.backward()  # the tail's backward, here; arrived.grad goes up
+            root = _Inject.apply(fwd.back, fwd.arrived.grad, self)
+            compute_s += time.perf_counter() - t_tail
+        else:
+            root = fwd.loss
+        self.caught = None
+        dist_autograd.backward(ctx, [root])  # the server's part; the gradient at the cut comes back
+        t_stage = time.perf_counter()
+        if self.caught is not None and self.caught.is_cuda:  # it came on RPC's stream
+            torch.cuda.synchronize(self.caught.device)
+        if fwd.wire.requires_grad:
+            fwd.wire.backward(self.caught)  # this stage's backward, here
+        self.caught = None
+        return compute_s + time.perf_counter() - t_stage
+
+    def _step(self, optimizer: torch.optim.Optimizer, scorer: Sensitivity | None) -> None:
+        if scorer is not None:
+            for model in self.models:
+                scorer.update(named_lora_parameters(model))
+        optimizer.step()
+        for p in self.params:
+            p.grad = None
+
+    def _round_stats(self, steps: int, t: _Tally) -> RoundStats:
+        median = lambda xs: sorted(xs)[len(xs) // 2]
+        return RoundStats(
+            steps=steps,
+            train_loss=t.loss_sum / max(t.tokens, 1.0),
+            train_tokens=t.tokens,
+            input_tokens=t.input_tokens,
+            train_time_s=time.perf_counter() - t.start,
+            step_time_s=median(t.step_times),
+            compute_s=median(t.compute_s),
+            step_losses=t.step_losses,
+            peak_rss_mb=peak_rss_mb(),
+            vmdata_mb=vmdata_bytes() / 2**20,
+            stage_param_mb=sum(stage_parameter_bytes(st) for st in (self.stage, self.tail) if st) / 2**20,
+            lora_bytes=sum(nbytes(p) for p in self.params),
+        )
 
     @torch.no_grad()
     def evaluate(self) -> torch.Tensor:
@@ -348,7 +386,7 @@ class Client:
                     batch = self._to_device(batch)
                     hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                     payload = server_payload(batch, encode(hidden, self.wire_dtype), self.u_shape)
-                    self.comm["eval_activations_up"] += sum(nbytes(t) for t in payload)
+                    self.comm.eval_activations_up += sum(nbytes(t) for t in payload)
                     self.link.delay(sum(nbytes(t) for t in payload))
                     if not self.u_shape:
                         totals += self.replica.rpc_sync(timeout=self.timeout_s).evaluate(*payload).cpu()
@@ -364,8 +402,7 @@ class Client:
                 model.train()
         return totals
 
-    def take_comm(self) -> dict[str, int]:
+    def take_comm(self) -> CommBytes:
         """This round's byte counts (reset afterwards)."""
-        out = {k: int(self.comm.get(k, 0)) for k in (*COMM_KEYS, "eval_activations_up")}
-        self.comm.clear()
+        out, self.comm = self.comm, CommBytes()
         return out

@@ -219,5 +219,5 @@ class FaultInjector:
             os.kill(os.getpid(), sig)
 
 
-# Set once per process by runtime.split (the checkpoint writer and the server replicas consult it).
+# Set once per process by runtime.run (the checkpoint writer and the server replicas consult it).
 injector = FaultInjector(0, "")

@@ -1,6 +1,6 @@
 """What every role needs that involves no process group: paths, data shards, LoRA settings, optimizers.
 
-Both the split run (``runtime.split``) and the unsplit reference (``runtime.local``) build their
+Both the split run (``runtime.run``) and the unsplit reference (``runtime.local``) build their
 inputs here, so the two see the same data, order and LoRA initialisation.
 """
 

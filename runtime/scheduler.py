@@ -185,15 +185,17 @@ class Scheduler:
         )
         return predict(self.model, clients, server, self.cores, cuts)
 
-    def after_round(self, rnd: int, cuts: list[int], stats: list[dict], eval_loss: float) -> list[int] | None:
-        """The cuts for the next round if they change (``stats``: each client's round figures, in order).
+    def after_round(
+        self, rnd: int, cuts: list[int], measured: list[Measured], eval_loss: float
+    ) -> list[int] | None:
+        """The cuts for the next round if they change (``measured``: each client's round, in client order).
 
         Sets ``reason``: the rule that moved (``schedule``, ``revert``, ``speed`` or ``progress``) and
         what it saw, or, under ``adaptive``, why nothing moved.
         """
         self.reason = None
-        for history, s in zip(self.client_losses, stats):
-            history.append(float(s["train_loss"]))
+        for history, m in zip(self.client_losses, measured):
+            history.append(float(m.train_loss))
         schedule = self.cfg.split.schedule or {}
         if rnd in schedule:
             new = list(schedule[rnd])
@@ -204,16 +206,6 @@ class Scheduler:
         if self.adaptive is None:
             return None
         a, sp = self.adaptive, self.cfg.split
-        measured = [
-            Measured(
-                compute_s=s["compute_s"],
-                step_s=s["step_time_s"],
-                train_time_s=s["train_time_s"],
-                train_loss=s["train_loss"],
-                server_s=s.get("server_s"),
-            )
-            for s in stats
-        ]
         a.observe(cuts, measured, eval_loss)
         new = a.propose(rnd, cuts)
         trends = [loss_trend(h, sp.trend_window) for h in self.client_losses]

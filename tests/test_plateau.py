@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from partition.planner import ClientCosts, ServerCosts, max_cut, memory_need
+from partition.planner import ClientCosts, Measured, ServerCosts, max_cut, memory_need
 from partition.plateau import deepen_plateaued, loss_trend
 from tests.test_planner import A_CLIENT, A_MODEL, A_SERVER, round_time
 from tests.test_scheduler import _profile, _scheduler
@@ -55,16 +55,12 @@ def test_a_deeper_cut_must_stay_within_hysteresis_of_the_round_time():
     assert deepen_plateaued(A_MODEL, clients, server, {}, cuts, [0.0, 0.0], 0.02, cost * 0.9) == ([3, 4], [1])
 
 
-def _stats(loss: float, k: int, c: float = 0.1, s: float = 0.09) -> dict:
+def _stats(loss: float, k: int, c: float = 0.1, s: float = 0.09) -> Measured:
     """A round's figures for a client at cut ``k`` of 4: client layers c s, server layers s s, head 0.01 s."""
     server = s * (4 - k) + 0.01
-    return {
-        "compute_s": c * k,
-        "step_time_s": c * k + server + 0.02,
-        "train_time_s": 1.0,
-        "train_loss": loss,
-        "server_s": server,
-    }
+    return Measured(
+        compute_s=c * k, step_s=c * k + server + 0.02, train_time_s=1.0, train_loss=loss, server_s=server
+    )
 
 
 def _adaptive(random_model):

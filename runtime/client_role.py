@@ -1,0 +1,164 @@
+"""A client rank's role: its own data, the embeddings and layers ``0..k-1`` (``runtime.client``), its
+simulated resources (the protocol it plays its part in: ``runtime.protocol``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from models.aggregation import StackLayout
+from models.datasets import typical_seq_len
+from models.importance import Sensitivity
+from models.lora import lora_modules, write_adapter
+from runtime import dist, faults
+from runtime.client import Client
+from runtime.compute import ComputeThreads
+from runtime.config import Config
+from runtime.debug import dump_copies
+from runtime.job import ClientData, client_data, data_seed
+from runtime.messages import ClientReport, ClientRound, Divergence, RoundStats, RunState, Settled
+from runtime.metrics import CpuUsage
+from runtime.protocol import Plan, Role
+from runtime.simulate import Link, Throttle, apply_memory_limit
+
+log = logging.getLogger("splitft")
+
+
+class ClientRole(Role):
+    """Rank r >= 1: its own data, the embeddings and layers ``0..k-1``, its optimizer."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        world: dist.World,
+        stop: faults.StopSignals,
+        compute: ComputeThreads,
+        data: ClientData | None,
+    ):
+        super().__init__(cfg, world, stop, compute)
+        slowdown, memory_gb, bandwidth = cfg.simulate.for_client(world.rank - 1)
+        apply_memory_limit(memory_gb, world.device)
+        self.throttle, self.link = Throttle(slowdown, changing=cfg.simulate.changes), Link(bandwidth)
+        self.data = data or client_data(cfg, self.model_path, world.rank - 1, world.n_clients)
+        self.client: Client | None = None
+
+    # ------------------------------------------------------------------ start
+    def simulate_round(self, rnd: int) -> None:
+        """Applies the simulated slowdown and bandwidth a ``simulate`` schedule gives round ``rnd``."""
+        slowdown, _, bandwidth = self.cfg.simulate.for_client(self.world.rank - 1, rnd)
+        if (slowdown, bandwidth) != (self.throttle.factor, self.link.bandwidth_mbps):
+            log.info(
+                "round %d: simulated slowdown %g -> %g, bandwidth %s -> %s Mbit/s",
+                rnd,
+                self.throttle.factor,
+                slowdown,
+                self.link.bandwidth_mbps,
+                bandwidth,
+            )
+        self.throttle.set(slowdown)
+        self.link.bandwidth_mbps = bandwidth
+
+    def typical_seq_len(self) -> int:
+        d = self.data
+        return typical_seq_len(
+            d.examples, d.shard, self.cfg.train.batch_size, data_seed(self.cfg, self.world.rank - 1)
+        )
+
+    def build(self) -> None:
+        k, cut_rank = self.plan[self.world.rank]
+        self.client = Client(
+            self.world.rank,
+            k,
+            cut_rank,
+            self.cfg,
+            self.model_path,
+            self.spec,
+            self.data,
+            self.world.device,
+            self.throttle,
+            self.link,
+            self.caps[self.world.rank],
+        )
+
+    def n_samples(self) -> int:
+        return self.client.n_samples
+
+    def connect(self) -> None:
+        self.client.connect()
+
+    def load(self, flat: torch.Tensor, resume: RunState | None) -> None:
+        for model in self.client.models:
+            write_adapter(model, self.layout, flat)
+        if resume is not None:
+            self.client.stream.load_state_dict(resume.data_positions[self.world.rank])
+            if self.cfg.train.aggregation == "stack":
+                self.client.fetch_merged(self.layout, self.client.layers)
+
+    def holders(self) -> list[tuple[int, torch.nn.Module, float]]:
+        r = self.world.rank
+        return [(r, model, self.weights[r]) for model in self.client.models]
+
+    def show_global(self) -> None:
+        self.client.global_adapter = (self.layout, self.flat.to(self.world.device))
+
+    # ------------------------------------------------------------------ importance selection (HSplitLoRA)
+    def warmup(self) -> dict:
+        scorer = Sensitivity()
+        self.client.train_round(self.cfg.lora.warmup_steps, lambda: False, scorer)
+        self.client.take_comm()
+        return scorer.scores()
+
+    def relora(self) -> None:
+        self.client.relora(self.spec)
+
+    # ------------------------------------------------------------------ a round
+    def train(self) -> ClientRound:
+        usage = CpuUsage()
+        trained = self.client.train_round(self.cfg.train.local_steps, lambda: self.stop.requested)
+        if isinstance(trained, RoundStats):
+            trained.train_cores_used = usage.stop()["train_cores_used"]  # this process, while it trained
+        return trained
+
+    def settled(self, trained: ClientRound) -> Settled:
+        return Settled(
+            stopping=self.stop.requested or trained is None,
+            diverged=trained if isinstance(trained, Divergence) else None,
+        )
+
+    def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
+        self.client.merge(self.layout, stack, summed)
+
+    def merged_copy(self) -> dict[str, torch.Tensor]:
+        return {
+            name: m.get_base_layer().weight.detach().cpu().clone()
+            for model in self.client.models
+            for name, m in lora_modules(model).items()
+        }
+
+    def aggregated(self, nbytes: int) -> None:
+        c = self.client
+        c.comm.adapters_up += nbytes
+        c.comm.adapters_down += nbytes
+        c.link.delay(2 * nbytes)
+
+    def eval_totals(self) -> torch.Tensor:
+        return self.client.evaluate()
+
+    def report(self, trained: RoundStats) -> ClientReport:
+        return ClientReport(
+            stats=trained, comm=self.client.take_comm(), stream=self.client.stream.state_dict()
+        )
+
+    def move(self, new_plan: Plan) -> None:
+        k, cut_rank = new_plan[self.world.rank]
+        if k != self.client.cut:
+            self.client.move(k, cut_rank, self.layout, self.flat)
+
+    def dump_copies(self, folder: Path) -> None:
+        r = self.world.rank
+        copies = {f"client{r}": (self.client.stage.hf, self.weights[r])}
+        if self.client.tail is not None:
+            copies[f"client{r}_tail"] = (self.client.tail.hf, self.weights[r])
+        dump_copies(folder, copies)

@@ -1,0 +1,334 @@
+"""Rank 0's role: the shared frozen base, one LoRA replica per client, the scheduler, metrics and
+checkpoints (the protocol it plays its part in: ``runtime.protocol``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+
+from models.aggregation import StackLayout
+from models.importance import Sensitivity, allocate_ranks, combine, uniform_params
+from models.lora import AdapterLayout, LoraSpec, reducible, write_adapter
+from partition.planner import PlanError
+from runtime import checkpoint, dist, faults
+from runtime.checkpoint import CheckpointMismatch
+from runtime.compute import ComputeThreads
+from runtime.config import Config, fingerprint
+from runtime.debug import dump_copies
+from runtime.explain import describe_plan, describe_replan
+from runtime.messages import ClientReport, Decision, RunState, ServerReport, UserError
+from runtime.metrics import CpuUsage, MetricsWriter, header, peak_rss_mb, row
+from runtime.probe import ResourceProfile
+from runtime.progress import round_line
+from runtime.protocol import Evaluation, Plan, Role
+from runtime.record import RoundOutcome, metrics_row, run_state
+from runtime.scheduler import Scheduler, model_costs
+from runtime.server import Server, install
+from runtime.simulate import Throttle
+
+log = logging.getLogger("splitft")
+
+
+class ServerRole(Role):
+    """Rank 0: the shared frozen base, one LoRA replica per client, the scheduler, metrics and checkpoints."""
+
+    def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals, compute: ComputeThreads):
+        super().__init__(cfg, world, stop, compute)
+        self.ckpt_root = self.out / "checkpoint"
+        self.saver = checkpoint.Saver(self.ckpt_root, cfg.runtime.keep_checkpoints)
+        self.scheduler: Scheduler | None = None
+        self.server: Server | None = None
+        self.records: list[dict] = []
+        self.writer: MetricsWriter | None = None
+        self.round_calls: dict[int, dict[str, int]] = {}
+        self.usage: dict[str, float] = {}  # CpuUsage of the last round's training
+        self.fingerprint = fingerprint(cfg, world.n_clients)
+        # simulate.server_slowdown: hooked on the probe's layer and on every replica's layers
+        self.throttle = Throttle(cfg.simulate.for_server(1), changing=cfg.simulate.changes)
+
+    # ------------------------------------------------------------------ start
+    def simulate_round(self, rnd: int) -> None:
+        """Applies the server slowdown a ``simulate.server_slowdown`` schedule gives round ``rnd``."""
+        factor = self.cfg.simulate.for_server(rnd)
+        if factor != self.throttle.factor:
+            log.info("round %d: simulated server slowdown %g -> %g", rnd, self.throttle.factor, factor)
+        self.throttle.set(factor)
+
+    def first_round(self) -> int:
+        """The round this launch starts with: after the newest checkpoint's, where it will resume (read only
+        when a simulated speed follows a schedule; the full checks come in ``decide``)."""
+        if not self.cfg.simulate.changes or self.cfg.resume == "false":
+            return 1
+        found = checkpoint.latest(self.ckpt_root, adapter=False)
+        return found[0]["round"] + 1 if found else 1
+
+    def decide(self, profiles: list[ResourceProfile], seq: int) -> Decision | UserError:
+        """The plan and the resume state, or the user error that stops every rank."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "profiles.json").write_text(
+            json.dumps({str(r): p.to_dict() for r, p in enumerate(profiles)})
+        )
+        (self.out / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        try:
+            resume, flat = self.load_checkpoint()
+            costs = model_costs(
+                self.mcfg,
+                self.cfg,
+                self.full_layout,
+                seq,
+                max(p.activation_bytes for p in profiles[1:]),
+                self.world.n_clients,
+            )
+            self.scheduler = Scheduler(self.cfg, costs, profiles[1:], profiles[0], self.compute.threads)
+            if resume is None:
+                cuts = self.scheduler.initial()
+                plan = {r: (k, self.spec.r_cut) for r, k in enumerate(cuts, start=1)}
+                caps = {}
+                if self.cfg.lora.client_ranks == "auto":
+                    caps = dict(enumerate(self.scheduler.client_ranks(cuts), start=1))
+                    log.info("client ranks from memory (lora.client_ranks=auto): %s", caps)
+            else:
+                plan, caps = resume.plan, dict(resume.client_ranks)
+                self.scheduler.load_state_dict(resume.scheduler)
+        except (PlanError, CheckpointMismatch) as e:
+            return UserError.of(e)
+        self.records = list(resume.metrics) if resume else []
+        self.writer = MetricsWriter(self.out / "metrics.jsonl", self.records)
+        return Decision(plan, caps, resume, flat)
+
+    def load_checkpoint(self) -> tuple[RunState | None, torch.Tensor | None]:
+        """The newest complete checkpoint's state and adapter, per runtime.resume ((None, None): start)."""
+        if self.cfg.resume == "false":
+            return None, None
+        found = checkpoint.latest(self.ckpt_root)
+        if found is None:
+            if self.cfg.resume == "true":
+                raise CheckpointMismatch(
+                    f"runtime.resume=true but {str(self.ckpt_root)!r} holds no complete checkpoint: "
+                    "use runtime.resume=auto to start when there is none"
+                )
+            return None, None
+        state, flat = found
+        checkpoint.check_fingerprint(self.ckpt_root, state, self.fingerprint)
+        log.info("resuming after round %d from %s", state["round"], self.ckpt_root)
+        return RunState.from_json(state), flat
+
+    def build(self) -> None:
+        self.server = Server(
+            self.model_path,
+            self.cut_map,
+            self.spec,
+            self.world.device,
+            self.cfg,
+            lambda: self.stop.requested,
+            self.throttle,
+            self.compute,
+        )
+        self.server.layout = self.layout
+        if self.server.merging:
+            if self.cfg.model.dtype != "float32":
+                log.warning(
+                    "train.aggregation=stack merges every round's delta into %s weights, where a small "
+                    "delta can round away: model.dtype=float32 keeps it",
+                    self.cfg.model.dtype,
+                )
+            self.server.init_shadow(self.layout)
+            if self.resume:
+                self.server.load_merged(
+                    self.layout, checkpoint.merged_weights(self.ckpt_root, self.resume.round)
+                )
+        install(self.server)
+
+    def holders(self) -> list[tuple[int, torch.nn.Module, float]]:
+        return [(r, rep.stage.hf, self.weights[r]) for r, rep in sorted(self.server.replicas.items())]
+
+    def show_global(self) -> None:
+        for replica in self.server.replicas.values():
+            replica.global_adapter = (self.layout, self.flat.to(self.world.device))
+
+    def announce(self, counts: list[int]) -> None:
+        log.info(
+            "model %s (%s, %d layers); %d clients with %s training samples",
+            self.model_path,
+            self.mcfg.model_type,
+            self.mcfg.num_hidden_layers,
+            len(counts),
+            counts,
+        )
+        for line in describe_plan(self.scheduler, self.cuts):
+            log.info(line)
+
+    def load(self, flat: torch.Tensor, resume: RunState | None) -> None:
+        for _, model, _ in self.holders():
+            write_adapter(model, self.layout, flat)
+
+    def baseline(self, evaluation: Evaluation) -> None:
+        loss, acc, tokens = evaluation
+        log.info("before training: eval_loss %.4f, token accuracy %.4f", loss, acc)
+        (self.out / "baseline.json").write_text(
+            json.dumps({"eval_loss": loss, "eval_token_accuracy": acc, "eval_tokens": tokens})
+        )
+        log.info(header())
+
+    # ------------------------------------------------------------------ importance selection (HSplitLoRA)
+    def prepare_warmup(self) -> None:
+        for replica in self.server.replicas.values():
+            replica.scorer = Sensitivity()
+
+    def choose(self, scores: list[dict | None]) -> dict:
+        """Combines every chain's scores (client part + its replica's) and allocates the ranks."""
+        chains = []
+        for r, replica in sorted(self.server.replicas.items()):
+            replica.flush()
+            chains.append(({**scores[r], **replica.scorer.scores()}, self.weights[r]))
+            replica.scorer = None
+            replica.take_step_time()
+            replica.new_round()
+        combined = combine(chains)
+        shapes = {s.name: (s.in_features, s.out_features) for s in self.full_layout.slots}
+        suffix = lambda name: name.rsplit(".", 1)[-1]
+        reference = {n: v for n, v in shapes.items() if suffix(n) in self.reference_targets}
+        uniform = uniform_params(reference, self.spec.r)
+        budget = self.cfg.lora.budget * uniform
+        ranks = allocate_ranks(combined, shapes, budget, self.spec.r)
+        params = sum(r * sum(shapes[n]) for n, r in ranks.items())
+        chosen = {n: r for n, r in ranks.items() if r > 0}
+        log.info(
+            "importance selection: %d of %d weights, %d trainable parameters (budget %d = %.2f x uniform %d)",
+            len(chosen),
+            len(ranks),
+            params,
+            budget,
+            self.cfg.lora.budget,
+            uniform,
+        )
+        return {
+            "ranks": ranks,
+            "scores": combined,
+            "trainable_params": params,
+            "budget_params": budget,
+            "uniform_params": uniform,
+            "warmup_steps": self.cfg.lora.warmup_steps,
+        }
+
+    def relora(self) -> None:
+        for replica in self.server.replicas.values():
+            replica.relora(self.spec)
+        self.server.layout = self.layout
+        if self.server.merging:
+            self.server.init_shadow(self.layout)
+        (self.out / "selection.json").write_text(json.dumps(self.selection, indent=1))
+
+    # ------------------------------------------------------------------ a round
+    def predict(self):
+        return self.scheduler.predict(self.cuts)
+
+    def train(self) -> None:
+        self._usage = CpuUsage()  # what the server process and the host used while the clients trained
+        return None  # the replicas serve the clients' steps on RPC threads
+
+    def end_training(self) -> None:
+        for replica in self.server.replicas.values():
+            replica.flush()  # each client's last step, applied lazily
+        self.round_calls = {r: dict(rep.calls) for r, rep in self.server.replicas.items()}
+        self.usage = self._usage.stop()
+
+    def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:
+        self.server.merge(self.layout, stack, summed)
+
+    def merged_copy(self) -> dict[str, torch.Tensor]:
+        return self.server.merged_weights(self.layout, [s.name for s in self.layout.slots])
+
+    def aggregated(self, nbytes: int) -> None:
+        for replica in self.server.replicas.values():
+            replica.new_round()
+
+    def report(self, trained: None) -> ServerReport:
+        server_s = {r: rep.take_step_time() for r, rep in self.server.replicas.items()}
+        return ServerReport(peak_rss_mb=peak_rss_mb(), server_s=server_s)
+
+    def replan(self, rnd: int, reports: list, evaluation: Evaluation) -> Plan | None:
+        if rnd >= self.cfg.train.rounds:
+            return None
+        server: ServerReport = reports[0]
+        clients: list[ClientReport] = [reports[r] for r in sorted(self.cut_map)]
+        measured = [c.stats.measured(server.server_s[r]) for r, c in zip(sorted(self.cut_map), clients)]
+        cuts = self.scheduler.after_round(rnd, self.cuts, measured, evaluation[0])
+        if cuts is None:
+            return None
+        return {
+            r: self.plan[r] if k == self.cut_map[r] else (k, _cut_rank(self.layout, self.flat, k, self.spec))
+            for r, k in zip(sorted(self.cut_map), cuts)
+        }
+
+    def move(self, new_plan: Plan) -> None:
+        self.server.move({r: k for r, (k, _) in new_plan.items()}, self.plan, self.layout, self.flat)
+
+    def record(self, outcome: RoundOutcome) -> None:
+        """metrics.jsonl's line now; the adapter and the checkpoint on the saver's thread."""
+        now = time.perf_counter()
+        rec = metrics_row(self, outcome, elapsed=now - self.t_start, round_time=now - outcome.started)
+        self.writer.write(rec)
+        self.records.append(rec)
+        log.info(row(rec))
+        rnd = outcome.round
+        log.info(
+            round_line(
+                rnd, self.cfg.train.rounds, rec["elapsed_s"], [r["round_time_s"] for r in self.records]
+            )
+        )
+        new_cuts = (
+            None if outcome.new_plan is None else [outcome.new_plan[r][0] for r in sorted(self.cut_map)]
+        )
+        said = describe_replan(self.scheduler, rnd, self.cuts, new_cuts)
+        if said:
+            log.info(said)
+        if new_cuts is not None:
+            for line in describe_plan(self.scheduler, new_cuts)[1:]:
+                log.info(line)
+        export = None
+        if not self.server.merging:  # under stack the model is the merged weights (launch.export --merged)
+            export = checkpoint.prepare_export(
+                self.out, self.layout, self.flat, self.spec, self.mcfg, self.model_path, self.selection
+            )
+        state = run_state(self, outcome, elapsed=now - self.t_start)
+        merged = None
+        if self.server.merging:
+            merged = self.server.merged_weights(self.layout, [s.name for s in self.layout.slots])
+        # written while the next round trains; finish() and close() wait for it
+        self.saver.submit(rnd, self.flat, state.to_json(), merged, export)
+
+    # ------------------------------------------------------------------ the end
+    def dump_copies(self, folder) -> None:
+        dump_copies(
+            folder,
+            {f"server_for{r}": (rep.stage.hf, self.weights[r]) for r, rep in self.server.replicas.items()},
+        )
+
+    def finish(self) -> None:
+        self.saver.wait()  # the last round's checkpoint and adapter are on disk before the job ends
+        if self.cfg.runtime.debug:
+            (self.out / "debug" / "wire.json").write_text(
+                json.dumps(
+                    {
+                        r: {"received": sorted(rep.received), "sent": sorted(rep.sent)}
+                        for r, rep in self.server.replicas.items()
+                    },
+                    indent=1,
+                )
+            )
+
+    def close(self) -> None:
+        """Waits for the checkpoint in flight, so a stopped or failed run keeps its last complete round."""
+        try:
+            self.saver.wait()
+        except OSError as e:  # the run is ending for another reason: say it, do not hide that reason
+            log.error("%s", e)
+
+
+def _cut_rank(layout: AdapterLayout, flat: torch.Tensor, k: int, spec: LoraSpec) -> int:
+    """The reduced rank on a new cut layer where that changes nothing, else the full rank (models.moves)."""
+    return spec.r_cut if reducible(layout, flat, k - 1, spec.r_cut) else spec.r

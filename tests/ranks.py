@@ -1,0 +1,90 @@
+"""The ranks of a split run as processes of the test, on a ``TCPStore(port=0)`` the test holds: the
+round protocol with real RPC, distributed autograd and gloo, without torchrun's agent.
+
+Each rank is a spawned process that sets the environment torchrun would give it (rank, world size,
+the store's address, ``TORCHELASTIC_USE_AGENT_STORE``) and runs ``launch.train.main``, the entry
+point torchrun runs. The store plays torchrun's agent store: the ranks rendezvous on it under a
+prefix of their attempt (``runtime.dist``). Every rank has a timeout; none outlives the call.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Ranks:
+    """The exit code and log of every rank."""
+
+    codes: list[int | None]  # None: still running at the timeout (then killed)
+    logs: list[str]
+
+    @property
+    def log(self) -> str:
+        return "\n".join(f"--- rank {r}\n{text}" for r, text in enumerate(self.logs))
+
+
+def _rank_main(rank: int, world_size: int, port: int, run_id: str, argv: list[str], log_path: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        GROUP_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",
+        TORCHELASTIC_RUN_ID=run_id,
+        OMP_NUM_THREADS="1",
+    )
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.path.insert(0, str(REPO))
+    from launch.train import main
+
+    main(argv)
+
+
+def run_ranks(world_size: int, argv: list[str], log_dir: Path, timeout_s: float = 240) -> Ranks:
+    """Runs ``launch.train`` with ``argv`` on ``world_size`` ranks; returns when all have exited."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    run_id = uuid.uuid4().hex
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logs = [log_dir / f"rank{r}.log" for r in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_rank_main, args=(r, world_size, store.port, run_id, argv, str(logs[r])), daemon=True
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    killed = set()
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        for r, p in enumerate(procs):
+            if p.is_alive():
+                killed.add(r)
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(10)
+    del store
+    return Ranks(
+        codes=[None if r in killed else p.exitcode for r, p in enumerate(procs)],
+        logs=[path.read_text(errors="replace") if path.is_file() else "" for path in logs],
+    )

@@ -1,0 +1,164 @@
+"""The round protocol: its typed messages, and whole runs with the ranks as processes of the test on a
+``TCPStore(port=0)`` (tests/ranks.py), no torchrun.
+
+The runs are real (RPC, distributed autograd, gloo, the tiny Llama through ``from_pretrained``); they
+check what the protocol's phases decide across ranks: the plan or a user error from rank 0 at start,
+and a resume that continues exactly where the checkpoint was.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.tiny import generate_examples, write_jsonl
+from partition.planner import PlanError
+from runtime.faults import EXIT_USER_ERROR
+from runtime.messages import (
+    CommBytes,
+    Divergence,
+    RoundStats,
+    RunState,
+    Settled,
+    UserError,
+    first_divergence,
+)
+from tests.random_models import save_random_model
+from tests.ranks import run_ranks
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _stats(loss: float = 1.0) -> RoundStats:
+    return RoundStats(
+        steps=2,
+        train_loss=loss,
+        train_tokens=10.0,
+        input_tokens=12.0,
+        train_time_s=1.0,
+        step_time_s=0.5,
+        compute_s=0.2,
+        step_losses=[loss, loss],
+        peak_rss_mb=1.0,
+        vmdata_mb=1.0,
+        stage_param_mb=1.0,
+        lora_bytes=64,
+    )
+
+
+def test_the_first_diverged_rank_is_named_and_stops_count_only_without_one():
+    settled = [Settled(False), Settled(True), Settled(False, Divergence(3, float("nan"))), Settled(False)]
+    rank, d = first_divergence(settled)
+    assert (rank, d.step) == (2, 3)
+    assert first_divergence([Settled(True), Settled(False)]) is None
+
+
+def test_a_user_error_is_raised_as_its_own_class_on_every_rank():
+    e = UserError.of(PlanError("client 1 has 1 MB"))
+    raised = e.exception()
+    assert type(raised) is PlanError and str(raised) == "client 1 has 1 MB"
+
+
+def test_the_recorded_figures_are_the_contract_and_the_scheduler_gets_the_server_time():
+    s = _stats(0.7)
+    assert set(s.recorded()) == set(RoundStats.RECORDED) and "train_tokens" not in s.recorded()
+    m = s.measured(server_s=0.3)
+    assert (m.compute_s, m.step_s, m.train_loss, m.server_s) == (0.2, 0.5, 0.7, 0.3)
+    comm = CommBytes(activations_up=5, eval_activations_up=7)
+    assert comm.contract() == {
+        "activations_up": 5,
+        "gradients_down": 0,
+        "activations_down": 0,
+        "gradients_up": 0,
+        "adapters_up": 0,
+        "adapters_down": 0,
+    }
+
+
+def test_a_run_state_survives_its_json_with_client_keys_and_tuples():
+    state = RunState(
+        round=3,
+        elapsed_s=1.5,
+        fingerprint={"seed": 0},
+        plan={1: (2, 4), 2: (1, 8)},
+        next_plan={1: (3, 4), 2: (1, 8)},
+        scheduler={},
+        data_positions={1: {"epoch": 0, "pos": 4}, 2: {"epoch": 1, "pos": 0}},
+        selection=None,
+        client_ranks={2: 4},
+        metrics=[{"round": 1}],
+    )
+    text = json.dumps(state.to_json())
+    assert RunState.from_json(json.loads(text)) == state
+    assert json.loads(text)["plan"] == {"1": [2, 4], "2": [1, 8]}  # the checkpoint file's format
+
+
+# ---------------------------------------------------------------------- whole runs, ranks in the test
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("protocol")
+    model = save_random_model("llama", root / "model", n_layers=4, hidden=64)
+    write_jsonl(generate_examples("sort", 160, 0), root / "train.jsonl")
+    write_jsonl(generate_examples("sort", 32, 1), root / "eval.jsonl")
+    return {"model": str(model), "train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl")}
+
+
+def _argv(files: dict[str, str], out: Path, *extra: str) -> list[str]:
+    return [
+        str(REPO / "torchrun_configs/tiny_cpu.yaml"),
+        f"model.path={files['model']}",
+        f"data.train_path={files['train']}",
+        f"data.eval_path={files['eval']}",
+        f"output_dir={out}",
+        "data.min_samples=8",
+        "data.max_eval_samples=32",
+        "train.eval_batch_size=16",
+        "train.local_steps=3",
+        "split.cut_layers=[1,2]",
+        "runtime.rpc_timeout_s=120",
+        *extra,
+    ]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_run_continues_exactly_where_its_checkpoint_was(files, tmp_path):
+    """Two rounds, then a relaunch to three, against three in one go: the same losses and adapter. The
+    resume goes through every typed message: the run state, the plan decision, the data positions."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    first = run_ranks(3, _argv(files, whole, "train.rounds=3"), tmp_path / "logs-whole")
+    assert first.codes == [0, 0, 0], first.log[-6000:]
+    part = run_ranks(3, _argv(files, split, "train.rounds=2"), tmp_path / "logs-part")
+    assert part.codes == [0, 0, 0], part.log[-6000:]
+    rest = run_ranks(3, _argv(files, split, "train.rounds=3"), tmp_path / "logs-rest")
+    assert rest.codes == [0, 0, 0], rest.log[-6000:]
+    assert "resuming after round 2" in rest.logs[0]
+    a, b = _metrics(whole), _metrics(split)
+    assert [r["round"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert ra["eval_loss"] == rb["eval_loss"]
+        for c in ("1", "2"):
+            assert ra["clients"][c]["step_losses"] == rb["clients"][c]["step_losses"]
+            assert ra["comm_bytes"][c] == rb["comm_bytes"][c]
+    wa = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(split / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_plan_that_cannot_fit_is_decided_by_rank_0_and_raised_on_every_rank(files, tmp_path):
+    out = tmp_path / "mem"
+    res = run_ranks(
+        3, _argv(files, out, "split.policy=resource", "split.memory_headroom=1000000.0"), tmp_path / "logs"
+    )
+    assert res.codes == [EXIT_USER_ERROR] * 3, res.log[-6000:]
+    said = [line for text in res.logs for line in text.splitlines() if "plan error" in line]
+    assert len(said) == 1 and "client 1 has" in said[0] and "one layer needs" in said[0]
+    assert not (out / "metrics.jsonl").exists()
