@@ -127,7 +127,7 @@ def mb(x: float) -> str:
 
 
 def main() -> None:
-    from models.random_models import save_random_model
+    from tests.random_models import save_random_model
 
     tmp = Path(tempfile.mkdtemp(prefix="splitft-paper-"))
     t0 = time.perf_counter()

@@ -37,7 +37,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.stats import geometric_interval
-from models.random_models import save_random_model
+from tests.random_models import save_random_model
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results"

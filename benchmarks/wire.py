@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks.split_overhead import overrides, write_text_data
-from models.random_models import save_random_model
+from tests.random_models import save_random_model
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results" / "wire.json"

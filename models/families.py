@@ -34,6 +34,7 @@ class Family:
         [nn.Module, PretrainedConfig, torch.Tensor, torch.Tensor | None], dict[str, Any]
     ]
     head_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    fan_in_fan_out: bool = False  # the LoRA targets store their weight (in, out): GPT-2's Conv1D
 
 
 def get_module(model: nn.Module, path: str) -> Any:
@@ -75,7 +76,7 @@ def _llama_layer_inputs(
     types = _layer_types(config)
     if "sliding_attention" in types:
         inputs["masks"]["sliding_attention"] = create_sliding_window_causal_mask(
-            **_mask_kwargs(config, hidden, attention_mask, inputs["position_ids"])
+            *_mask_args(config, hidden, attention_mask, inputs["position_ids"])
         )
     inputs["layer_types"] = types
     inputs["position_embeddings"] = model.model.rotary_emb(hidden, inputs["position_ids"])
@@ -97,19 +98,16 @@ def _gpt2_embed(
     return t.drop(t.wte(input_ids) + t.wpe(position_ids))
 
 
-def _mask_kwargs(
+def _mask_args(
     config: PretrainedConfig,
     hidden: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor,
-) -> dict[str, Any]:
-    return {
-        "config": config,
-        "inputs_embeds": hidden,
-        "attention_mask": attention_mask,
-        "past_key_values": None,
-        "position_ids": position_ids,
-    }
+) -> tuple[Any, ...]:
+    """The mask builders' arguments, by position: their fourth parameter, the KV cache (a split run
+    has none), is ``past_key_values`` up to transformers 5.21 and ``cache`` from 5.24, where the old
+    keyword is deprecated (removal announced for 5.40). By position both take it."""
+    return (config, hidden, attention_mask, None, position_ids)
 
 
 def _plain_layer_inputs(
@@ -117,7 +115,7 @@ def _plain_layer_inputs(
 ) -> dict[str, Any]:
     """Causal mask and positions, built by transformers' own mask builder as the full model does."""
     position_ids = _positions(attention_mask, hidden.shape[1], hidden.device)
-    mask = create_causal_mask(**_mask_kwargs(config, hidden, attention_mask, position_ids))
+    mask = create_causal_mask(*_mask_args(config, hidden, attention_mask, position_ids))
     return {"masks": {"full_attention": mask}, "position_ids": position_ids}
 
 
@@ -176,6 +174,7 @@ FAMILIES["gpt2"] = Family(
     embed_fn=_gpt2_embed,
     layer_inputs_fn=_plain_layer_inputs,
     head_fn=_gpt2_head,
+    fan_in_fan_out=True,
 )
 FAMILIES["gpt_neo"] = Family(
     name="gpt_neo",

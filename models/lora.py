@@ -86,7 +86,7 @@ def lora_config(spec: LoraSpec, family: Family, ranks: dict[int, int] | None = N
             j = module_layer(name, family)
             if r > 0 and (ranks is None or j in ranks):
                 wanted[name] = min(r, ranks[j]) if ranks is not None else r
-        return module_lora_config(spec, wanted)
+        return module_lora_config(spec, family, wanted)
     ranks = {j: r for j, r in (ranks or {}).items() if r != spec.r}
     return LoraConfig(
         r=spec.r,
@@ -97,11 +97,12 @@ def lora_config(spec: LoraSpec, family: Family, ranks: dict[int, int] | None = N
         rank_pattern={_layer_pattern(family, j): r for j, r in ranks.items()},
         # Same alpha/r on every layer: zero-padding a small-rank copy then changes nothing.
         alpha_pattern={_layer_pattern(family, j): spec.scale * r for j, r in ranks.items()},
+        fan_in_fan_out=family.fan_in_fan_out,
         task_type="CAUSAL_LM",
     )
 
 
-def module_lora_config(spec: LoraSpec, ranks: Mapping[str, int]) -> LoraConfig:
+def module_lora_config(spec: LoraSpec, family: Family, ranks: Mapping[str, int]) -> LoraConfig:
     """A PEFT LoraConfig naming each module (full name) with its own rank; alpha/r stays ``spec.scale``."""
     key = lambda name: re.escape(name)
     return LoraConfig(
@@ -112,6 +113,7 @@ def module_lora_config(spec: LoraSpec, ranks: Mapping[str, int]) -> LoraConfig:
         bias="none",
         rank_pattern={key(n): r for n, r in ranks.items() if r != spec.r},
         alpha_pattern={key(n): spec.scale * r for n, r in ranks.items() if r != spec.r},
+        fan_in_fan_out=family.fan_in_fan_out,
         task_type="CAUSAL_LM",
     )
 
@@ -425,18 +427,6 @@ def read_adapter(model: nn.Module, layout: AdapterLayout, flat: torch.Tensor, we
             b[:, :r].add_(lb.detach().to(flat), alpha=weight)
 
 
-def export_peft_adapter(
-    layout: AdapterLayout,
-    flat: torch.Tensor,
-    spec: LoraSpec,
-    config: PretrainedConfig,
-    out_dir: str | Path,
-    base_model: str,
-) -> Path:
-    """Writes the global adapter in PEFT format; ``PeftModel.from_pretrained(base, out_dir)`` loads it."""
-    return write_peft_adapter(*peft_adapter(layout, flat, spec, config, base_model), out_dir)
-
-
 def peft_adapter(
     layout: AdapterLayout, flat: torch.Tensor, spec: LoraSpec, config: PretrainedConfig, base_model: str
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -448,7 +438,7 @@ def peft_adapter(
     if spec.module_ranks is None and all(len(r) == 1 for r in per_layer.values()):
         cfg = lora_config(spec, family, {j: r.pop() for j, r in per_layer.items()})
     else:  # per-weight ranks (a selection, or clients' own ranks): every module named with its rank
-        cfg = module_lora_config(spec, {s.name: s.rank for s in layout.slots})
+        cfg = module_lora_config(spec, family, {s.name: s.rank for s in layout.slots})
     cfg.base_model_name_or_path = base_model
     tensors = {}
     for s in layout.slots:

@@ -18,7 +18,7 @@ HIDDEN = 32
 @pytest.fixture(scope="session")
 def random_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``random_model(family, n_layers=4, hidden=32)``: a random checkpoint folder, saved once per session."""
-    from models.random_models import save_random_model
+    from tests.random_models import save_random_model
 
     root = tmp_path_factory.mktemp("random_models")
     cache: dict[tuple[str, int, int], Path] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from models.aggregation import (
@@ -27,8 +26,6 @@ from models.lora import (
     target_ranks,
 )
 from models.stages import build_stage, load_config
-
-pytestmark = [pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")]
 
 L = 4
 SPEC = LoraSpec(r=16, alpha=32.0, r_cut=8, targets=("q_proj", "v_proj", "up_proj"))

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.random_models import save_random_model
 from models.tiny import generate_examples, write_jsonl
+from tests.random_models import save_random_model
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT_S = 240
@@ -283,9 +283,9 @@ def test_dropout_checkpoint_split_matches_unsplit(tmp_path, setup, shape):
     """GPT-2 small and OPT-125m shapes carry dropout 0.1 (and here LoRA dropout 0.1 too): a one-client
     split run draws its masks below the cut from the client's generator and above it from the server's,
     and launch.train_local draws the same way for that cut, so the losses still match step for step."""
-    from models.random_models import save_checkpoint_shaped
     from runtime.config import load_config
     from runtime.local import run_local
+    from tests.random_models import save_checkpoint_shaped
 
     model = save_checkpoint_shaped(shape, tmp_path / "model")
     args = [

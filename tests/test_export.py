@@ -15,11 +15,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from models.export import save_merged
-from models.lora import LoraSpec, add_lora, build_layout, export_peft_adapter, write_adapter
-from models.random_models import save_checkpoint_shaped
+from models.lora import LoraSpec, add_lora, build_layout, peft_adapter, write_adapter, write_peft_adapter
 from models.stages import build_stage, full_model
 from runtime import checkpoint
 from runtime.config import fingerprint, load_config
+from tests.random_models import save_checkpoint_shaped
 
 REPO = Path(__file__).resolve().parent.parent
 N_LAYERS, CUT = 4, 2
@@ -69,7 +69,9 @@ def test_exported_adapter_and_merged_model_give_the_split_logits(shaped, tmp_pat
         split = server(hidden=client(input_ids=ids, attention_mask=mask), attention_mask=mask)
     real = mask.bool()
 
-    adapter = export_peft_adapter(layout, flat, spec, client.config, tmp_path / "adapter", str(model_dir))
+    adapter = write_peft_adapter(
+        *peft_adapter(layout, flat, spec, client.config, str(model_dir)), tmp_path / "adapter"
+    )
     peft = PeftModel.from_pretrained(full_model(model_dir), str(adapter)).eval()
     merged_dir = save_merged(model_dir, adapter, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
@@ -109,7 +111,7 @@ def _run_dir(tmp_path: Path, model_dir: Path) -> Path:
     spec = lora_spec(cfg, mcfg)
     layout = build_layout(mcfg, spec, [CUT])
     flat = torch.randn(layout.numel, generator=torch.Generator().manual_seed(2)) * 0.05
-    export_peft_adapter(layout, flat, spec, mcfg, out / "adapter", str(model_dir))
+    write_peft_adapter(*peft_adapter(layout, flat, spec, mcfg, str(model_dir)), out / "adapter")
     checkpoint.save(out / "checkpoint", 2, flat, {"round": 2, "fingerprint": fingerprint(cfg, 1)}, keep=2)
     return out
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from peft import PeftModel
 
@@ -13,18 +12,17 @@ from models.lora import (
     LoraSpec,
     build_layout,
     candidate_targets,
-    export_peft_adapter,
     inject_layers,
     lora_modules,
     lora_parameters,
     named_lora_parameters,
+    peft_adapter,
     target_ranks,
     with_selection,
+    write_peft_adapter,
 )
 from models.loss import mean_loss
 from models.stages import build_stage, full_model, load_config
-
-pytestmark = [pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")]
 
 
 def test_sensitivity_scores_every_trained_weight_after_the_first_step(random_model):
@@ -95,7 +93,7 @@ def test_a_selection_is_a_plain_peft_adapter_with_per_weight_ranks(random_model,
     }
     g = torch.Generator().manual_seed(1)
     flat = torch.randn(layout.numel, generator=g) * 0.1
-    out = export_peft_adapter(layout, flat, spec, config, tmp_path / "a", base_model=str(path))
+    out = write_peft_adapter(*peft_adapter(layout, flat, spec, config, str(path)), tmp_path / "a")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == sorted(n for n, r in ranks.items() if r)
     from models.lora import write_adapter

@@ -16,20 +16,16 @@ from models.lora import (
     LoraSpec,
     add_lora,
     build_layout,
-    export_peft_adapter,
     initial_adapter,
     lora_modules,
     lora_parameters,
     module_layer,
+    peft_adapter,
     read_adapter,
     write_adapter,
+    write_peft_adapter,
 )
 from models.stages import build_stage, full_model, load_config
-
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-]
 
 L = 4  # the random_model fixture's default depth
 R, R_CUT, ALPHA = 8, 2, 16.0
@@ -265,7 +261,7 @@ def test_exported_adapter_matches_split_stages(random_model, tmp_path, family):
     flat = torch.zeros(layout.numel)
     read_adapter(client.hf, layout, flat, 1.0)
     read_adapter(server.hf, layout, flat, 1.0)
-    out = export_peft_adapter(layout, flat, spec, config, tmp_path / "adapter", base_model=str(path))
+    out = write_peft_adapter(*peft_adapter(layout, flat, spec, config, str(path)), tmp_path / "adapter")
 
     base = full_model(path).eval()
     ids = torch.randint(4, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -294,6 +290,6 @@ def test_export_has_no_rank_pattern_when_cuts_differ(random_model, tmp_path):
     spec, config = _spec("llama"), load_config(random_model("llama"))
     layout = build_layout(config, spec, [1, 3])  # every layer has a holder at full rank
     flat = initial_adapter(layout, 0)
-    out = export_peft_adapter(layout, flat, spec, config, tmp_path, base_model=str(path))
+    out = write_peft_adapter(*peft_adapter(layout, flat, spec, config, str(path)), tmp_path)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["rank_pattern"] == {} and cfg["alpha_pattern"] == {}

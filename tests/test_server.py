@@ -98,6 +98,6 @@ def test_the_optimizer_is_fused_adamw_and_steps_as_the_per_tensor_loop_does(rand
             q.grad = p.grad.clone()
         fused.optimizer.step()
         reference.step()
-    assert all(float((p - p0).abs().mean()) > 1e-3 for p, p0 in zip(fused.params, start))  # each moved
+    assert all((p - p0).abs().mean().item() > 1e-3 for p, p0 in zip(fused.params, start))  # each moved
     for p, q in zip(fused.params, loop.params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

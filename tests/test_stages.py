@@ -8,9 +8,11 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from models.families import FAMILIES
+from models.families import FAMILIES, _layer_types
 from models.stages import build_stage, full_model
+from tests.random_models import random_config
 
 FAMILY_NAMES = tuple(FAMILIES)
 N_LAYERS = 4  # the random_model fixture's default depth
@@ -72,6 +74,40 @@ def test_client_then_server_equals_full_model(stage, reference, family, k):
     assert logits.shape == expected.shape
     real = mask.bool()
     torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    ("family", "window"),
+    [
+        ("mistral", {"sliding_window": 8}),  # every layer slides
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}),  # 2 of 4
+    ],
+)
+def test_sliding_window_layers_equal_the_full_model(tmp_path, family, window, attn):
+    """A window (8) shorter than the batch (20): the stages build the sliding-window mask the full
+    model builds, on layers that slide and, for Qwen2, next to full-attention layers."""
+    base = random_config(family, n_layers=N_LAYERS, hidden=32)
+    fields = {k: v for k, v in base.to_dict().items() if k != "layer_types"}  # derived from the window
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(type(base)(**{**fields, **window}))
+    assert "sliding_attention" in _layer_types(model.config)
+    model.save_pretrained(tmp_path)
+    ids, mask = _batch(base.vocab_size)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = full_model(tmp_path, attn_implementation=attn).eval()(input_ids=ids, attention_mask=mask)
+        for k in range(1, N_LAYERS):
+            client = build_stage(tmp_path, 0, k, attn_implementation=attn).eval()
+            server = build_stage(tmp_path, k, N_LAYERS, attn_implementation=attn).eval()
+            logits = server(hidden=client(input_ids=ids, attention_mask=mask), attention_mask=mask)
+            torch.testing.assert_close(logits[real], expected.logits[real], atol=1e-5, rtol=0)
+        # The window acts: the same weights attending to every earlier token differ past position 8.
+        unwindowed = AutoModelForCausalLM.from_config(type(base)(**fields), attn_implementation=attn)
+        unwindowed.load_state_dict(model.state_dict())
+        plain = unwindowed.eval()(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(plain[0, :8], expected.logits[0, :8], atol=1e-5)
+    assert (plain[0, 9:] - expected.logits[0, 9:]).abs().max() > 1e-4
 
 
 def test_padding_is_honoured(stage, reference):

@@ -108,7 +108,7 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--one":
         print(json.dumps(measure(sys.argv[2], sys.argv[3])))
         return
-    from models.random_models import save_random_model
+    from tests.random_models import save_random_model
 
     tmp = Path(tempfile.mkdtemp(prefix="splitft-omp-"))
     model = save_random_model("llama", tmp / "model", n_layers=8, hidden=512, heads=8, max_len=256)

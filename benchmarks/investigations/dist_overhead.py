@@ -30,7 +30,7 @@ from pathlib import Path
 from benchmarks.investigations.split_interleaved import OUT, Job, interleave, round_rates
 from benchmarks.split_overhead import HIDDEN, LAYERS, SEQ, overrides, write_text_data
 from benchmarks.stats import interval
-from models.random_models import save_random_model
+from tests.random_models import save_random_model
 
 ROUNDS, REPEATS = 12, 2
 VARIANTS = ("runtime_world", "gloo_world")

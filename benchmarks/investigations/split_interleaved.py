@@ -36,7 +36,7 @@ import psutil
 
 from benchmarks.split_overhead import BATCH, HIDDEN, LAYERS, SEQ, overrides, torchrun, write_text_data
 from benchmarks.stats import interval
-from models.random_models import save_random_model
+from tests.random_models import save_random_model
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "benchmarks" / "investigations" / "results"

@@ -39,10 +39,10 @@ from benchmarks.split_overhead import BATCH, HIDDEN, LAYERS, SEQ
 from benchmarks.stats import interval
 from models.lora import LoraSpec, add_lora, lora_parameters
 from models.loss import target_loss
-from models.random_models import save_random_model
 from models.stages import build_stage
 from runtime.config import RuntimeConfig
 from runtime.job import tune_malloc
+from tests.random_models import save_random_model
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "benchmarks" / "investigations" / "results"
