@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
+from runtime import codec
 from runtime import placement as pl
 
 SERVER = "server"
@@ -147,8 +148,7 @@ def start(
     dist.init_process_group(
         "gloo", init_method=init_method(), rank=rank, world_size=world_size, timeout=timeout
     )
-    reports: list[pl.RankReport] = [None] * world_size  # type: ignore[list-item]
-    dist.all_gather_object(reports, mine)
+    reports: list[pl.RankReport] = _all_gather(mine, world_size)
     placement = pl.place(reports, device_request, server_gpu)
     backend = pl.choose_backend(placement, aggregation_backend)
     device = pick_device(placement, rank)
@@ -174,15 +174,40 @@ def start(
 
 
 def gather_objects(world: World, obj: object) -> list[object]:
-    out: list[object] = [None] * world.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    """Every rank's ``obj``, in rank order, on every rank (a control message: ``runtime.codec``)."""
+    return _all_gather(obj, world.world_size)
 
 
 def broadcast_object(world: World, obj: object) -> object:
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    """Rank 0's ``obj`` on every rank (a control message: ``runtime.codec``; other ranks' is ignored)."""
+    size = torch.zeros(1, dtype=torch.int64)
+    data = None
+    if dist.get_rank() == 0:
+        data = _bytes_tensor(codec.encode(obj))
+        size[0] = data.numel()
+    dist.broadcast(size, src=0)
+    if data is None:
+        data = torch.empty(int(size[0]), dtype=torch.uint8)
+    dist.broadcast(data, src=0)
+    return codec.decode(data.numpy().tobytes())
+
+
+def _all_gather(obj: object, world_size: int) -> list[object]:
+    """Control messages travel as JSON in byte tensors on the default (gloo) group, never pickled:
+    no rank unpickles what a peer sends. Two all-gathers: the sizes, then the padded payloads."""
+    data = _bytes_tensor(codec.encode(obj))
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64))
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: data.numel()] = data
+    out = [torch.empty(longest, dtype=torch.uint8) for _ in range(world_size)]
+    dist.all_gather(out, padded)
+    return [codec.decode(t[: int(n)].numpy().tobytes()) for t, n in zip(out, sizes)]
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def barrier(world: World) -> None:
