@@ -5,7 +5,7 @@ threads for every thread that starts a parallel op. While the workers it manages
 process's cores, it stops letting idle workers spin (100 spins instead of about 3 ms) and puts them
 to sleep after every op, so every op then pays a wake-up. One such extra team is enough: at two
 intra-op threads on two cores, an idle second team costs a training step about 10% (1.81 of 2 cores
-busy instead of 1.98; ``python -m benchmarks.compute_thread``, benchmarks/RESULTS.md section 8).
+busy instead of 1.98; ``python -m benchmarks.investigations.compute_thread``, docs/performance.md).
 
 A split process has several threads that compute unless told otherwise: distributed autograd runs a
 backward on its own thread pool, RPC requests arrive on a pool of 16, and the main thread does the

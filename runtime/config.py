@@ -229,7 +229,7 @@ class RuntimeConfig:
     """glibc malloc: freed memory up to this many MiB stays in the process for the next step instead of
     going back to the OS, and blocks up to 32 MiB come from its heaps (0: glibc's dynamic thresholds).
     Without it the server, computing on a thread of its own, page-faulted 90,000-135,000 pages a round
-    back in, with it 1,000-8,000 (benchmarks/RESULTS.md section 1). Peak memory is unchanged; memory
+    back in, with it 1,000-8,000 (docs/performance.md). Peak memory is unchanged; memory
     freed after the peak is not returned."""
     intra_op_threads: int = 0
     """torch intra-op threads per process (0: cores / processes on this node)."""

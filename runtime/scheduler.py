@@ -38,7 +38,7 @@ from runtime.probe import ResourceProfile
 
 # A client's memory grows by about this many times the bytes one layer saves for backward: the
 # saved tensors, their gradients during the backward, and allocator slack (VmData measured at
-# 3.0x on CPU in benchmarks/RESULTS.md, "memory model").
+# 3.0x on CPU).
 ACTIVATION_FACTOR = 3.0
 
 
