@@ -5,14 +5,17 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The versions CI tests with. To opt out and take the newest releases pyproject.toml allows, set it
+# empty on a fresh .venv:   rm -rf .venv && make CONSTRAINTS= setup
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo test setup lint clean
+.PHONY: demo test setup lint clean constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	# torch first and pinned: the CPU build; a bare "torch" would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -27,6 +30,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Rewrites constraints.txt from what .venv holds (after upgrading a package there on purpose); it
+# installs nothing first, which would put the pinned versions back.
+constraints:
+	grep '^#' constraints.txt > constraints.txt.new
+	$(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//' >> constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf runs .cache
