@@ -34,6 +34,9 @@ from runtime.config import (
 from runtime.faults import EXIT_USER_ERROR
 from runtime.job import client_data, load_tokenizer, lora_spec, model_config, resolve_model_path
 
+# What a bad config, model folder or data file raises while it is checked (launch.run checks with these too).
+INPUT_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+
 
 def parse(argv: list[str]) -> Config:
     if not argv or argv[0] in ("-h", "--help"):
@@ -78,14 +81,15 @@ def check_device(cfg: Config) -> None:
         )
 
 
-def check(cfg: Config, world_size: int) -> Path:
+def check(cfg: Config, world_size: int, output_dir: bool | None = None) -> Path:
     """What every rank can check before a process group exists: config, output_dir, device, model (a
     supported causal LM with weights and a tokenizer), LoRA targets.
 
+    ``output_dir``: whether to check it (default: on rank 0 only, which reads and writes it).
     Returns the model folder (``builtin:tiny`` built if needed).
     """
     check_world_size(world_size)
-    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 reads and writes output_dir
+    if int(os.environ.get("RANK", "0")) == 0 if output_dir is None else output_dir:
         check_output_dir(cfg, world_size - 1)
     check_device(cfg)
     model_path = resolve_model_path(cfg)
@@ -99,13 +103,14 @@ def check(cfg: Config, world_size: int) -> Path:
 def user_error(kind: str, error: Exception, say: bool) -> SystemExit:
     """One line on stderr (from one rank) and in torchrun's error file, no traceback: relaunching will
     not help, the user has to change something. torchrun's failure summary shows the line where it
-    would show a worker's traceback."""
-    if say:
-        print(f"{kind} error: {error}", file=sys.stderr)
+    would show a worker's traceback. Under launch.run (SPLITFT_FRONT_DOOR set) no rank prints it: the
+    front door prints the first failed rank's error file, once."""
+    message = f"{kind} error: {error}"
+    if say and not os.environ.get("SPLITFT_FRONT_DOOR"):
+        print(message, file=sys.stderr)
     # Every rank has the same error and puts it in its error file: torchrun's summary shows the first
     # rank to fail, and torchrun stops the others at once, so the rank that says it may not get the
     # chance (a rank with less to check often fails first). The line on stderr is printed once.
-    message = str(error)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         info = {"py_callstack": message, "timestamp": str(int(time.time()))}
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse(sys.argv[1:] if argv is None else argv)
         model_path = check(cfg, world_size)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except INPUT_ERRORS as e:
         raise user_error("config", e, rank == 0) from None  # every rank sees the same error: say it once
     data = None
     if rank > 0:
@@ -128,12 +133,13 @@ def main(argv: list[str] | None = None) -> None:
         # before the process group starts makes a bad line stop the run at once.
         try:
             data = client_data(cfg, model_path, rank - 1, world_size - 1)
-        except (ConfigError, FileNotFoundError, ValueError) as e:
+        except INPUT_ERRORS as e:
             # clients read the same files and compute the same partition: one says it
             raise user_error("data", e, rank == 1) from None
     from partition.planner import PlanError
     from runtime.checkpoint import CheckpointMismatch
-    from runtime.split import Diverged, run
+    from runtime.messages import Diverged
+    from runtime.run import run
 
     try:
         run(cfg, data)
@@ -143,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         raise user_error("training", e, rank == 0) from None
     except CheckpointMismatch as e:
         raise user_error("checkpoint", e, rank == 0) from None
+    except ConfigError as e:  # a placement the cluster cannot take (runtime.aggregation_backend=nccl)
+        raise user_error("config", e, rank == 0) from None
 
 
 if __name__ == "__main__":
