@@ -113,3 +113,133 @@ def test_cli_prints_the_table_and_where_the_plots_are(run_dir, tmp_path):
         text=True,
     )
     assert res.returncode == 2 and "no metrics.jsonl" in res.stderr and "Traceback" not in res.stderr
+
+
+def _draw(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+
+
+def test_cut_plot_has_whole_layer_ticks_and_no_line_hides_another(run_dir):
+    from launch.report import load
+
+    fig = figures(*load(run_dir))["cuts"]
+    _draw(fig)
+    (ax,) = fig.axes
+    ticks = [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    assert ticks and all(t == int(t) for t in ticks)  # no 2.25 for a layer
+    lines = ax.get_lines()
+    assert len({line.get_marker() for line in lines}) == len(CLIENTS)
+    # Round 3: clients 1 and 2 both cut at 2. The data stay exact; the drawn lines sit apart.
+    one, two = lines[0], lines[1]
+    assert one.get_ydata()[2] == two.get_ydata()[2] == 2
+    y_one = one.get_transform().transform((3, 2))[1]
+    y_two = two.get_transform().transform((3, 2))[1]
+    assert abs(y_one - y_two) >= 3  # pixels at 100 dpi (3 points apart)
+
+
+def test_cut_plot_shows_each_round_s_participants_only(run_dir):
+    """A round's cut_layers holds only the clients that trained in it: an absent client leaves a gap,
+    and coming back at its old cut is not a move."""
+    from launch.report import load, summary
+
+    rounds = [
+        _record(1, {"1": 3, "2": 2, "3": 1}),
+        {**_record(2, {"1": 3, "2": 2}), "participants": ["1", "2"]},
+        {**_record(3, {"1": 2, "3": 1}), "participants": ["1", "3"]},
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    records, baseline = load(run_dir)
+    (ax,) = figures(records, baseline)["cuts"].axes
+    one, two, three = (list(line.get_ydata()) for line in ax.get_lines())
+    assert one == [3, 3, 2]
+    assert two[:2] == [2, 2] and np.isnan(two[2])
+    assert three[0] == 1 and np.isnan(three[1]) and three[2] == 1
+    text = summary(records, baseline, [])
+    assert "[3, 2, 1] in round 1, [2, -, 1] in round 3; moved before round(s) [3]" in text
+
+
+def _run(root: Path, name: str, step: float, seconds: float, **overrides: str) -> Path:
+    """A synthetic run: eval loss 1.9 - step x round, ``seconds`` a round, its run_config.json."""
+    from runtime.config import load_config
+
+    out = root / name
+    out.mkdir()
+    rounds = []
+    for rnd in (1, 2, 3):
+        r = _record(rnd, {"1": 2, "2": 2, "3": 1})
+        rounds.append({**r, "eval_loss": 1.9 - step * rnd, "elapsed_s": seconds * rnd})
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    args = [f"output_dir={out}", *(f"{k}={v}" for k, v in overrides.items())]
+    (out / "run_config.json").write_text(json.dumps(load_config(None, args).to_dict()))
+    return out
+
+
+def test_runs_are_compared_and_labelled_by_what_differs(tmp_path):
+    from launch.report import write_comparison
+
+    fixed = _run(tmp_path, "a", 0.2, 10.0, **{"split.policy": "fixed"})
+    adaptive = _run(tmp_path, "b", 0.1, 5.0, **{"split.policy": "adaptive"})
+    path, table = write_comparison([fixed, adaptive], tmp_path / "cmp")
+    # Target: the lowest loss both reach (b's best, 1.6); a reaches it in round 2, b in round 3.
+    rows = table.splitlines()
+    assert "time to eval loss 1.6000" in rows[0]
+    assert rows[2] == f"| split.policy=fixed | {fixed} | 3 | 1.3000 | 20.0 s (round 2) | 90.0 |"
+    assert rows[3] == f"| split.policy=adaptive | {adaptive} | 3 | 1.6000 | 15.0 s (round 3) | 90.0 |"
+    text = path.read_text()
+    assert "differ in: `split.policy`" in text and table in text
+    for name in ("loss", "bytes"):
+        png = tmp_path / "cmp" / f"{name}.png"
+        with Image.open(png) as img:
+            assert img.format == "PNG" and len(np.unique(np.asarray(img.convert("L")))) > 20
+        assert f"![{name}]({name}.png)" in text
+    _, table = write_comparison([fixed, adaptive], tmp_path / "cmp", target=1.4)
+    assert [row.split(" | ")[4] for row in table.splitlines()[2:]] == ["30.0 s (round 3)", "not reached"]
+
+
+def test_comparison_figures_overlay_each_run(tmp_path):
+    from launch.report import Run, compare_figures, label_runs, load
+
+    paths = [_run(tmp_path, "a", 0.2, 10.0, **{"train.aggregation": "fedavg"})]
+    paths.append(_run(tmp_path, "b", 0.1, 5.0, **{"train.aggregation": "stack"}))
+    runs = [Run(p, load(p)[0], json.loads((p / "run_config.json").read_text())) for p in paths]
+    assert label_runs(runs) == ["train.aggregation"]
+    figs = compare_figures(runs)
+    by_round, by_time = figs["loss"].axes
+    labels = ["train.aggregation=fedavg", "train.aggregation=stack"]
+    for ax in (by_round, by_time):
+        assert [line.get_label() for line in ax.get_lines()] == labels
+    assert list(by_round.get_lines()[1].get_xdata()) == [1, 2, 3]
+    assert list(by_time.get_lines()[1].get_xdata()) == [5.0, 10.0, 15.0]
+    assert list(by_time.get_lines()[0].get_ydata()) == pytest.approx([1.7, 1.5, 1.3])
+    (ax,) = figs["bytes"].axes
+    assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([30.0, 30.0, 30.0])  # 3 clients x 10 MB
+
+
+def test_runs_with_nothing_to_tell_apart_are_labelled_by_folder(tmp_path):
+    from launch.report import Run, label_runs, load
+
+    same = [_run(tmp_path, name, 0.1, 5.0) for name in ("first", "second")]
+    local = tmp_path / "local"  # an unsplit train_local run writes no run_config.json
+    local.mkdir()
+    (local / "metrics.jsonl").write_text(json.dumps(_record(1, {})) + "\n")
+    runs = [Run(p, load(p)[0], None) for p in [local]]
+    runs += [Run(p, load(p)[0], json.loads((p / "run_config.json").read_text())) for p in same]
+    assert label_runs(runs) == []
+    assert [r.label for r in runs] == ["local", "first", "second"]
+
+
+def test_cli_compares_runs_into_out(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    a = _run(tmp_path, "a", 0.2, 10.0, **{"split.policy": "fixed"})
+    b = _run(tmp_path, "b", 0.1, 5.0, **{"split.policy": "adaptive"})
+    cmd = [sys.executable, "-m", "launch.report", str(a), str(b)]
+    res = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "cmp")], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert "| split.policy=fixed |" in res.stdout and str(tmp_path / "cmp" / "compare.md") in res.stdout
+    assert (tmp_path / "cmp" / "compare.md").is_file()
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and "needs --out" in res.stderr and "Traceback" not in res.stderr
