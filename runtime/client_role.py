@@ -18,7 +18,7 @@ from runtime.compute import ComputeThreads
 from runtime.config import Config
 from runtime.debug import dump_copies
 from runtime.job import ClientData, client_data, data_seed
-from runtime.messages import ClientReport, ClientRound, Divergence, RoundStats, RunState, Settled
+from runtime.messages import ClientReport, ClientRound, Divergence, RoundStats, RunState, SatOut, Settled
 from runtime.metrics import CpuUsage
 from runtime.protocol import Plan, Role
 from runtime.simulate import Link, Throttle, apply_memory_limit
@@ -115,6 +115,8 @@ class ClientRole(Role):
 
     # ------------------------------------------------------------------ a round
     def train(self) -> ClientRound:
+        if self.world.rank not in self.participants:
+            return SatOut()
         usage = CpuUsage()
         trained = self.client.train_round(self.cfg.train.local_steps, lambda: self.stop.requested)
         if isinstance(trained, RoundStats):
@@ -139,17 +141,18 @@ class ClientRole(Role):
 
     def aggregated(self, nbytes: int) -> None:
         c = self.client
-        c.comm.adapters_up += nbytes
+        trained = self.world.rank in self.participants  # one that sat out uploads nothing of its own
+        if trained:
+            c.comm.adapters_up += nbytes
         c.comm.adapters_down += nbytes
-        c.link.delay(2 * nbytes)
+        c.link.delay((2 if trained else 1) * nbytes)
 
     def eval_totals(self) -> torch.Tensor:
         return self.client.evaluate()
 
-    def report(self, trained: RoundStats) -> ClientReport:
-        return ClientReport(
-            stats=trained, comm=self.client.take_comm(), stream=self.client.stream.state_dict()
-        )
+    def report(self, trained: RoundStats | SatOut) -> ClientReport:
+        stats = trained if isinstance(trained, RoundStats) else None  # None: it sat the round out
+        return ClientReport(stats=stats, comm=self.client.take_comm(), stream=self.client.stream.state_dict())
 
     def move(self, new_plan: Plan) -> None:
         k, cut_rank = new_plan[self.world.rank]

@@ -38,6 +38,7 @@ TYPES: dict[str, type] = {
         messages.Decision,
         messages.Divergence,
         messages.RoundStats,
+        messages.SatOut,
         messages.CommBytes,
         messages.Settled,
         messages.ClientReport,

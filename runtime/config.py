@@ -98,6 +98,13 @@ class TrainConfig:
     """How the clients' adapters become one model: fedavg (A and B averaged per component over the copies
     that hold it), stack (the exact weighted sum of the copies' B@A, merged into the frozen weights each
     round; lossless for any mix of ranks) or svd (that exact sum cut back to each rank by SVD)."""
+    clients_per_round: int | None = None
+    """Clients sampled to train each round (None: every client). The others sit the round out: they keep
+    their data position, contribute nothing to the aggregate, and take the global adapter. The draw is
+    seeded from (seed, round), so every rank and every relaunch draws the same clients."""
+    client_sampling: str = "uniform"
+    """How the clients of a round are drawn, without replacement: uniform, or by_samples (in proportion
+    to each client's number of training samples)."""
 
 
 POLICIES = ("fixed", "manual", "resource", "adaptive")
@@ -471,6 +478,14 @@ def validate(cfg: Config) -> None:
         t.aggregation in ("fedavg", "stack", "svd"),
         f"train.aggregation={t.aggregation!r}: use fedavg, stack or svd",
     )
+    _require(
+        t.clients_per_round is None or t.clients_per_round >= 1,
+        f"train.clients_per_round={t.clients_per_round}: must be >= 1 (or null: every client, every round)",
+    )
+    _require(
+        t.client_sampling in ("uniform", "by_samples"),
+        f"train.client_sampling={t.client_sampling!r}: use uniform or by_samples",
+    )
     _require(lo.selection in ("all", "importance"), f"lora.selection={lo.selection!r}: use all or importance")
     _require(
         0 < lo.budget <= 1,
@@ -600,6 +615,19 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
             cfg.split.clients == n_clients,
             f"split.clients={cfg.split.clients} but torchrun started {n_clients} client ranks: "
             f"launch with --nproc_per_node={cfg.split.clients + 1} (or set split.clients={n_clients})",
+        )
+    k = cfg.train.clients_per_round
+    if k is not None:
+        _require(
+            k <= n_clients,
+            f"train.clients_per_round={k} but the run has {n_clients} clients: use at most {n_clients} "
+            "(or null: every client, every round)",
+        )
+        _require(
+            k == n_clients or cfg.policy != "adaptive",
+            f"train.clients_per_round={k} of {n_clients} clients with split.policy=adaptive: the adaptive "
+            "policy re-plans from every client's measured round, so it needs every client every round; use "
+            "split.policy=resource (planned once from the probe) or train.clients_per_round=null",
         )
     _require(n_layers >= 2, f"the model has {n_layers} decoder layer(s): a split needs at least 2")
     tail = cfg.split.tail_layers

@@ -204,7 +204,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim
 
     Fused (one kernel per parameter) where torch has that kernel, on CPU and CUDA: a LoRA adapter is
     many small tensors, and the default per-tensor loop takes 5.0 ms a step for a four-layer stage's
-    56 of them against 0.7 ms fused (``python -m benchmarks.investigations.optimizer_step``, 2 intra-op threads)."""
+    56 of them against 0.7 ms fused (``python -m benchmarks.investigations.optimizer_step``, 2 intra-op
+    threads)."""
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(
         params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused or None

@@ -163,8 +163,14 @@ class RoundStats:
         )
 
 
-# A client's round ends in its figures, or in the divergence that stopped it; None: it was stopped.
-ClientRound = RoundStats | Divergence | None
+@dataclass
+class SatOut:
+    """A client that was not sampled this round (``train.clients_per_round``): it trained no step."""
+
+
+# A client's round ends in its figures, the divergence that stopped it, or sitting it out; None: it was
+# stopped.
+ClientRound = RoundStats | Divergence | SatOut | None
 
 
 @dataclass
@@ -212,7 +218,7 @@ def first_divergence(settled: list[Settled]) -> tuple[int, Divergence] | None:
 class ClientReport:
     """A client's report of its round, gathered by rank 0 for the record and the scheduler."""
 
-    stats: RoundStats
+    stats: RoundStats | None  # None: it sat the round out
     comm: CommBytes
     stream: dict  # its BatchStream's state: where its data resume
 

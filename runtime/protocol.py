@@ -42,6 +42,7 @@ from models.lora import (
     write_adapter,
 )
 from models.stages import DTYPES
+from partition.sampling import round_weights, sample_clients
 from runtime import dist, faults
 from runtime.aggregate import aggregate
 from runtime.compute import ComputeThreads
@@ -89,7 +90,9 @@ class Role:
         self.plan: Plan = {}
         self.layout: AdapterLayout = self.full_layout
         self.flat = torch.zeros(0)
-        self.weights: dict[int, float] = {}
+        self.counts: dict[int, int] = {}  # client -> its training samples
+        self.weights: dict[int, float] = {}  # client -> its weight in this round's aggregate
+        self.participants: list[int] = []  # the clients that train this round (train.clients_per_round)
         self.t_start = 0.0
         self.resume: RunState | None = None
         ranks = cfg.lora.client_ranks  # "auto": decided by rank 0 with the plan
@@ -144,8 +147,9 @@ class Role:
         self.phase(f"building the stages (each process loads only its layers from {self.model_path})")
         self.build()
         counts = dist.gather_objects(w, self.n_samples())
-        total = sum(counts)
-        self.weights = {r: counts[r] / total for r in range(1, w.world_size)}
+        self.counts = {r: counts[r] for r in range(1, w.world_size)}
+        self.participants = sorted(self.counts)
+        self.weights = round_weights(self.counts, self.participants)  # the warm-up's: every client
         self.announce(counts[1:])
         dist.barrier(w)  # replicas exist before any client asks for its RRef
         self.connect()
@@ -171,6 +175,11 @@ class Role:
         faults.injector.round = rnd
         torch.manual_seed(round_seed(self.cfg.seed, self.world.rank, rnd))
         self.simulate_round(rnd)
+        t = self.cfg.train
+        self.participants = sample_clients(
+            self.cfg.seed, rnd, self.counts, t.clients_per_round, t.client_sampling
+        )
+        self.weights = round_weights(self.counts, self.participants)
         # No client's step reaches the server before the server has reseeded too (its replicas draw
         # dropout masks from this process's generator), so the draws are the same on every run.
         dist.barrier(self.world)

@@ -54,7 +54,8 @@ class RoundOutcome:
 def metrics_row(role: ServerRole, o: RoundOutcome, elapsed: float, round_time: float) -> dict:
     """The round's line of metrics.jsonl."""
     cfg, scheduler = role.cfg, role.scheduler
-    order = sorted(role.cut_map)
+    order = [c for c in sorted(role.cut_map) if o.clients[c].stats is not None]  # the clients that trained
+    everyone = sorted(role.cut_map)
     stats = {c: o.clients[c].stats for c in order}
     tokens = sum(s.train_tokens for s in stats.values())
     rec = round_record(
@@ -65,8 +66,9 @@ def metrics_row(role: ServerRole, o: RoundOutcome, elapsed: float, round_time: f
         o.evaluation,
         sum(s.input_tokens for s in stats.values()),
         cut_layers={str(c): role.cut_map[c] for c in order},
-        comm_bytes={str(c): o.clients[c].comm.contract() for c in order},
-        eval_comm_bytes={str(c): o.clients[c].comm.eval_activations_up for c in order},
+        comm_bytes={str(c): o.clients[c].comm.contract() for c in everyone},
+        eval_comm_bytes={str(c): o.clients[c].comm.eval_activations_up for c in everyone},
+        participants=order,
         server={"peak_rss_mb": o.server.peak_rss_mb, **role.usage},
         clients={str(c): {"weight": role.weights[c], **stats[c].recorded()} for c in order},
     )
@@ -90,7 +92,9 @@ def metrics_row(role: ServerRole, o: RoundOutcome, elapsed: float, round_time: f
             for c in order
         }
         rec["simulated"]["server"] = {"slowdown": cfg.simulate.for_server(o.round)}
-    for i, c in enumerate(order):
+    for i, c in enumerate(everyone):
+        if c not in stats:
+            continue
         client = rec["clients"][str(c)]
         client["predicted_time_s"] = o.prediction.client_time_s[i]
         client["server_s"] = o.server.server_s[c]
@@ -114,7 +118,7 @@ def run_state(role: ServerRole, o: RoundOutcome, elapsed: float) -> RunState:
         plan=role.plan,
         next_plan=o.new_plan,
         scheduler=role.scheduler.state_dict(),
-        data_positions={c: o.clients[c].stream for c in sorted(role.cut_map)},
+        data_positions={c: o.clients[c].stream for c in sorted(role.cut_map)},  # sat out: unchanged
         selection=role.selection,
         client_ranks={c: r for c, r in role.caps.items() if r is not None},
         metrics=role.records,

@@ -186,16 +186,18 @@ class Scheduler:
         return predict(self.model, clients, server, self.cores, cuts)
 
     def after_round(
-        self, rnd: int, cuts: list[int], measured: list[Measured], eval_loss: float
+        self, rnd: int, cuts: list[int], measured: list[Measured | None], eval_loss: float
     ) -> list[int] | None:
-        """The cuts for the next round if they change (``measured``: each client's round, in client order).
+        """The cuts for the next round if they change (``measured``: each client's round, in client order;
+        None for a client that sat it out, which only a non-adaptive policy allows).
 
         Sets ``reason``: the rule that moved (``schedule``, ``revert``, ``speed`` or ``progress``) and
         what it saw, or, under ``adaptive``, why nothing moved.
         """
         self.reason = None
         for history, m in zip(self.client_losses, measured):
-            history.append(float(m.train_loss))
+            if m is not None:  # None: that client sat the round out (train.clients_per_round)
+                history.append(float(m.train_loss))
         schedule = self.cfg.split.schedule or {}
         if rnd in schedule:
             new = list(schedule[rnd])

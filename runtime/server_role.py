@@ -255,7 +255,10 @@ class ServerRole(Role):
             return None
         server: ServerReport = reports[0]
         clients: list[ClientReport] = [reports[r] for r in sorted(self.cut_map)]
-        measured = [c.stats.measured(server.server_s[r]) for r, c in zip(sorted(self.cut_map), clients)]
+        measured = [
+            c.stats.measured(server.server_s[r]) if c.stats is not None else None  # None: it sat out
+            for r, c in zip(sorted(self.cut_map), clients)
+        ]
         cuts = self.scheduler.after_round(rnd, self.cuts, measured, evaluation[0])
         if cuts is None:
             return None

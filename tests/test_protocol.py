@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from models.tiny import generate_examples, write_jsonl
 from partition.planner import PlanError
+from partition.sampling import sample_clients
 from runtime.faults import EXIT_USER_ERROR
 from runtime.messages import (
     CommBytes,
@@ -130,27 +131,95 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_resumed_run_continues_exactly_where_its_checkpoint_was(files, tmp_path):
-    """Two rounds, then a relaunch to three, against three in one go: the same losses and adapter. The
-    resume goes through every typed message: the run state, the plan decision, the data positions."""
+def _sample_counts(server_log: str) -> dict[int, int]:
+    """Each client's training samples, from rank 0's start-up line."""
+    (line,) = [x for x in server_log.splitlines() if "training samples" in x]
+    counts = json.loads(line[line.rindex("[") : line.rindex("]") + 1])
+    return {c: n for c, n in enumerate(counts, start=1)}
+
+
+def _layer_key(name: str) -> str:
+    """A LoRA tensor's name from ``layers.`` on, the same in the PEFT export and the debug copies."""
+    return (
+        name[name.index("layers.") :].replace(".weight", "").replace(".lora_A", ".A").replace(".lora_B", ".B")
+    )
+
+
+def test_a_sampled_run_trains_the_drawn_clients_and_resumes_exactly(files, tmp_path):
+    """Two clients, one drawn per round. Each round records the drawn client only; after the last round
+    the global adapter is that client's trained copy (fedavg of one). Then two rounds and a relaunch to
+    three against three in one go: the same draws, losses and adapter. The resume goes through every
+    typed message: the run state, the plan decision, each client's data position."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    first = run_ranks(3, _argv(files, whole, "train.rounds=3"), tmp_path / "logs-whole")
+    # a seed whose uniform draws (which need only the client ids) take both clients in three rounds
+    seed = next(
+        x for x in range(100) if len({tuple(sample_clients(x, r, {1: 1, 2: 1}, 1)) for r in (1, 2, 3)}) == 2
+    )
+    sampled = ["train.clients_per_round=1", "train.rounds=3", f"seed={seed}"]
+    first = run_ranks(3, _argv(files, whole, *sampled, "runtime.debug=true"), tmp_path / "logs-whole")
     assert first.codes == [0, 0, 0], first.log[-6000:]
-    part = run_ranks(3, _argv(files, split, "train.rounds=2"), tmp_path / "logs-part")
+    counts = _sample_counts(first.logs[0])
+    a = _metrics(whole)
+    drawn = [sample_clients(seed, r, counts, 1) for r in (1, 2, 3)]
+    assert [r["participants"] for r in a] == drawn and len({tuple(d) for d in drawn}) == 2
+    for rec, (p,) in zip(a, drawn):
+        other = 3 - p
+        assert list(rec["clients"]) == [str(p)] and rec["clients"][str(p)]["weight"] == 1.0
+        assert rec["train_loss"] == pytest.approx(rec["clients"][str(p)]["train_loss"])
+        assert rec["comm_bytes"][str(other)]["activations_up"] == 0  # it sat out: no step, no upload
+        assert rec["comm_bytes"][str(other)]["adapters_up"] == 0
+    (p,) = drawn[-1]
+    copies = {}
+    for name in (f"client{p}", f"server_for{p}"):
+        copies.update(
+            {
+                _layer_key(k): v
+                for k, v in load_file(str(whole / "debug/round3" / f"{name}.safetensors")).items()
+            }
+        )
+    exported = {
+        _layer_key(k): v for k, v in load_file(str(whole / "adapter/adapter_model.safetensors")).items()
+    }
+    same_shape = [k for k, v in copies.items() if exported[k].shape == v.shape]
+    assert len(same_shape) > len(copies) // 2  # all but the cut layer's reduced-rank modules
+    assert all(torch.equal(exported[k], copies[k]) for k in same_shape)
+
+    part = run_ranks(
+        3,
+        _argv(files, split, "train.clients_per_round=1", "train.rounds=2", f"seed={seed}"),
+        tmp_path / "logs-part",
+    )
     assert part.codes == [0, 0, 0], part.log[-6000:]
-    rest = run_ranks(3, _argv(files, split, "train.rounds=3"), tmp_path / "logs-rest")
+    rest = run_ranks(3, _argv(files, split, *sampled), tmp_path / "logs-rest")
     assert rest.codes == [0, 0, 0], rest.log[-6000:]
     assert "resuming after round 2" in rest.logs[0]
-    a, b = _metrics(whole), _metrics(split)
+    b = _metrics(split)
     assert [r["round"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):
+        assert ra["participants"] == rb["participants"]
         assert ra["eval_loss"] == rb["eval_loss"]
-        for c in ("1", "2"):
+        for c in ra["clients"]:
             assert ra["clients"][c]["step_losses"] == rb["clients"][c]["step_losses"]
-            assert ra["comm_bytes"][c] == rb["comm_bytes"][c]
+        assert ra["comm_bytes"] == rb["comm_bytes"]
     wa = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(split / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_sampled_run_refuses_the_adaptive_policy_and_more_clients_than_it_has(files, tmp_path):
+    res = run_ranks(
+        3, _argv(files, tmp_path / "k", "train.clients_per_round=3"), tmp_path / "logs-k", timeout_s=120
+    )
+    assert res.codes == [EXIT_USER_ERROR] * 3, res.log[-4000:]
+    assert "train.clients_per_round=3 but the run has 2 clients: use at most 2" in res.log
+    res = run_ranks(
+        3,
+        _argv(files, tmp_path / "a", "train.clients_per_round=1", "split.policy=adaptive"),
+        tmp_path / "logs-a",
+        timeout_s=120,
+    )
+    assert res.codes == [EXIT_USER_ERROR] * 3, res.log[-4000:]
+    assert "with split.policy=adaptive" in res.log and "split.policy=resource" in res.log
 
 
 def test_a_plan_that_cannot_fit_is_decided_by_rank_0_and_raised_on_every_rank(files, tmp_path):

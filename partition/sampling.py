@@ -1,0 +1,40 @@
+"""Which clients train in a round: a seeded draw without replacement, the same on every rank.
+
+The draw depends only on the run's seed, the round and the clients' sample counts, never on the
+process that computes it, so every rank draws the same clients without a message, and a relaunch
+that resumes round ``r`` draws what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SAMPLING_STREAM = 0x5A4D  # keeps the draw's generator apart from every other seeded stream
+
+
+def sample_clients(
+    seed: int, rnd: int, counts: dict[int, int], k: int | None, by: str = "uniform"
+) -> list[int]:
+    """The clients (sorted ids) that train in round ``rnd``: ``k`` of ``counts``' clients (all if ``k`` is
+    None or covers them), drawn uniformly or, ``by="by_samples"``, in proportion to their sample counts."""
+    clients = sorted(counts)
+    if k is None or k >= len(clients):
+        return clients
+    if k < 1:
+        raise ValueError(f"k={k}: a round needs at least one client")
+    rng = np.random.default_rng([seed, rnd, SAMPLING_STREAM])
+    p = None
+    if by == "by_samples":
+        total = sum(counts[c] for c in clients)
+        p = np.array([counts[c] / total for c in clients])
+    elif by != "uniform":
+        raise ValueError(f"client sampling {by!r}: use uniform or by_samples")
+    chosen = rng.choice(len(clients), size=k, replace=False, p=p)
+    return sorted(clients[i] for i in chosen)
+
+
+def round_weights(counts: dict[int, int], participants: list[int]) -> dict[int, float]:
+    """Each client's weight in the round's aggregate: its share of the participants' samples, 0 if it sat
+    the round out."""
+    total = sum(counts[c] for c in participants)
+    return {c: (counts[c] / total if c in participants else 0.0) for c in sorted(counts)}

@@ -1,0 +1,41 @@
+"""The per-round client draw (partition.sampling): seeded, without replacement, weighted on request."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from partition.sampling import round_weights, sample_clients
+
+COUNTS = {c: n for c, n in enumerate([10, 10, 10, 10, 10, 50], start=1)}
+
+
+def test_the_draw_is_k_distinct_clients_fixed_by_seed_and_round():
+    draws = [sample_clients(0, r, COUNTS, 3) for r in range(1, 41)]
+    assert all(len(d) == 3 == len(set(d)) and set(d) <= set(COUNTS) and d == sorted(d) for d in draws)
+    assert draws == [sample_clients(0, r, COUNTS, 3) for r in range(1, 41)]  # any rank, any relaunch
+    assert len({tuple(d) for d in draws}) > 5  # rounds draw differently
+    assert draws != [sample_clients(1, r, COUNTS, 3) for r in range(1, 41)]  # and seeds do
+
+
+def test_every_client_every_round_unless_asked():
+    assert sample_clients(0, 1, COUNTS, None) == sample_clients(0, 1, COUNTS, 6) == list(COUNTS)
+    with pytest.raises(ValueError, match="at least one client"):
+        sample_clients(0, 1, COUNTS, 0)
+
+
+def test_by_samples_draws_a_large_client_more_often_than_uniform_does():
+    def rate(by: str) -> float:
+        seen = Counter(c for r in range(1, 2001) for c in sample_clients(0, r, COUNTS, 1, by))
+        return seen[6] / 2000
+
+    assert rate("uniform") == pytest.approx(1 / 6, abs=0.03)
+    assert rate("by_samples") == pytest.approx(0.5, abs=0.04)
+
+
+def test_round_weights_are_the_participants_shares_and_zero_for_the_rest():
+    w = round_weights(COUNTS, [1, 6])
+    assert w == {1: 10 / 60, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0, 6: 50 / 60}
+    everyone = round_weights(COUNTS, list(COUNTS))
+    assert everyone == {c: n / 100 for c, n in COUNTS.items()}  # the run's sample weights, bit for bit
