@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -52,6 +53,8 @@ ADAPTER_FILE = "global_adapter.safetensors"
 MERGED_FILE = "merged_weights.safetensors"
 STATE_FILE = "state.json"
 PREFIX = "round-"
+ROUND_NAME = re.compile(r"round-\d{6,}")
+_WARNED: set[tuple[Path, tuple[str, ...]]] = set()  # stray entries already named, once per process
 
 
 class CheckpointMismatch(ValueError):
@@ -110,9 +113,25 @@ def _write(
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync(root)
-    for old in rounds(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(root, rnd, keep)
     return final
+
+
+def _prune(root: Path, newest: int, keep: int) -> None:
+    """Deletes all but the ``keep`` newest readable rounds up to ``newest`` (the one just written). A round
+    that cannot be read is never counted as kept, nor deleted: it is not this run's to judge."""
+    readable = [p for p in rounds(root) if round_of(p) <= newest and _readable(p)]
+    for old in readable[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        json.loads((path / STATE_FILE).read_text())
+        with safe_open(str(path / ADAPTER_FILE), "pt") as f:
+            return "flat" in f.keys()
+    except (OSError, ValueError, SafetensorError):
+        return False
 
 
 class Saver:
@@ -173,12 +192,31 @@ class Saver:
             ) from error
 
 
+def round_of(path: Path) -> int:
+    return int(path.name.removeprefix(PREFIX))
+
+
 def rounds(root: Path) -> list[Path]:
-    """The complete round directories under ``root``, oldest first."""
+    """The complete round directories under ``root``, oldest first. Anything else there (a file, a folder
+    not named ``round-NNNNNN``) is not a checkpoint: it is named in a warning and left alone; the
+    temporary folders of writes in progress (``.round-*.tmp``) are passed over in silence."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+    found, stray = [], []
+    for p in root.iterdir():
+        if p.is_dir() and ROUND_NAME.fullmatch(p.name):
+            found.append(p)
+        elif not (p.name.startswith(".") and p.name.endswith(".tmp")):
+            stray.append(p.name)
+    if stray and (root, tuple(sorted(stray))) not in _WARNED:
+        _WARNED.add((root, tuple(sorted(stray))))
+        log.warning(
+            "%s holds %s, which %s not a round checkpoint: ignored (checkpoints are round-NNNNNN folders)",
+            root,
+            ", ".join(sorted(stray)),
+            "is" if len(stray) == 1 else "are",
+        )
+    return sorted(found, key=round_of)
 
 
 def latest(root: Path, adapter: bool = True) -> tuple[dict, torch.Tensor | None] | None:

@@ -67,11 +67,6 @@ class ServerRole(Role):
 
     def decide(self, profiles: list[ResourceProfile], seq: int) -> Decision | UserError:
         """The plan and the resume state, or the user error that stops every rank."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "profiles.json").write_text(
-            json.dumps({str(r): p.to_dict() for r, p in enumerate(profiles)})
-        )
-        (self.out / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         try:
             resume, flat = self.load_checkpoint()
             costs = model_costs(
@@ -94,7 +89,12 @@ class ServerRole(Role):
                 plan, caps = resume.plan, dict(resume.client_ranks)
                 self.scheduler.load_state_dict(resume.scheduler)
         except (PlanError, CheckpointMismatch) as e:
-            return UserError.of(e)
+            return UserError.of(e)  # nothing written: a checkpoint of another run keeps its run_config.json
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "profiles.json").write_text(
+            json.dumps({str(r): p.to_dict() for r, p in enumerate(profiles)})
+        )
+        (self.out / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         self.records = list(resume.metrics) if resume else []
         self.writer = MetricsWriter(self.out / "metrics.jsonl", self.records)
         return Decision(plan, caps, resume, flat)

@@ -130,3 +130,40 @@ def test_settings_that_do_not_change_the_run_are_not_in_the_fingerprint(tmp_path
         ["train.rounds=50", "output_dir=/elsewhere", "runtime.peer_timeout_s=5", "simulate.slowdown=3"],
     )
     checkpoint.check_fingerprint(tmp_path, {"fingerprint": fingerprint(cfg, 4)}, fingerprint(other, 4))
+
+
+def test_what_is_not_a_round_folder_is_named_once_and_left_alone(tmp_path, caplog):
+    root = tmp_path / "checkpoint"
+    checkpoint.save(root, 1, torch.ones(2), {"round": 1}, keep=2)
+    (root / "round-old").mkdir()
+    (root / "notes.txt").write_text("mine")
+    (root / ".round-000002.tmp").mkdir()  # a write in progress: not stray
+    with caplog.at_level("WARNING", logger="splitft"):
+        state, _ = checkpoint.latest(root)
+        checkpoint.save(root, 2, torch.ones(2), {"round": 2}, keep=2)
+    assert state["round"] == 1
+    said = [r.getMessage() for r in caplog.records if "not a round checkpoint" in r.getMessage()]
+    assert len(said) == 1 and "notes.txt, round-old" in said[0] and ".round-000002.tmp" not in said[0]
+    assert (root / "round-old").is_dir() and (root / "notes.txt").read_text() == "mine"
+    assert [p.name for p in checkpoint.rounds(root)] == ["round-000001", "round-000002"]
+
+
+def test_unreadable_rounds_are_never_counted_as_kept(tmp_path):
+    """Rounds 8 and 9 of something else, unreadable: the new run's rounds 1.. are kept as if they were not
+    there (keep=2), and the unreadable ones are not deleted either."""
+    root = tmp_path / "checkpoint"
+    for rnd in (8, 9):
+        (checkpoint.round_dir(root, rnd)).mkdir(parents=True)
+        (checkpoint.round_dir(root, rnd) / "state.json").write_text("{torn")
+    checkpoint.save(root, 1, torch.ones(2), {"round": 1}, keep=2)
+    assert checkpoint.round_dir(root, 1).is_dir()
+    for rnd in (2, 3):
+        checkpoint.save(root, rnd, torch.full((2,), float(rnd)), {"round": rnd}, keep=2)
+    assert [p.name for p in checkpoint.rounds(root)] == [
+        "round-000002",
+        "round-000003",
+        "round-000008",
+        "round-000009",
+    ]
+    state, flat = checkpoint.latest(root)  # the unreadable newer ones are skipped
+    assert state["round"] == 3 and flat.tolist() == [3.0, 3.0]
