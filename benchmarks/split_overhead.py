@@ -167,7 +167,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-c",
-                "import json, resource, runtime.split, runtime.local; "
+                "import json, resource, runtime.run, runtime.local; "
                 "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))",
             ],
             cwd=REPO,

@@ -268,16 +268,6 @@ def test_forced_replan_moves_layers_and_the_loss_is_continuous(setup, tmp_path):
     assert metrics(out)[2]["cut_layers"] == {"1": 3, "2": 1}
 
 
-def test_a_client_that_cannot_hold_one_layer_is_named(setup, tmp_path):
-    res = torchrun(
-        3, [*common_args(setup, tmp_path / "mem"), "split.policy=resource", "split.memory_headroom=1000000.0"]
-    )
-    assert res.returncode != 0, res.stdout[-4000:]
-    assert "plan error: client 1 has" in res.stdout and "one layer needs" in res.stdout
-    assert res.stdout.count("plan error") == 1
-    assert not (tmp_path / "mem" / "metrics.jsonl").exists()
-
-
 @pytest.mark.parametrize("shape", ["gpt2-small", "opt-125m"])
 def test_dropout_checkpoint_split_matches_unsplit(tmp_path, setup, shape):
     """GPT-2 small and OPT-125m shapes carry dropout 0.1 (and here LoRA dropout 0.1 too): a one-client

@@ -10,7 +10,7 @@ import torch
 from models.lora import build_layout
 from models.stages import build_stage, load_config, stage_parameter_bytes
 from models.wire import encode
-from partition.planner import PlanError
+from partition.planner import Measured, PlanError
 from runtime.client import nbytes, server_payload
 from runtime.config import load_config as load_run_config
 from runtime.job import lora_spec
@@ -92,7 +92,7 @@ def _scheduler(random_model, overrides, clients, server=None):
 def test_schedule_forces_moves_at_its_rounds_and_is_checked_against_memory(random_model):
     s = _scheduler(random_model, ["split.cut_layers=[1,2]", "split.schedule={2: [3, 1]}"], [_profile()] * 2)
     assert s.initial() == [1, 2]
-    stats = [{"compute_s": 0.1, "step_time_s": 0.3, "train_time_s": 3.0, "train_loss": 1.0}] * 2
+    stats = [Measured(compute_s=0.1, step_s=0.3, train_time_s=3.0, train_loss=1.0)] * 2
     assert s.after_round(1, [1, 2], stats, 1.0) is None
     assert s.after_round(2, [1, 2], stats, 0.9) == [3, 1]
     assert s.predict([3, 1]).round_time_s > 0
@@ -110,8 +110,8 @@ def test_adaptive_gives_a_client_that_turned_slow_fewer_layers(random_model):
     cuts = s.initial()
     assert cuts == [3, 3]  # clients faster than the server take every layer they can
     # The server's own time for a client at cut 3 is its last layer and head: 0.51 s a step.
-    fast = {"compute_s": 0.3, "server_s": 0.51, "step_time_s": 0.85, "train_time_s": 5.0, "train_loss": 1.0}
-    slow = {"compute_s": 9.0, "server_s": 0.51, "step_time_s": 9.6, "train_time_s": 50.0, "train_loss": 1.0}
+    fast = Measured(compute_s=0.3, server_s=0.51, step_s=0.85, train_time_s=5.0, train_loss=1.0)
+    slow = Measured(compute_s=9.0, server_s=0.51, step_s=9.6, train_time_s=50.0, train_loss=1.0)
     new = None
     for rnd in range(1, 4):
         new = s.after_round(rnd, cuts, [fast, slow], 1.0 - 0.1 * rnd) or new
