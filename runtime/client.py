@@ -51,7 +51,7 @@ from models.wire import decode, encode
 from runtime import faults
 from runtime.config import Config
 from runtime.dist import SERVER
-from runtime.job import ClientData, data_seed, make_optimizer, stage_kwargs
+from runtime.job import ClientData, data_seed, learning_rate, make_optimizer, set_learning_rate, stage_kwargs
 from runtime.messages import ClientRound, CommBytes, Divergence, RoundStats
 from runtime.metrics import peak_rss_mb
 from runtime.progress import StepBar
@@ -270,12 +270,13 @@ class Client:
         self.params = self._lora_parameters()
 
     def train_round(
-        self, steps: int, stop: Callable[[], bool], scorer: Sensitivity | None = None
+        self, steps: int, stop: Callable[[], bool], scorer: Sensitivity | None = None, rnd: int = 0
     ) -> ClientRound:
         """Runs ``steps`` split steps; returns the round's :class:`RoundStats`, or None if a stop was
         requested (checked before every step: this rank's signal, or the server's, which comes back
         with every step's reply), or a :class:`Divergence` at the first NaN or infinite loss (nothing
-        is stepped with it)."""
+        is stepped with it). Step ``s`` steps at ``learning_rate(cfg, rnd, s)`` (round 0: the warm-up's
+        constant ``train.lr``)."""
         optimizer = make_optimizer(self.params, self.cfg)
         tally = _Tally(time.perf_counter())
         server_stopping = False
@@ -293,7 +294,7 @@ class Client:
                     return Divergence(step=step, loss=float(fwd.loss.detach()))
                 tally.compute_s.append(self._backward(ctx, fwd))
                 # The server steps lazily (at its next forward): no call of its own, no wait here.
-                self._step(optimizer, scorer)
+                self._step(optimizer, scorer, learning_rate(self.cfg, rnd, step))
             tally.add_step(float(fwd.loss.detach()), float(fwd.stats[0]), time.perf_counter() - t0)
             server_stopping = bool(fwd.stats[1])
             if bar is not None:
@@ -349,7 +350,8 @@ class Client:
         self.caught = None
         return compute_s + time.perf_counter() - t_stage
 
-    def _step(self, optimizer: torch.optim.Optimizer, scorer: Sensitivity | None) -> None:
+    def _step(self, optimizer: torch.optim.Optimizer, scorer: Sensitivity | None, lr: float) -> None:
+        set_learning_rate(optimizer, lr)
         if scorer is not None:
             for model in self.models:
                 scorer.update(named_lora_parameters(model))

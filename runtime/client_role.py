@@ -118,7 +118,9 @@ class ClientRole(Role):
         if self.world.rank not in self.participants:
             return SatOut()
         usage = CpuUsage()
-        trained = self.client.train_round(self.cfg.train.local_steps, lambda: self.stop.requested)
+        trained = self.client.train_round(
+            self.cfg.train.local_steps, lambda: self.stop.requested, rnd=self.rnd
+        )
         if isinstance(trained, RoundStats):
             trained.train_cores_used = usage.stop()["train_cores_used"]  # this process, while it trained
         return trained

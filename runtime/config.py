@@ -91,7 +91,15 @@ class TrainConfig:
     eval_batch_size: int = 32
     """Batch size of the held-out evaluation."""
     lr: float = 1e-3
-    """AdamW learning rate (client and server side alike)."""
+    """AdamW learning rate (client and server side alike): the peak of ``lr_schedule``."""
+    lr_schedule: str = "constant"
+    """How the learning rate moves over the run's global step (round and local step, the same on every
+    client and server replica): constant, linear (to ``min_lr_ratio`` x lr at the last step) or cosine
+    (likewise, on a half cosine); each after ``warmup_steps`` of linear warm-up."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from lr / warmup_steps to lr at the start of the run (0: none)."""
+    min_lr_ratio: float = 0.0
+    """linear and cosine: the last step's learning rate as a fraction of lr."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     aggregation: str = "fedavg"
@@ -108,6 +116,7 @@ class TrainConfig:
 
 
 POLICIES = ("fixed", "manual", "resource", "adaptive")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -473,6 +482,21 @@ def validate(cfg: Config) -> None:
     _require(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
     _require(t.eval_batch_size >= 1, f"train.eval_batch_size={t.eval_batch_size}: must be >= 1")
     _require(t.lr > 0, f"train.lr={t.lr}: must be > 0")
+    _require(
+        t.lr_schedule in LR_SCHEDULES,
+        f"train.lr_schedule={t.lr_schedule!r}: use {', '.join(LR_SCHEDULES[:-1])} or {LR_SCHEDULES[-1]}",
+    )
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+    total = t.rounds * t.local_steps
+    _require(
+        t.warmup_steps < total,
+        f"train.warmup_steps={t.warmup_steps} is not shorter than the run ({t.rounds} rounds x "
+        f"{t.local_steps} local steps = {total} steps): lower it or train longer",
+    )
+    _require(
+        0 <= t.min_lr_ratio <= 1,
+        f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1] (a fraction of train.lr)",
+    )
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
     _require(
         t.aggregation in ("fedavg", "stack", "svd"),
@@ -700,4 +724,6 @@ def fingerprint(cfg: Config, n_clients: int) -> dict[str, Any]:
         flat["split.schedule"] = {str(k): v for k, v in flat["split.schedule"].items()}
     flat["split.policy"] = cfg.policy
     flat["clients"] = n_clients
+    if cfg.train.lr_schedule != "constant":  # its rates depend on the run's length: train.rounds then counts
+        flat["train.rounds"] = cfg.train.rounds
     return flat

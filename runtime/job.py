@@ -7,6 +7,7 @@ inputs here, so the two see the same data, order and LoRA initialisation.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import sys
@@ -210,6 +211,39 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim
     return torch.optim.AdamW(
         params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused or None
     )
+
+
+def schedule_factor(kind: str, step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """The learning rate of global step ``step`` (1-based, of ``total``) as a fraction of the peak:
+    ``step / warmup`` during the warm-up, then constant, linear or cosine from 1 down to ``min_ratio``
+    at the last step."""
+    if step <= warmup:
+        return step / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)  # (0, 1]: the last step is 1
+    if kind == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    if kind == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"train.lr_schedule={kind!r}: use constant, linear or cosine")
+
+
+def learning_rate(cfg: Config, rnd: int, step: int) -> float:
+    """The learning rate of local step ``step`` (1-based) of round ``rnd``: one schedule over the run's
+    global step, the same for every client and server replica and for ``launch.train_local``, so a
+    resumed run takes the rates the uninterrupted one took. Round 0 (the importance warm-up) trains at
+    ``train.lr``."""
+    t = cfg.train
+    if rnd < 1:
+        return t.lr
+    g = (rnd - 1) * t.local_steps + step
+    return t.lr * schedule_factor(t.lr_schedule, g, t.rounds * t.local_steps, t.warmup_steps, t.min_lr_ratio)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def data_seed(cfg: Config, client_index: int) -> int:

@@ -41,11 +41,13 @@ from runtime.job import (
     client_data,
     data_seed,
     default_threads,
+    learning_rate,
     lora_spec,
     make_optimizer,
     model_config,
     resolve_model_path,
     round_seed,
+    set_learning_rate,
     tune_malloc,
 )
 from runtime.metrics import CpuUsage, MetricsWriter, header, peak_rss_mb, round_record, row
@@ -136,11 +138,12 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
         usage = CpuUsage()
         losses, tokens, weighted, input_tokens = [], 0.0, 0.0, 0.0
         t_steps = time.perf_counter()
-        for _ in range(cfg.train.local_steps):
+        for step in range(1, cfg.train.local_steps + 1):
             b = stream.next()
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             loss, n_tokens = mean_loss(logits, b["labels"])
             loss.backward()
+            set_learning_rate(optimizer, learning_rate(cfg, rnd, step))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -161,6 +164,7 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
             input_tokens,
             cut_layers={},
             comm_bytes={},
+            lr=learning_rate(cfg, rnd, cfg.train.local_steps),  # at the round's last step
             clients={
                 "local": {
                     "weight": 1.0,

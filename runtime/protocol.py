@@ -94,6 +94,7 @@ class Role:
         self.weights: dict[int, float] = {}  # client -> its weight in this round's aggregate
         self.participants: list[int] = []  # the clients that train this round (train.clients_per_round)
         self.t_start = 0.0
+        self.rnd = 0  # the round in progress (0: start-up and the importance warm-up)
         self.resume: RunState | None = None
         ranks = cfg.lora.client_ranks  # "auto": decided by rank 0 with the plan
         self.caps = {r: ranks[r - 1] if isinstance(ranks, list) else None for r in range(1, world.world_size)}
@@ -172,6 +173,7 @@ class Role:
 
     def round(self, rnd: int) -> None:
         t_round = time.perf_counter()
+        self.rnd = rnd
         faults.injector.round = rnd
         torch.manual_seed(round_seed(self.cfg.seed, self.world.rank, rnd))
         self.simulate_round(rnd)
@@ -180,6 +182,7 @@ class Role:
             self.cfg.seed, rnd, self.counts, t.clients_per_round, t.client_sampling
         )
         self.weights = round_weights(self.counts, self.participants)
+        self.begin_round(rnd)
         # No client's step reaches the server before the server has reseeded too (its replicas draw
         # dropout masks from this process's generator), so the draws are the same on every run.
         dist.barrier(self.world)
@@ -346,6 +349,9 @@ class Role:
 
     def simulate_round(self, rnd: int) -> None:
         pass
+
+    def begin_round(self, rnd: int) -> None:
+        """Before any step of round ``rnd`` can reach the server (the barrier after it holds them)."""
 
     def typical_seq_len(self) -> int:
         return 0

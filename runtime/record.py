@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from runtime.job import learning_rate
 from runtime.messages import ClientReport, RunState, ServerReport
 from runtime.metrics import round_record
 
@@ -69,6 +70,7 @@ def metrics_row(role: ServerRole, o: RoundOutcome, elapsed: float, round_time: f
         comm_bytes={str(c): o.clients[c].comm.contract() for c in everyone},
         eval_comm_bytes={str(c): o.clients[c].comm.eval_activations_up for c in everyone},
         participants=order,
+        lr=learning_rate(cfg, o.round, cfg.train.local_steps),  # at the round's last step
         server={"peak_rss_mb": o.server.peak_rss_mb, **role.usage},
         clients={str(c): {"weight": role.weights[c], **stats[c].recorded()} for c in order},
     )

@@ -47,7 +47,7 @@ from models.wire import decode, encode
 from runtime import faults
 from runtime.compute import ComputeThreads, split_graph
 from runtime.config import Config
-from runtime.job import make_optimizer, stage_kwargs
+from runtime.job import learning_rate, make_optimizer, set_learning_rate, stage_kwargs
 from runtime.simulate import Throttle
 
 
@@ -103,6 +103,8 @@ class ServerReplica:
         self.marks: dict[str, float] = {}
         self.step_times: list[float] = []  # this round's server compute (forward + backward) per step
         self.steps = 0  # forwards served this round
+        self.stepped = 0  # optimizer steps applied this round
+        self.round = 0  # the round in progress (0: the importance warm-up): its steps' learning rates
         self.stopping = stopping
         self.global_adapter: tuple[AdapterLayout, torch.Tensor] | None = None  # what evaluate measures
         self.scorer: Sensitivity | None = None  # lora.selection=importance: scores during the warm-up
@@ -128,6 +130,7 @@ class ServerReplica:
         self.pending = False
         self.optimizer = make_optimizer(self.params, self.cfg)
         self.steps = 0
+        self.stepped = 0
         self.calls.clear()
 
     def flush(self) -> None:
@@ -146,6 +149,8 @@ class ServerReplica:
         m.clear()
         if self.scorer is not None:
             self.scorer.update(named_lora_parameters(self.stage.hf))
+        self.stepped += 1  # steps are applied in order: this is the client's step of that number
+        set_learning_rate(self.optimizer, learning_rate(self.cfg, self.round, self.stepped))
         self.optimizer.step()
         for p in self.params:
             p.grad = None

@@ -223,6 +223,10 @@ class ServerRole(Role):
         (self.out / "selection.json").write_text(json.dumps(self.selection, indent=1))
 
     # ------------------------------------------------------------------ a round
+    def begin_round(self, rnd: int) -> None:
+        for replica in self.server.replicas.values():
+            replica.round = rnd  # its steps' learning rates (runtime.job.learning_rate)
+
     def predict(self):
         return self.scheduler.predict(self.cuts)
 

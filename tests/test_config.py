@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -284,3 +285,36 @@ def test_float_written_without_a_dot_is_a_float():
     assert cfg.train.lr == 5e-5 and cfg.simulate.slowdown == [1.0, 2.0]
     with pytest.raises(ConfigError, match="train.lr: 'fast' is not a float"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_learning_rate_schedules_warm_up_then_fall_to_their_floor():
+    from runtime.job import learning_rate
+
+    def lrs(*overrides: str) -> list[float]:
+        cfg = load_config(None, ["train.rounds=2", "train.local_steps=5", "train.lr=1.0", *overrides])
+        return [learning_rate(cfg, r, s) for r in (1, 2) for s in range(1, 6)]
+
+    assert lrs() == [1.0] * 10
+    warm = lrs("train.warmup_steps=4")
+    assert warm[:4] == [0.25, 0.5, 0.75, 1.0] and warm[4:] == [1.0] * 6
+    linear = lrs("train.lr_schedule=linear", "train.warmup_steps=2", "train.min_lr_ratio=0.2")
+    assert linear[:2] == [0.5, 1.0] and linear[-1] == pytest.approx(0.2)
+    assert all(a > b for a, b in zip(linear[1:], linear[2:]))  # falls every step after the warm-up
+    cosine = lrs("train.lr_schedule=cosine")
+    assert cosine[-1] == pytest.approx(0.0) and cosine[4] == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+    assert learning_rate(load_config(None, ["train.lr_schedule=cosine", "train.lr=0.5"]), 0, 3) == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.warmup_steps=100", "train.warmup_steps=100 is not shorter than the run (5 rounds x 20"),
+        ("train.warmup_steps=-1", "train.warmup_steps=-1: must be >= 0"),
+        ("train.min_lr_ratio=1.5", "train.min_lr_ratio=1.5: must be in [0, 1]"),
+        ("train.lr_schedule=step", "train.lr_schedule='step': use constant, linear or cosine"),
+    ],
+)
+def test_a_schedule_that_cannot_run_is_named(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)

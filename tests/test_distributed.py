@@ -88,13 +88,21 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_one_client_split_matches_unsplit_step_for_step(setup, tmp_path):
-    """Parity: 1 client cut at 2 vs launch.train_local, 20 steps, same seed and data order. At 2 intra-op
-    threads the server computes on its compute thread (runtime.compute), the client on its main thread."""
+@pytest.mark.parametrize(
+    "schedule",
+    [[], ["train.lr_schedule=cosine", "train.warmup_steps=4", "train.min_lr_ratio=0.1"]],
+    ids=["constant", "cosine_warmup"],
+)
+def test_one_client_split_matches_unsplit_step_for_step(setup, tmp_path, schedule):
+    """Parity: 1 client cut at 2 vs launch.train_local, 20 steps, same seed and data order, at a constant
+    learning rate and under a warm-up and cosine schedule (the client's and the server replica's steps
+    take the rate of the same global step). At 2 intra-op threads the server computes on its compute
+    thread (runtime.compute), the client on its main thread."""
     from runtime.config import load_config
+    from runtime.job import learning_rate
     from runtime.local import run_local
 
-    settings = ["train.rounds=2", "train.local_steps=10", "lora.r_cut=8", "split.cut_layers=2"]
+    settings = ["train.rounds=2", "train.local_steps=10", "lora.r_cut=8", "split.cut_layers=2", *schedule]
     settings.append("runtime.intra_op_threads=2")
     split = torchrun(2, [*common_args(setup, tmp_path / "split"), *settings])
     assert split.returncode == 0, split.stdout[-4000:]
@@ -110,7 +118,9 @@ def test_one_client_split_matches_unsplit_step_for_step(setup, tmp_path):
     assert len(split_losses) == len(local_losses) == 20
     assert max(abs(a - b) for a, b in zip(split_losses, local_losses)) < 1e-4
     assert local_losses[-1] < local_losses[0]  # it trained
-    for a, b in zip(metrics(tmp_path / "split"), local):
+    cfg = load_config("torchrun_configs/tiny_cpu.yaml", [*common_args(setup, tmp_path / "x")[1:], *settings])
+    for rnd, (a, b) in enumerate(zip(metrics(tmp_path / "split"), local), start=1):
+        assert a["lr"] == b["lr"] == learning_rate(cfg, rnd, 10)
         assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4
         assert 0 < b["clients"]["local"]["train_time_s"] < b["round_time_s"]  # the round's steps only
     ours = load_file(str(tmp_path / "split" / "adapter" / "adapter_model.safetensors"))
