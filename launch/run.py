@@ -109,7 +109,7 @@ def check(train_args: list[str], world_size: int, single_node: bool) -> None:
     except train.INPUT_ERRORS as e:
         raise train.user_error("config", e, True) from None
     try:
-        client_data(cfg, model_path, 0, world_size - 1)
+        client_data(cfg, model_path, 0, cfg.n_clients(world_size))
     except train.INPUT_ERRORS as e:
         raise train.user_error("data", e, True) from None
 

@@ -32,7 +32,7 @@ from runtime.config import (
     validate_for_world,
 )
 from runtime.faults import EXIT_USER_ERROR
-from runtime.job import client_data, load_tokenizer, lora_spec, model_config, resolve_model_path
+from runtime.job import load_tokenizer, lora_spec, model_config, resolve_model_path, worker_data
 
 # What a bad config, model folder or data file raises while it is checked (launch.run checks with these too).
 INPUT_ERRORS = (ConfigError, FileNotFoundError, ValueError)
@@ -90,7 +90,7 @@ def check(cfg: Config, world_size: int, output_dir: bool | None = None) -> Path:
     """
     check_world_size(world_size)
     if int(os.environ.get("RANK", "0")) == 0 if output_dir is None else output_dir:
-        check_output_dir(cfg, world_size - 1)
+        check_output_dir(cfg, cfg.n_clients(world_size))
     check_device(cfg)
     model_path = resolve_model_path(cfg)
     mcfg = model_config(model_path)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         # Only clients read data (the server never needs the files); reading and partitioning it
         # before the process group starts makes a bad line stop the run at once.
         try:
-            data = client_data(cfg, model_path, rank - 1, world_size - 1)
+            data = worker_data(cfg, model_path, rank, world_size)
         except INPUT_ERRORS as e:
             # clients read the same files and compute the same partition: one says it
             raise user_error("data", e, rank == 1) from None

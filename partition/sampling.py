@@ -38,3 +38,19 @@ def round_weights(counts: dict[int, int], participants: list[int]) -> dict[int, 
     the round out."""
     total = sum(counts[c] for c in participants)
     return {c: (counts[c] / total if c in participants else 0.0) for c in sorted(counts)}
+
+
+def assign_clients(
+    participants: list[int], predicted_s: dict[int, float], workers: list[int]
+) -> tuple[dict[int, list[int]], dict[int, float]]:
+    """Which worker trains which of the round's clients, one after another: the longest predicted client
+    first onto the least loaded worker (LPT; ties: the lower client id, the lower worker). Returns each
+    worker's clients in the order it trains them, and its predicted busy time. Depends only on its
+    arguments, so every rank that computes it gets the same assignment."""
+    load = {w: 0.0 for w in workers}
+    assigned: dict[int, list[int]] = {w: [] for w in workers}
+    for c in sorted(participants, key=lambda c: (-predicted_s[c], c)):
+        w = min(workers, key=lambda w: (load[w], w))
+        assigned[w].append(c)
+        load[w] += predicted_s[c]
+    return assigned, load

@@ -130,7 +130,9 @@ class SplitConfig:
     """fixed/manual: each client's cut k (it runs layers 0..k-1), one int or one per client, in 1..L-1.
     adaptive: a list is the plan it starts from (else it starts from the resource plan)."""
     clients: int | None = None
-    """Expected number of clients; if set, it must equal WORLD_SIZE - 1."""
+    """N, the federation's clients (None: one per worker, WORLD_SIZE - 1). More clients than workers: each
+    worker trains the clients rank 0 assigns it each round one after another, re-cutting its stage to
+    each client's cut; each client keeps its own data shard, data position and cut."""
     replan_every: int = 2
     """adaptive: re-plan after every this many rounds."""
     hysteresis: float = 0.1
@@ -290,6 +292,10 @@ class Config:
         if self.split.policy is not None:
             return self.split.policy
         return "manual" if isinstance(self.split.cut_layers, list) else "fixed"
+
+    def n_clients(self, world_size: int) -> int:
+        """N, the federation's clients: split.clients, or one per worker (WORLD_SIZE - 1)."""
+        return self.split.clients if self.split.clients is not None else world_size - 1
 
     @property
     def moves_cuts(self) -> bool:
@@ -632,14 +638,17 @@ def check_world_size(world_size: int) -> None:
 def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int] | None:
     """Checks the config against the launch and the model; returns each client's cut layer (None when
     the resource or adaptive policy will choose them)."""
-    n_clients = world_size - 1
     check_world_size(world_size)
-    if cfg.split.clients is not None:
-        _require(
-            cfg.split.clients == n_clients,
-            f"split.clients={cfg.split.clients} but torchrun started {n_clients} client ranks: "
-            f"launch with --nproc_per_node={cfg.split.clients + 1} (or set split.clients={n_clients})",
-        )
+    n_workers = world_size - 1
+    n_clients = cfg.n_clients(world_size)
+    _require(
+        n_clients >= n_workers,
+        f"split.clients={n_clients} but torchrun started {n_workers} client ranks (workers): a worker "
+        f"trains at least one client; launch with --nproc_per_node={n_clients + 1} or set split.clients "
+        f">= {n_workers}",
+    )
+    if n_clients > n_workers:
+        _check_shared_workers(cfg, n_clients, n_workers)
     k = cfg.train.clients_per_round
     if k is not None:
         _require(
@@ -685,6 +694,35 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
     cuts = cfg.cut_layers_for(n_clients)
     _check_cuts(cuts, n_clients, n_layers, "split.cut_layers", tail)
     return cuts
+
+
+def _check_shared_workers(cfg: Config, n_clients: int, n_workers: int) -> None:
+    """What a run of more clients than workers supports (each worker trains its clients one after
+    another, on one stage that it re-cuts to each client's cut)."""
+    where = f"split.clients={n_clients} on {n_workers} workers"
+    unsupported = [
+        (cfg.policy in ("fixed", "manual"), f"split.policy={cfg.policy}", "split.policy=fixed or manual"),
+        (not cfg.split.schedule, "split.schedule", "no split.schedule"),
+        (cfg.split.mode == "standard", f"split.mode={cfg.split.mode}", "split.mode=standard"),
+        (
+            cfg.train.aggregation == "fedavg",
+            f"train.aggregation={cfg.train.aggregation}",
+            "train.aggregation=fedavg",
+        ),
+        (cfg.lora.selection == "all", f"lora.selection={cfg.lora.selection}", "lora.selection=all"),
+        (cfg.lora.client_ranks is None, "lora.client_ranks", "lora.client_ranks=null"),
+        (
+            not isinstance(cfg.simulate.memory_limit_gb, list | dict),
+            "a per-client simulate.memory_limit_gb",
+            "one simulate.memory_limit_gb for every worker process",
+        ),
+    ]
+    for ok, what, fix in unsupported:
+        _require(
+            ok,
+            f"{where}: {what} is not supported when clients share workers; use {fix}, or launch one worker "
+            f"per client (--nproc_per_node={n_clients + 1})",
+        )
 
 
 def _check_cuts(cuts: list[int], n_clients: int, n_layers: int, where: str, tail: int = 0) -> None:

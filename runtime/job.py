@@ -170,8 +170,27 @@ def partition_shards(cfg: Config, examples: list[Example], n_clients: int) -> li
         ) from None
 
 
-def client_data(cfg: Config, model_path: Path, client_index: int, n_clients: int) -> ClientData:
-    """Loads the data and keeps what client ``client_index`` (0-based) owns."""
+@dataclass
+class FederationData:
+    """A worker's view of the data: every client's training shard (the data are tokenised and
+    partitioned over the N clients once) and the worker's share of the held-out set."""
+
+    examples: list[Example]
+    shards: dict[int, list[int]]  # client id (1..N) -> its training examples
+    eval_examples: list[Example]
+    eval_indices: list[int]
+    pad_id: int
+
+    def client(self, c: int) -> ClientData:
+        return ClientData(self.examples, self.shards[c], self.eval_examples, self.eval_indices, self.pad_id)
+
+
+def federation_data(
+    cfg: Config, model_path: Path, n_clients: int, worker_index: int, n_workers: int
+) -> FederationData:
+    """Loads the data once and partitions it over ``n_clients`` clients (so client i's shard depends on
+    N only, never on the workers); worker ``worker_index`` (0-based) evaluates every ``n_workers``-th
+    held-out example."""
     tok = load_tokenizer(model_path)
     train_path, eval_path = resolve_data_paths(cfg)
     examples = load_examples(train_path, tok, cfg.data.max_seq_len, cfg.data.format)
@@ -179,13 +198,27 @@ def client_data(cfg: Config, model_path: Path, client_index: int, n_clients: int
     eval_examples = load_examples(eval_path, tok, cfg.data.max_seq_len, cfg.data.format)
     if cfg.data.max_eval_samples:
         eval_examples = eval_examples[: cfg.data.max_eval_samples]
-    return ClientData(
+    return FederationData(
         examples=examples,
-        shard=shards[client_index],
+        shards={c: shard for c, shard in enumerate(shards, start=1)},
         eval_examples=eval_examples,
-        eval_indices=list(range(client_index, len(eval_examples), n_clients)),
+        eval_indices=list(range(worker_index, len(eval_examples), n_workers)),
         pad_id=tok.pad_token_id,
     )
+
+
+def worker_data(cfg: Config, model_path: Path, rank: int, world_size: int) -> ClientData | FederationData:
+    """What worker ``rank`` (>= 1) trains on: its client's data, or with more clients than workers
+    (``split.clients``) every client's shard."""
+    n_clients, n_workers = cfg.n_clients(world_size), world_size - 1
+    if n_clients == n_workers:
+        return client_data(cfg, model_path, rank - 1, n_workers)
+    return federation_data(cfg, model_path, n_clients, rank - 1, n_workers)
+
+
+def client_data(cfg: Config, model_path: Path, client_index: int, n_clients: int) -> ClientData:
+    """Loads the data and keeps what client ``client_index`` (0-based) owns (one client per worker)."""
+    return federation_data(cfg, model_path, n_clients, client_index, n_clients).client(client_index + 1)
 
 
 def round_seed(seed: int, rank: int, rnd: int) -> int:

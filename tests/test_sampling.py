@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from partition.sampling import round_weights, sample_clients
+from partition.sampling import assign_clients, round_weights, sample_clients
 
 COUNTS = {c: n for c, n in enumerate([10, 10, 10, 10, 10, 50], start=1)}
 
@@ -39,3 +39,13 @@ def test_round_weights_are_the_participants_shares_and_zero_for_the_rest():
     assert w == {1: 10 / 60, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0, 6: 50 / 60}
     everyone = round_weights(COUNTS, list(COUNTS))
     assert everyone == {c: n / 100 for c, n in COUNTS.items()}  # the run's sample weights, bit for bit
+
+
+def test_the_longest_clients_go_first_onto_the_least_loaded_worker():
+    predicted = {1: 5.0, 2: 4.0, 3: 3.0, 4: 3.0, 5: 2.0, 6: 1.0}
+    assigned, load = assign_clients(list(predicted), predicted, [1, 2])
+    assert assigned == {1: [1, 4, 6], 2: [2, 3, 5]} and load == {1: 9.0, 2: 9.0}
+    # round-robin in client order would give 5+3+2=10 and 4+3+1=8: the round waits 10 s, not 9
+    one, _ = assign_clients([2, 5], predicted, [1, 2, 3])
+    assert one == {1: [2], 2: [5], 3: []}  # a worker with no client this round idles
+    assert assign_clients(list(predicted), predicted, [1])[0] == {1: [1, 2, 3, 4, 5, 6]}
