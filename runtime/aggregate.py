@@ -48,14 +48,21 @@ def aggregate(
     device: torch.device,
     group: dist.ProcessGroup | None,
     weights: dict[int, float],
+    contribution: torch.Tensor | None = None,
 ) -> Aggregated:
     """Sums this rank's contribution with every other rank's and returns the global model's state.
 
     ``holders`` are (client chain, model, sample weight); ``chains`` gives every chain's rank on
     every module (from the plan, the same on every rank); ``weights`` the chains' sample weights.
+    ``contribution`` (fedavg, clients sharing workers): this rank's share of the sum, already made.
     """
     if rule == "fedavg":
-        vec = fedavg_vector([(m, w) for _, m, w in holders], layout)
+        # clients sharing workers: the rank's copies were taken as each client finished
+        vec = (
+            contribution
+            if contribution is not None
+            else fedavg_vector([(m, w) for _, m, w in holders], layout)
+        )
         summed = _all_reduce(vec, device, group)
         return Aggregated(fedavg_result(summed, layout, previous), None, None, 4 * vec.numel())
     stack = StackLayout(layout, chains)

@@ -43,6 +43,7 @@ from models.lora import (
     named_lora_parameters,
     strip_layers,
     target_ranks,
+    write_adapter,
 )
 from models.loss import shift_targets, target_loss, target_stats
 from models.moves import restage
@@ -220,6 +221,33 @@ class Client:
                 handle.remove()
         for j in added:
             self._hooks[j] = self.throttle.attach(self.stage.layers[str(j)])
+        self.cut, self.cut_rank = cut, cut_rank
+        self.params = self._lora_parameters()
+
+    def recut(self, cut: int, cut_rank: int, layout: AdapterLayout, flat: torch.Tensor) -> None:
+        """Takes another client's cut and ranks, holding the global adapter: what a worker does when it
+        goes on to the next of its clients (``split.clients`` > workers). The stage is then what one
+        built for that client would be; unlike :meth:`move`, the model need not stay the same function
+        (the previous client's trained adapter is dropped), so any cut rank is allowed."""
+        old = self.cut
+        if (cut, cut_rank) == (old, self.cut_rank):
+            for model in self.models:
+                write_adapter(model, layout, flat.to(self.device))
+            return
+        strip_layers(self.stage, list(range(old)))
+        if cut < old:
+            self.stage.drop_layers(list(range(cut, old)))
+            for j in range(cut, old):
+                for handle in self._hooks.pop(j):
+                    handle.remove()
+        elif cut > old:
+            self.stage.add_layers(
+                build_layers(self.model_path, old, cut, device=self.device, **stage_kwargs(self.cfg))
+            )
+            for j in range(old, cut):
+                self._hooks[j] = self.throttle.attach(self.stage.layers[str(j)])
+        inject_layers(self.stage, self.spec, target_ranks(0, cut, self.spec, cut_rank, self.cap))
+        write_adapter(self.stage.hf, layout, flat.to(self.device))
         self.cut, self.cut_rank = cut, cut_rank
         self.params = self._lora_parameters()
 

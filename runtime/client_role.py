@@ -7,9 +7,10 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed.rpc as rpc
 
-from models.aggregation import StackLayout
-from models.datasets import typical_seq_len
+from models.aggregation import StackLayout, fedavg_vector
+from models.datasets import BatchStream, typical_seq_len
 from models.importance import Sensitivity
 from models.lora import lora_modules, write_adapter
 from runtime import dist, faults
@@ -17,10 +18,12 @@ from runtime.client import Client
 from runtime.compute import ComputeThreads
 from runtime.config import Config
 from runtime.debug import dump_copies
-from runtime.job import ClientData, client_data, data_seed
+from runtime.dist import SERVER
+from runtime.job import ClientData, FederationData, data_seed, round_seed, worker_data
 from runtime.messages import ClientReport, ClientRound, Divergence, RoundStats, RunState, SatOut, Settled
 from runtime.metrics import CpuUsage
 from runtime.protocol import Plan, Role
+from runtime.server import finish_client, serve_client
 from runtime.simulate import Link, Throttle, apply_memory_limit
 
 log = logging.getLogger("splitft")
@@ -35,14 +38,25 @@ class ClientRole(Role):
         world: dist.World,
         stop: faults.StopSignals,
         compute: ComputeThreads,
-        data: ClientData | None,
+        data: ClientData | FederationData | None,
     ):
         super().__init__(cfg, world, stop, compute)
         slowdown, memory_gb, bandwidth = cfg.simulate.for_client(world.rank - 1)
         apply_memory_limit(memory_gb, world.device)
         self.throttle, self.link = Throttle(slowdown, changing=cfg.simulate.changes), Link(bandwidth)
-        self.data = data or client_data(cfg, self.model_path, world.rank - 1, world.n_clients)
+        self.data = data or worker_data(cfg, self.model_path, world.rank, world.world_size)
         self.client: Client | None = None
+        # clients sharing workers: every client's data stream (positions come with each Assignment), and
+        # this round's weighted copies of the clients this worker trained
+        self.streams: dict[int, BatchStream] = {}
+        if self.multiplexed:
+            d = self.data
+            self.streams = {
+                c: BatchStream(d.examples, shard, cfg.train.batch_size, data_seed(cfg, c - 1), d.pad_id)
+                for c, shard in d.shards.items()
+            }
+        self.contributions: dict[int, torch.Tensor] = {}
+        self.adapter_bytes = 0
 
     # ------------------------------------------------------------------ start
     def simulate_round(self, rnd: int) -> None:
@@ -61,10 +75,14 @@ class ClientRole(Role):
         self.link.bandwidth_mbps = bandwidth
 
     def typical_seq_len(self) -> int:
-        d = self.data
+        d = self.own_data()
         return typical_seq_len(
             d.examples, d.shard, self.cfg.train.batch_size, data_seed(self.cfg, self.world.rank - 1)
         )
+
+    def own_data(self) -> ClientData:
+        """The data of the client this worker starts with (clients sharing workers: client ``rank``)."""
+        return self.data.client(self.world.rank) if self.multiplexed else self.data
 
     def build(self) -> None:
         k, cut_rank = self.plan[self.world.rank]
@@ -75,15 +93,17 @@ class ClientRole(Role):
             self.cfg,
             self.model_path,
             self.spec,
-            self.data,
+            self.own_data(),
             self.world.device,
             self.throttle,
             self.link,
             self.caps[self.world.rank],
         )
 
-    def n_samples(self) -> int:
-        return self.client.n_samples
+    def n_samples(self) -> dict[int, int]:
+        if self.multiplexed:
+            return {c: len(shard) for c, shard in self.data.shards.items()}
+        return {self.world.rank: self.client.n_samples}
 
     def connect(self) -> None:
         self.client.connect()
@@ -91,7 +111,7 @@ class ClientRole(Role):
     def load(self, flat: torch.Tensor, resume: RunState | None) -> None:
         for model in self.client.models:
             write_adapter(model, self.layout, flat)
-        if resume is not None:
+        if resume is not None and not self.multiplexed:  # shared workers: positions come with each Assignment
             self.client.stream.load_state_dict(resume.data_positions[self.world.rank])
             if self.cfg.train.aggregation == "stack":
                 self.client.fetch_merged(self.layout, self.client.layers)
@@ -114,7 +134,9 @@ class ClientRole(Role):
         self.client.relora(self.spec)
 
     # ------------------------------------------------------------------ a round
-    def train(self) -> ClientRound:
+    def train(self) -> ClientRound | list[ClientReport]:
+        if self.multiplexed:
+            return self.train_clients()
         if self.world.rank not in self.participants:
             return SatOut()
         usage = CpuUsage()
@@ -125,7 +147,55 @@ class ClientRole(Role):
             trained.train_cores_used = usage.stop()["train_cores_used"]  # this process, while it trained
         return trained
 
-    def settled(self, trained: ClientRound) -> Settled:
+    def train_clients(self) -> list[ClientReport] | Divergence | None:
+        """Clients sharing workers: trains this worker's clients of the round one after another, each from
+        the global adapter at its own cut, on its own data from its own position, with its own seed and
+        simulated profile; keeps each one's weighted copy for the aggregate. Returns their reports, or the
+        first divergence (naming its client), or None if stopped."""
+        rank, t = self.world.rank, self.cfg.train
+        reports = []
+        for c in self.assignment.workers.get(rank, []):
+            if self.stop.requested:
+                return None
+            self.switch_to(c)
+            torch.manual_seed(round_seed(self.cfg.seed, c, self.rnd))  # the client's, whichever worker
+            usage = CpuUsage()
+            trained = self.client.train_round(t.local_steps, lambda: self.stop.requested, rnd=self.rnd)
+            if trained is None:
+                return None
+            if isinstance(trained, Divergence):
+                trained.client = c
+                return trained
+            trained.train_cores_used = usage.stop()["train_cores_used"]
+            self.contributions[c] = fedavg_vector(
+                [(m, self.weights[c]) for m in self.client.models], self.layout
+            )
+            rpc.rpc_sync(
+                SERVER, finish_client, args=(rank, c, self.weights[c]), timeout=self.client.timeout_s
+            )
+            reports.append(ClientReport(trained, self.client.take_comm(), self.client.stream.state_dict(), c))
+        return reports
+
+    def switch_to(self, c: int) -> None:
+        """This worker's stage and its server replica take client ``c``: its cut, the global adapter, its
+        data position and its simulated speed and bandwidth."""
+        k, cut_rank = self.plan[c]
+        rpc.rpc_sync(SERVER, serve_client, args=(self.world.rank, k), timeout=self.client.timeout_s)
+        self.client.recut(k, cut_rank, self.layout, self.flat)
+        slowdown, _, bandwidth = self.cfg.simulate.for_client(c - 1, self.rnd)
+        self.throttle.set(slowdown)
+        self.link.bandwidth_mbps = bandwidth
+        stream = self.streams[c]
+        position = self.assignment.positions.get(c)
+        if position is not None:
+            stream.load_state_dict(position)
+        self.client.stream = stream
+
+    def take_contributions(self) -> dict[int, torch.Tensor]:
+        parts, self.contributions = self.contributions, {}
+        return parts
+
+    def settled(self, trained: ClientRound | list[ClientReport]) -> Settled:
         return Settled(
             stopping=self.stop.requested or trained is None,
             diverged=trained if isinstance(trained, Divergence) else None,
@@ -142,6 +212,9 @@ class ClientRole(Role):
         }
 
     def aggregated(self, nbytes: int) -> None:
+        if self.multiplexed:  # counted for each client that trained (report), as its own upload would be
+            self.adapter_bytes = nbytes
+            return
         c = self.client
         trained = self.world.rank in self.participants  # one that sat out uploads nothing of its own
         if trained:
@@ -152,9 +225,16 @@ class ClientRole(Role):
     def eval_totals(self) -> torch.Tensor:
         return self.client.evaluate()
 
-    def report(self, trained: RoundStats | SatOut) -> ClientReport:
+    def report(self, trained: RoundStats | SatOut | list[ClientReport]) -> list[ClientReport]:
+        if self.multiplexed:
+            self.client.take_comm()  # the evaluation's traffic: the worker's, not one client's
+            for r in trained:
+                r.comm.adapters_up += self.adapter_bytes
+                r.comm.adapters_down += self.adapter_bytes
+            return trained
         stats = trained if isinstance(trained, RoundStats) else None  # None: it sat the round out
-        return ClientReport(stats=stats, comm=self.client.take_comm(), stream=self.client.stream.state_dict())
+        comm, stream = self.client.take_comm(), self.client.stream.state_dict()
+        return [ClientReport(stats=stats, comm=comm, stream=stream, client=self.world.rank)]
 
     def move(self, new_plan: Plan) -> None:
         k, cut_rank = new_plan[self.world.rank]

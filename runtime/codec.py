@@ -43,6 +43,7 @@ TYPES: dict[str, type] = {
         messages.Settled,
         messages.ClientReport,
         messages.ServerReport,
+        messages.Assignment,
         ResourceProfile,
         Measured,
         RankReport,

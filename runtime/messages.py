@@ -114,6 +114,7 @@ class Divergence:
 
     step: int
     loss: float
+    client: int | None = None  # None: the worker's own client (one client per worker)
 
 
 @dataclass
@@ -221,6 +222,16 @@ class ClientReport:
     stats: RoundStats | None  # None: it sat the round out
     comm: CommBytes
     stream: dict  # its BatchStream's state: where its data resume
+    client: int = 0  # its id (0: the reporting worker's own client, one client per worker)
+
+
+@dataclass
+class Assignment:
+    """Rank 0's round plan when clients share workers: which worker trains which clients, in order, and
+    where each of those clients' data resume (every worker holds every shard; positions move)."""
+
+    workers: dict[int, list[int]]  # worker -> the clients it trains this round, one after another
+    positions: dict[int, dict | None]  # client -> its BatchStream state (None: from the start)
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 import torch.distributed.rpc as rpc
 from safetensors.torch import save_file
 
-from models.aggregation import StackLayout
+from models.aggregation import StackLayout, fedavg_numel
 from models.lora import (
     AdapterLayout,
     build_layout,
@@ -50,6 +50,7 @@ from runtime.config import Config, validate_for_world
 from runtime.dist import SERVER
 from runtime.job import lora_spec, model_config, resolve_model_path, round_seed
 from runtime.messages import (
+    Assignment,
     ClientRound,
     Decision,
     Diverged,
@@ -96,8 +97,16 @@ class Role:
         self.t_start = 0.0
         self.rnd = 0  # the round in progress (0: start-up and the importance warm-up)
         self.resume: RunState | None = None
+        # N clients on the M workers (ranks 1..M); more clients than workers: each worker trains the
+        # clients rank 0 assigns it (an Assignment each round), one after another
+        self.n_clients = cfg.n_clients(world.world_size)
+        self.workers = list(range(1, world.world_size))
+        self.multiplexed = self.n_clients > len(self.workers)
+        self.assignment: Assignment | None = None
         ranks = cfg.lora.client_ranks  # "auto": decided by rank 0 with the plan
-        self.caps = {r: ranks[r - 1] if isinstance(ranks, list) else None for r in range(1, world.world_size)}
+        self.caps = {
+            c: ranks[c - 1] if isinstance(ranks, list) else None for c in range(1, self.n_clients + 1)
+        }
         # split.mode=u_shape: layers from here up (and the head) stay on every client
         n_layers = self.mcfg.num_hidden_layers
         self.tail_start = n_layers - cfg.split.tail_layers if cfg.split.mode == "u_shape" else None
@@ -147,11 +156,12 @@ class Role:
             self.use_selection(resume.selection)
         self.phase(f"building the stages (each process loads only its layers from {self.model_path})")
         self.build()
-        counts = dist.gather_objects(w, self.n_samples())
-        self.counts = {r: counts[r] for r in range(1, w.world_size)}
+        self.counts = {}
+        for per_rank in dist.gather_objects(w, self.n_samples()):  # workers sharing clients all say all
+            self.counts.update(per_rank)
         self.participants = sorted(self.counts)
         self.weights = round_weights(self.counts, self.participants)  # the warm-up's: every client
-        self.announce(counts[1:])
+        self.announce([self.counts[c] for c in self.participants])
         dist.barrier(w)  # replicas exist before any client asks for its RRef
         self.connect()
         done = resume.round if resume else 0
@@ -183,6 +193,8 @@ class Role:
         )
         self.weights = round_weights(self.counts, self.participants)
         self.begin_round(rnd)
+        if self.multiplexed:
+            self.assignment = dist.broadcast_object(self.world, self.assign(rnd))
         # No client's step reaches the server before the server has reseeded too (its replicas draw
         # dropout masks from this process's generator), so the draws are the same on every run.
         dist.barrier(self.world)
@@ -234,7 +246,8 @@ class Role:
         diverged = first_divergence(settled)
         if diverged is not None:
             rank, d = diverged
-            self.diverged(f"client {rank} got loss {d.loss} at step {d.step} of round {rnd}", rnd)
+            who = d.client if d.client is not None else rank
+            self.diverged(f"client {who} got loss {d.loss} at step {d.step} of round {rnd}", rnd)
         if any(s.stopping for s in settled):
             raise faults.Preempted()
 
@@ -301,6 +314,7 @@ class Role:
             self.world.device,
             self.world.aggregation,
             self.weights,
+            self.contribution() if self.multiplexed else None,
         )
         if result.summed is not None:
             self.merge(result.stack, result.summed)
@@ -353,6 +367,22 @@ class Role:
     def begin_round(self, rnd: int) -> None:
         """Before any step of round ``rnd`` can reach the server (the barrier after it holds them)."""
 
+    def assign(self, rnd: int) -> Assignment | None:
+        """Clients sharing workers: rank 0's assignment of the round's clients to workers."""
+        return None
+
+    def contribution(self) -> torch.Tensor:
+        """Clients sharing workers: this rank's share of the fedavg sum, summed over its clients in client
+        order (so the sum does not depend on which worker trained whom, or when)."""
+        parts = self.take_contributions()
+        vec = torch.zeros(fedavg_numel(self.layout), dtype=torch.float64)
+        for c in sorted(parts):
+            vec += parts[c]
+        return vec
+
+    def take_contributions(self) -> dict[int, torch.Tensor]:
+        return {}
+
     def typical_seq_len(self) -> int:
         return 0
 
@@ -362,8 +392,9 @@ class Role:
     def build(self) -> None:
         pass
 
-    def n_samples(self) -> int:
-        return 0
+    def n_samples(self) -> dict[int, int]:
+        """Training samples of the clients this rank can train, by client."""
+        return {}
 
     def announce(self, counts: list[int]) -> None:
         pass

@@ -38,25 +38,26 @@ class RoundOutcome:
 
     @staticmethod
     def gathered(rnd, started, prediction, reports: list, evaluation, new_plan, after_move, move_s):
-        """From the gathered reports: rank 0's ServerReport, then one ClientReport per client rank."""
+        """From the gathered reports: rank 0's ServerReport, then each worker's ClientReports."""
+        server, clients = by_client(reports)
         return RoundOutcome(
-            rnd,
-            started,
-            prediction,
-            reports[0],
-            {r: rep for r, rep in enumerate(reports) if r > 0},
-            evaluation,
-            new_plan,
-            after_move,
-            move_s,
+            rnd, started, prediction, server, clients, evaluation, new_plan, after_move, move_s
         )
+
+
+def by_client(reports: list) -> tuple[ServerReport, dict[int, ClientReport]]:
+    """The gathered reports (rank 0's ServerReport, then a list of ClientReports from each worker) as
+    the server's and each client's, by client id."""
+    return reports[0], {rep.client: rep for per_worker in reports[1:] for rep in per_worker}
 
 
 def metrics_row(role: ServerRole, o: RoundOutcome, elapsed: float, round_time: float) -> dict:
     """The round's line of metrics.jsonl."""
     cfg, scheduler = role.cfg, role.scheduler
-    order = [c for c in sorted(role.cut_map) if o.clients[c].stats is not None]  # the clients that trained
-    everyone = sorted(role.cut_map)
+    # the clients that trained; everyone: every client that reported (clients sharing workers: those that
+    # trained; one client per worker: every client, those that sat out too)
+    order = [c for c in sorted(o.clients) if o.clients[c].stats is not None]
+    everyone = sorted(o.clients)
     stats = {c: o.clients[c].stats for c in order}
     tokens = sum(s.train_tokens for s in stats.values())
     rec = round_record(
@@ -70,6 +71,7 @@ def metrics_row(role: ServerRole, o: RoundOutcome, elapsed: float, round_time: f
         comm_bytes={str(c): o.clients[c].comm.contract() for c in everyone},
         eval_comm_bytes={str(c): o.clients[c].comm.eval_activations_up for c in everyone},
         participants=order,
+        workers={str(c): role.worker_of.get(c, c) for c in order},
         lr=learning_rate(cfg, o.round, cfg.train.local_steps),  # at the round's last step
         server={"peak_rss_mb": o.server.peak_rss_mb, **role.usage},
         clients={str(c): {"weight": role.weights[c], **stats[c].recorded()} for c in order},
@@ -94,12 +96,12 @@ def metrics_row(role: ServerRole, o: RoundOutcome, elapsed: float, round_time: f
             for c in order
         }
         rec["simulated"]["server"] = {"slowdown": cfg.simulate.for_server(o.round)}
-    for i, c in enumerate(everyone):
+    for i, c in enumerate(sorted(role.cut_map)):
         if c not in stats:
             continue
         client = rec["clients"][str(c)]
         client["predicted_time_s"] = o.prediction.client_time_s[i]
-        client["server_s"] = o.server.server_s[c]
+        client["server_s"] = o.server.server_s.get(c)
         # RPCs the replica served for this client's training steps; with each step's distributed
         # backward ("backward") they are the step's round trips
         client["server_calls"] = role.round_calls.get(c, {})
@@ -120,7 +122,7 @@ def run_state(role: ServerRole, o: RoundOutcome, elapsed: float) -> RunState:
         plan=role.plan,
         next_plan=o.new_plan,
         scheduler=role.scheduler.state_dict(),
-        data_positions={c: o.clients[c].stream for c in sorted(role.cut_map)},  # sat out: unchanged
+        data_positions=role.positions,
         selection=role.selection,
         client_ranks={c: r for c, r in role.caps.items() if r is not None},
         metrics=role.records,

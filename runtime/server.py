@@ -29,7 +29,7 @@ import torch
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from models.aggregation import StackLayout, merge_delta
+from models.aggregation import StackLayout, fedavg_vector, merge_delta
 from models.importance import Sensitivity
 from models.lora import (
     AdapterLayout,
@@ -39,6 +39,7 @@ from models.lora import (
     lora_parameters,
     named_lora_parameters,
     strip_layers,
+    write_adapter,
 )
 from models.loss import target_loss, target_stats
 from models.moves import restage
@@ -309,6 +310,7 @@ class Server:
         stopping: Callable[[], bool] = lambda: False,
         throttle: Throttle | None = None,
         compute: ComputeThreads | None = None,
+        base_start: int | None = None,
     ):
         n_layers = load_config(model_path).num_hidden_layers
         self.compute = compute or ComputeThreads(enabled=False, threads=1)
@@ -317,7 +319,7 @@ class Server:
         top = n_layers - cfg.split.tail_layers if cfg.split.mode == "u_shape" else n_layers
         base = build_stage(
             model_path,
-            min(cuts.values()),
+            min(cuts.values()) if base_start is None else base_start,
             top,
             device=device,
             head=cfg.split.mode != "u_shape",
@@ -332,6 +334,33 @@ class Server:
         self.merge_lock = threading.Lock()  # a client's fetch never sees a layer half moved or merged
         self.shadow: dict[str, torch.Tensor] = {}
         self.layout: AdapterLayout | None = None  # the global adapter's layout (set by the server role)
+        # Clients sharing workers (split.clients > workers): replicas are keyed by worker, and each
+        # serves its worker's clients one after another; what each client left is kept here.
+        self.contributions: dict[int, torch.Tensor] = {}  # client -> its replica part's fedavg share
+        self.finished: dict[int, tuple[float | None, dict[str, int]]] = {}  # client -> (step s, calls)
+
+    def serve(self, worker: int, cut: int) -> None:
+        """Replica ``worker`` takes its next client: that client's cut and the global adapter, a fresh
+        optimizer. Layers it gains are shared from the base, which holds every client's layers."""
+        rep = self.replicas[worker]
+        layout, flat = rep.global_adapter
+        if cut != rep.stage.start:
+            rep.move(cut, self.base, layout, flat, {})  # loads the global adapter into every layer
+        else:
+            with rep.lock:
+                self.compute.run(lambda: write_adapter(rep.stage.hf, layout, flat))
+                rep.new_round()
+
+    def finish(self, worker: int, client: int, weight: float) -> None:
+        """Replica ``worker`` is done with ``client``: its last step applied, its weighted copy kept for
+        the round's aggregate, its step time and calls kept for the record."""
+        rep = self.replicas[worker]
+        rep.flush()
+        with rep.lock:
+            self.contributions[client] = self.compute.run(
+                lambda: fedavg_vector([(rep.stage.hf, weight)], rep.global_adapter[0])
+            )
+            self.finished[client] = (rep.take_step_time(), dict(rep.calls))
 
     def init_shadow(self, layout: AdapterLayout) -> None:
         """stack: the base weights of the target modules outside the shared base (below it, and a U-shaped
@@ -411,6 +440,16 @@ def sink(tensor: torch.Tensor) -> None:
 def merged_weights(names: list[str]) -> dict[str, torch.Tensor]:
     """RPC target (stack): the current merged weights of the named target modules."""
     return _SERVER.merged_weights(_SERVER.layout, names)
+
+
+def serve_client(worker: int, cut: int) -> None:
+    """RPC target: worker ``worker`` goes on to a client cut at ``cut`` (``Server.serve``)."""
+    _SERVER.serve(worker, cut)
+
+
+def finish_client(worker: int, client: int, weight: float) -> None:
+    """RPC target: worker ``worker`` finished ``client``'s steps (``Server.finish``)."""
+    _SERVER.finish(worker, client, weight)
 
 
 def replica_rref(rank: int) -> rpc.RRef:

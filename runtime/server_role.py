@@ -13,18 +13,19 @@ from models.aggregation import StackLayout
 from models.importance import Sensitivity, allocate_ranks, combine, uniform_params
 from models.lora import AdapterLayout, LoraSpec, reducible, write_adapter
 from partition.planner import PlanError
+from partition.sampling import assign_clients
 from runtime import checkpoint, dist, faults
 from runtime.checkpoint import CheckpointMismatch
 from runtime.compute import ComputeThreads
 from runtime.config import Config, fingerprint
 from runtime.debug import dump_copies
 from runtime.explain import describe_plan, describe_replan
-from runtime.messages import ClientReport, Decision, RunState, ServerReport, UserError
+from runtime.messages import Assignment, Decision, RunState, ServerReport, UserError
 from runtime.metrics import CpuUsage, MetricsWriter, header, peak_rss_mb, row
 from runtime.probe import ResourceProfile
 from runtime.progress import round_line
 from runtime.protocol import Evaluation, Plan, Role
-from runtime.record import RoundOutcome, metrics_row, run_state
+from runtime.record import RoundOutcome, by_client, metrics_row, run_state
 from runtime.scheduler import Scheduler, model_costs
 from runtime.server import Server, install
 from runtime.simulate import Throttle
@@ -45,7 +46,9 @@ class ServerRole(Role):
         self.writer: MetricsWriter | None = None
         self.round_calls: dict[int, dict[str, int]] = {}
         self.usage: dict[str, float] = {}  # CpuUsage of the last round's training
-        self.fingerprint = fingerprint(cfg, world.n_clients)
+        self.fingerprint = fingerprint(cfg, self.n_clients)
+        self.positions: dict[int, dict] = {}  # client -> where its data resume (from the round's reports)
+        self.worker_of: dict[int, int] = {}  # client -> the worker that trains it this round
         # simulate.server_slowdown: hooked on the probe's layer and on every replica's layers
         self.throttle = Throttle(cfg.simulate.for_server(1), changing=cfg.simulate.changes)
 
@@ -75,9 +78,11 @@ class ServerRole(Role):
                 self.full_layout,
                 seq,
                 max(p.activation_bytes for p in profiles[1:]),
-                self.world.n_clients,
+                self.n_clients,
             )
-            self.scheduler = Scheduler(self.cfg, costs, profiles[1:], profiles[0], self.compute.threads)
+            # a client is planned on its first worker's probe (client c starts on worker (c - 1) % M + 1)
+            clients = [profiles[(c - 1) % len(self.workers) + 1] for c in range(1, self.n_clients + 1)]
+            self.scheduler = Scheduler(self.cfg, costs, clients, profiles[0], self.compute.threads)
             if resume is None:
                 cuts = self.scheduler.initial()
                 plan = {r: (k, self.spec.r_cut) for r, k in enumerate(cuts, start=1)}
@@ -96,6 +101,7 @@ class ServerRole(Role):
         )
         (self.out / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         self.records = list(resume.metrics) if resume else []
+        self.positions = dict(resume.data_positions) if resume else {}
         self.writer = MetricsWriter(self.out / "metrics.jsonl", self.records)
         return Decision(plan, caps, resume, flat)
 
@@ -117,15 +123,19 @@ class ServerRole(Role):
         return RunState.from_json(state), flat
 
     def build(self) -> None:
+        # One replica per worker: for its own client, or (clients sharing workers) for each client it
+        # trains, in turn; it starts at the cut of the worker's first client, and the shared base holds
+        # the layers of every client's cut.
         self.server = Server(
             self.model_path,
-            self.cut_map,
+            {w: self.cut_map[w] for w in self.workers},
             self.spec,
             self.world.device,
             self.cfg,
             lambda: self.stop.requested,
             self.throttle,
             self.compute,
+            base_start=min(self.cut_map.values()),
         )
         self.server.layout = self.layout
         if self.server.merging:
@@ -251,17 +261,43 @@ class ServerRole(Role):
             replica.new_round()
 
     def report(self, trained: None) -> ServerReport:
+        if self.multiplexed:  # what each replica left when its worker finished a client
+            finished, self.server.finished = self.server.finished, {}
+            for rep in self.server.replicas.values():
+                rep.take_step_time()
+            self.round_calls = {c: calls for c, (_, calls) in finished.items()}
+            return ServerReport(peak_rss_mb=peak_rss_mb(), server_s={c: s for c, (s, _) in finished.items()})
         server_s = {r: rep.take_step_time() for r, rep in self.server.replicas.items()}
         return ServerReport(peak_rss_mb=peak_rss_mb(), server_s=server_s)
+
+    def assign(self, rnd: int) -> Assignment:
+        """Clients sharing workers: the round's clients onto the workers, longest predicted first onto the
+        least loaded, with each one's data position."""
+        predicted = dict(zip(sorted(self.cut_map), self.scheduler.predict(self.cuts).client_time_s))
+        workers, load = assign_clients(self.participants, predicted, self.workers)
+        log.info(
+            "round %d: %s (longest predicted client first onto the least loaded worker)",
+            rnd,
+            "; ".join(
+                f"worker {w} trains clients {cs} (predicted {load[w]:.2f} s)" for w, cs in workers.items()
+            ),
+        )
+        self.worker_of = {c: w for w, cs in workers.items() for c in cs}
+        return Assignment(workers, {c: self.positions.get(c) for cs in workers.values() for c in cs})
+
+    def take_contributions(self) -> dict[int, torch.Tensor]:
+        parts, self.server.contributions = self.server.contributions, {}
+        return parts
 
     def replan(self, rnd: int, reports: list, evaluation: Evaluation) -> Plan | None:
         if rnd >= self.cfg.train.rounds:
             return None
-        server: ServerReport = reports[0]
-        clients: list[ClientReport] = [reports[r] for r in sorted(self.cut_map)]
+        server, clients = by_client(reports)
         measured = [
-            c.stats.measured(server.server_s[r]) if c.stats is not None else None  # None: it sat out
-            for r, c in zip(sorted(self.cut_map), clients)
+            clients[c].stats.measured(server.server_s.get(c))
+            if c in clients and clients[c].stats is not None
+            else None  # it sat the round out
+            for c in sorted(self.cut_map)
         ]
         cuts = self.scheduler.after_round(rnd, self.cuts, measured, evaluation[0])
         if cuts is None:
@@ -277,6 +313,7 @@ class ServerRole(Role):
     def record(self, outcome: RoundOutcome) -> None:
         """metrics.jsonl's line now; the adapter and the checkpoint on the saver's thread."""
         now = time.perf_counter()
+        self.positions.update({c: r.stream for c, r in outcome.clients.items()})
         rec = metrics_row(self, outcome, elapsed=now - self.t_start, round_time=now - outcome.started)
         self.writer.write(rec)
         self.records.append(rec)
