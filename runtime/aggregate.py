@@ -54,7 +54,7 @@ def aggregate(
 
     ``holders`` are (client chain, model, sample weight); ``chains`` gives every chain's rank on
     every module (from the plan, the same on every rank); ``weights`` the chains' sample weights.
-    ``contribution`` (fedavg, clients sharing workers): this rank's share of the sum, already made.
+    ``contribution`` (clients sharing workers): this rank's share of the sum, already made.
     """
     if rule == "fedavg":
         # clients sharing workers: the rank's copies were taken as each client finished
@@ -66,7 +66,8 @@ def aggregate(
         summed = _all_reduce(vec, device, group)
         return Aggregated(fedavg_result(summed, layout, previous), None, None, 4 * vec.numel())
     stack = StackLayout(layout, chains)
-    summed = _all_reduce(stack_vector(holders, stack), device, group)
+    vec = contribution if contribution is not None else stack_vector(holders, stack)
+    summed = _all_reduce(vec, device, group)
     if rule == "svd":
         return Aggregated(svd_result(summed, stack, spec.scale), stack, None, 4 * stack.numel)
     return Aggregated(stack_restart(summed, stack, weights), stack, summed, 4 * stack.numel)

@@ -250,6 +250,8 @@ class Client:
         write_adapter(self.stage.hf, layout, flat.to(self.device))
         self.cut, self.cut_rank = cut, cut_rank
         self.params = self._lora_parameters()
+        if self.cfg.train.aggregation == "stack" and cut > old:  # the layers read from disk: merged weights
+            self.fetch_merged(layout, list(range(old, cut)))
 
     @property
     def models(self) -> list[torch.nn.Module]:

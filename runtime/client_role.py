@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed.rpc as rpc
 
-from models.aggregation import StackLayout, fedavg_vector
+from models.aggregation import StackLayout
 from models.datasets import BatchStream, typical_seq_len
 from models.importance import Sensitivity
 from models.lora import lora_modules, write_adapter
@@ -167,9 +167,7 @@ class ClientRole(Role):
                 trained.client = c
                 return trained
             trained.train_cores_used = usage.stop()["train_cores_used"]
-            self.contributions[c] = fedavg_vector(
-                [(m, self.weights[c]) for m in self.client.models], self.layout
-            )
+            self.contributions[c] = self.copy_vector(c, self.client.models, self.weights[c])
             rpc.rpc_sync(
                 SERVER, finish_client, args=(rank, c, self.weights[c]), timeout=self.client.timeout_s
             )

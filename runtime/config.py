@@ -704,11 +704,6 @@ def _check_shared_workers(cfg: Config, n_clients: int, n_workers: int) -> None:
         (cfg.policy in ("fixed", "manual"), f"split.policy={cfg.policy}", "split.policy=fixed or manual"),
         (not cfg.split.schedule, "split.schedule", "no split.schedule"),
         (cfg.split.mode == "standard", f"split.mode={cfg.split.mode}", "split.mode=standard"),
-        (
-            cfg.train.aggregation == "fedavg",
-            f"train.aggregation={cfg.train.aggregation}",
-            "train.aggregation=fedavg",
-        ),
         (cfg.lora.selection == "all", f"lora.selection={cfg.lora.selection}", "lora.selection=all"),
         (cfg.lora.client_ranks is None, "lora.client_ranks", "lora.client_ranks=null"),
         (

@@ -31,7 +31,7 @@ import torch
 import torch.distributed.rpc as rpc
 from safetensors.torch import save_file
 
-from models.aggregation import StackLayout, fedavg_numel
+from models.aggregation import StackLayout, fedavg_numel, fedavg_vector, stack_vector
 from models.lora import (
     AdapterLayout,
     build_layout,
@@ -103,6 +103,7 @@ class Role:
         self.workers = list(range(1, world.world_size))
         self.multiplexed = self.n_clients > len(self.workers)
         self.assignment: Assignment | None = None
+        self._stack: StackLayout | None = None
         ranks = cfg.lora.client_ranks  # "auto": decided by rank 0 with the plan
         self.caps = {
             c: ranks[c - 1] if isinstance(ranks, list) else None for c in range(1, self.n_clients + 1)
@@ -371,11 +372,26 @@ class Role:
         """Clients sharing workers: rank 0's assignment of the round's clients to workers."""
         return None
 
+    def copy_vector(self, client: int, models: list[torch.nn.Module], weight: float) -> torch.Tensor:
+        """Clients sharing workers: what one client's trained copy (``models``, on this rank) adds to the
+        round's all-reduce under ``train.aggregation``, taken when the client finishes."""
+        if self.cfg.train.aggregation == "fedavg":
+            return fedavg_vector([(m, weight) for m in models], self.layout)
+        return stack_vector([(client, m, weight) for m in models], self.stack_layout())
+
+    def stack_layout(self) -> StackLayout:
+        """stack / svd: the blocks of every client's chain (cuts do not move when clients share workers)."""
+        if self._stack is None or self._stack.layout is not self.layout:
+            self._stack = StackLayout(self.layout, self.chains())
+        return self._stack
+
     def contribution(self) -> torch.Tensor:
-        """Clients sharing workers: this rank's share of the fedavg sum, summed over its clients in client
+        """Clients sharing workers: this rank's share of the round's sum, added over its clients in client
         order (so the sum does not depend on which worker trained whom, or when)."""
         parts = self.take_contributions()
-        vec = torch.zeros(fedavg_numel(self.layout), dtype=torch.float64)
+        fedavg = self.cfg.train.aggregation == "fedavg"
+        n = fedavg_numel(self.layout) if fedavg else self.stack_layout().numel
+        vec = torch.zeros(n, dtype=torch.float64)
         for c in sorted(parts):
             vec += parts[c]
         return vec

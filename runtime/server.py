@@ -29,7 +29,7 @@ import torch
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from models.aggregation import StackLayout, fedavg_vector, merge_delta
+from models.aggregation import StackLayout, merge_delta
 from models.importance import Sensitivity
 from models.lora import (
     AdapterLayout,
@@ -336,7 +336,8 @@ class Server:
         self.layout: AdapterLayout | None = None  # the global adapter's layout (set by the server role)
         # Clients sharing workers (split.clients > workers): replicas are keyed by worker, and each
         # serves its worker's clients one after another; what each client left is kept here.
-        self.contributions: dict[int, torch.Tensor] = {}  # client -> its replica part's fedavg share
+        self.contributions: dict[int, torch.Tensor] = {}  # client -> its replica part's share of the sum
+        self.copy_vector: Callable[[int, list[nn.Module], float], torch.Tensor] | None = None  # the role's
         self.finished: dict[int, tuple[float | None, dict[str, int]]] = {}  # client -> (step s, calls)
 
     def serve(self, worker: int, cut: int) -> None:
@@ -358,7 +359,7 @@ class Server:
         rep.flush()
         with rep.lock:
             self.contributions[client] = self.compute.run(
-                lambda: fedavg_vector([(rep.stage.hf, weight)], rep.global_adapter[0])
+                lambda: self.copy_vector(client, [rep.stage.hf], weight)
             )
             self.finished[client] = (rep.take_step_time(), dict(rep.calls))
 

@@ -138,6 +138,7 @@ class ServerRole(Role):
             base_start=min(self.cut_map.values()),
         )
         self.server.layout = self.layout
+        self.server.copy_vector = self.copy_vector  # clients sharing workers: each finished client's share
         if self.server.merging:
             if self.cfg.model.dtype != "float32":
                 log.warning(
