@@ -54,3 +54,11 @@ def assign_clients(
         assigned[w].append(c)
         load[w] += predicted_s[c]
     return assigned, load
+
+
+def round_robin(participants: list[int], workers: list[int]) -> dict[int, list[int]]:
+    """The baseline assignment: the round's clients in id order, dealt to the workers in turn."""
+    assigned: dict[int, list[int]] = {w: [] for w in workers}
+    for i, c in enumerate(sorted(participants)):
+        assigned[workers[i % len(workers)]].append(c)
+    return assigned

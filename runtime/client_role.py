@@ -4,6 +4,7 @@ simulated resources (the protocol it plays its part in: ``runtime.protocol``).""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -157,7 +158,9 @@ class ClientRole(Role):
         for c in self.assignment.workers.get(rank, []):
             if self.stop.requested:
                 return None
+            t_switch = time.perf_counter()
             self.switch_to(c)
+            switch_s = time.perf_counter() - t_switch
             torch.manual_seed(round_seed(self.cfg.seed, c, self.rnd))  # the client's, whichever worker
             usage = CpuUsage()
             trained = self.client.train_round(t.local_steps, lambda: self.stop.requested, rnd=self.rnd)
@@ -167,6 +170,7 @@ class ClientRole(Role):
                 trained.client = c
                 return trained
             trained.train_cores_used = usage.stop()["train_cores_used"]
+            trained.switch_s = switch_s
             self.contributions[c] = self.copy_vector(c, self.client.models, self.weights[c])
             rpc.rpc_sync(
                 SERVER, finish_client, args=(rank, c, self.weights[c]), timeout=self.client.timeout_s

@@ -133,6 +133,10 @@ class SplitConfig:
     """N, the federation's clients (None: one per worker, WORLD_SIZE - 1). More clients than workers: each
     worker trains the clients rank 0 assigns it each round one after another, re-cutting its stage to
     each client's cut; each client keeps its own data shard, data position and cut."""
+    assignment: str = "predicted"
+    """Clients sharing workers: how rank 0 assigns a round's clients to workers. predicted: the longest
+    first onto the least loaded worker, by each client's measured training time when it has trained
+    before, else the cost model's prediction; round_robin: in client order, one worker after another."""
     replan_every: int = 2
     """adaptive: re-plan after every this many rounds."""
     hysteresis: float = 0.1
@@ -511,6 +515,10 @@ def validate(cfg: Config) -> None:
     _require(
         t.clients_per_round is None or t.clients_per_round >= 1,
         f"train.clients_per_round={t.clients_per_round}: must be >= 1 (or null: every client, every round)",
+    )
+    _require(
+        cfg.split.assignment in ("predicted", "round_robin"),
+        f"split.assignment={cfg.split.assignment!r}: use predicted or round_robin",
     )
     _require(
         t.client_sampling in ("uniform", "by_samples"),

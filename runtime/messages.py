@@ -64,6 +64,7 @@ class RunState:
     selection: dict | None  # HSplitLoRA's importance selection, once made
     client_ranks: dict[int, int]  # client -> its own LoRA rank, where it has one
     metrics: list[dict]  # metrics.jsonl's records up to this round
+    client_times: dict[int, float] = field(default_factory=dict)  # client -> its last measured train s
 
     def to_json(self) -> dict:
         plan = lambda p: None if p is None else {str(c): list(v) for c, v in p.items()}
@@ -78,6 +79,7 @@ class RunState:
             "selection": self.selection,
             "client_ranks": {str(c): r for c, r in self.client_ranks.items()},
             "metrics": self.metrics,
+            "client_times": {str(c): t for c, t in self.client_times.items()},
         }
 
     @staticmethod
@@ -94,6 +96,7 @@ class RunState:
             selection=d.get("selection"),
             client_ranks={int(c): int(r) for c, r in (d.get("client_ranks") or {}).items()},
             metrics=d.get("metrics", []),
+            client_times={int(c): float(t) for c, t in (d.get("client_times") or {}).items()},
         )
 
 
@@ -134,6 +137,7 @@ class RoundStats:
     stage_param_mb: float
     lora_bytes: int  # the adapter this client holds
     train_cores_used: float = 0.0  # cores this process used while it trained
+    switch_s: float = 0.0  # clients sharing workers: taking this client (re-cut, replica, data position)
 
     # recorded per client in metrics.jsonl (the token counts go into the round's totals instead)
     RECORDED = (
@@ -148,6 +152,7 @@ class RoundStats:
         "stage_param_mb",
         "lora_bytes",
         "train_cores_used",
+        "switch_s",
     )
 
     def recorded(self) -> dict:

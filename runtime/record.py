@@ -89,6 +89,8 @@ def metrics_row(role: ServerRole, o: RoundOutcome, elapsed: float, round_time: f
     plan["client_ranks"] = {str(c): r or role.spec.r for c, r in role.caps.items()}
     if scheduler.reason is not None:
         plan["replan"] = scheduler.reason
+    if role.predicted_round_s is not None:  # clients sharing workers: the assignment's busiest worker
+        plan["assigned_round_time_s"] = role.predicted_round_s
     rec["plan"] = plan
     if cfg.simulate.changes:  # what the clients were made to do (never shown to the scheduler)
         rec["simulated"] = {
@@ -126,4 +128,5 @@ def run_state(role: ServerRole, o: RoundOutcome, elapsed: float) -> RunState:
         selection=role.selection,
         client_ranks={c: r for c, r in role.caps.items() if r is not None},
         metrics=role.records,
+        client_times=role.client_times,
     )

@@ -13,7 +13,7 @@ from models.aggregation import StackLayout
 from models.importance import Sensitivity, allocate_ranks, combine, uniform_params
 from models.lora import AdapterLayout, LoraSpec, reducible, write_adapter
 from partition.planner import PlanError
-from partition.sampling import assign_clients
+from partition.sampling import assign_clients, round_robin
 from runtime import checkpoint, dist, faults
 from runtime.checkpoint import CheckpointMismatch
 from runtime.compute import ComputeThreads
@@ -49,6 +49,8 @@ class ServerRole(Role):
         self.fingerprint = fingerprint(cfg, self.n_clients)
         self.positions: dict[int, dict] = {}  # client -> where its data resume (from the round's reports)
         self.worker_of: dict[int, int] = {}  # client -> the worker that trains it this round
+        self.client_times: dict[int, float] = {}  # client -> its training time when it last trained
+        self.predicted_round_s: float | None = None  # shared workers: the busiest worker's predicted time
         # simulate.server_slowdown: hooked on the probe's layer and on every replica's layers
         self.throttle = Throttle(cfg.simulate.for_server(1), changing=cfg.simulate.changes)
 
@@ -102,6 +104,7 @@ class ServerRole(Role):
         (self.out / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         self.records = list(resume.metrics) if resume else []
         self.positions = dict(resume.data_positions) if resume else {}
+        self.client_times = dict(resume.client_times) if resume else {}
         self.writer = MetricsWriter(self.out / "metrics.jsonl", self.records)
         return Decision(plan, caps, resume, flat)
 
@@ -272,16 +275,25 @@ class ServerRole(Role):
         return ServerReport(peak_rss_mb=peak_rss_mb(), server_s=server_s)
 
     def assign(self, rnd: int) -> Assignment:
-        """Clients sharing workers: the round's clients onto the workers, longest predicted first onto the
-        least loaded, with each one's data position."""
+        """Clients sharing workers: the round's clients onto the workers (``split.assignment``), each with
+        its data position. A client's time is what it took when it last trained, else the cost model's."""
         predicted = dict(zip(sorted(self.cut_map), self.scheduler.predict(self.cuts).client_time_s))
-        workers, load = assign_clients(self.participants, predicted, self.workers)
+        predicted.update(self.client_times)
+        if self.cfg.split.assignment == "round_robin":
+            workers = round_robin(self.participants, self.workers)
+            load = {w: sum(predicted[c] for c in cs) for w, cs in workers.items()}
+            how = "split.assignment=round_robin"
+        else:
+            workers, load = assign_clients(self.participants, predicted, self.workers)
+            how = "longest client first onto the least loaded worker, by measured or predicted time"
+        self.predicted_round_s = max(load.values())
         log.info(
-            "round %d: %s (longest predicted client first onto the least loaded worker)",
+            "round %d: %s (%s)",
             rnd,
             "; ".join(
                 f"worker {w} trains clients {cs} (predicted {load[w]:.2f} s)" for w, cs in workers.items()
             ),
+            how,
         )
         self.worker_of = {c: w for w, cs in workers.items() for c in cs}
         return Assignment(workers, {c: self.positions.get(c) for cs in workers.values() for c in cs})
@@ -315,6 +327,9 @@ class ServerRole(Role):
         """metrics.jsonl's line now; the adapter and the checkpoint on the saver's thread."""
         now = time.perf_counter()
         self.positions.update({c: r.stream for c, r in outcome.clients.items()})
+        self.client_times.update(
+            {c: r.stats.train_time_s for c, r in outcome.clients.items() if r.stats is not None}
+        )
         rec = metrics_row(self, outcome, elapsed=now - self.t_start, round_time=now - outcome.started)
         self.writer.write(rec)
         self.records.append(rec)

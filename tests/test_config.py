@@ -312,9 +312,45 @@ def test_learning_rate_schedules_warm_up_then_fall_to_their_floor():
         ("train.warmup_steps=-1", "train.warmup_steps=-1: must be >= 0"),
         ("train.min_lr_ratio=1.5", "train.min_lr_ratio=1.5: must be in [0, 1]"),
         ("train.lr_schedule=step", "train.lr_schedule='step': use constant, linear or cosine"),
+        ("split.assignment=random", "split.assignment='random': use predicted or round_robin"),
+        ("train.clients_per_round=0", "train.clients_per_round=0: must be >= 1"),
+        ("train.client_sampling=weighted", "train.client_sampling='weighted': use uniform or by_samples"),
     ],
 )
 def test_a_schedule_that_cannot_run_is_named(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["split.clients=2"], "split.clients=2 but torchrun started 4 client ranks (workers)"),
+        (
+            ["split.clients=8", "train.clients_per_round=9"],
+            "train.clients_per_round=9 but the run has 8 clients",
+        ),
+        (
+            ["split.clients=8", "split.policy=adaptive"],
+            "split.policy=adaptive is not supported when clients share",
+        ),
+        (
+            ["split.clients=8", "split.mode=u_shape", "split.tail_layers=1"],
+            "split.mode=u_shape is not supported",
+        ),
+        (["split.clients=8", "simulate.slowdown=[1,2,3,4]"], "simulate.slowdown has 4 entries for 8 clients"),
+        (["split.clients=8", "split.cut_layers=[1,2,3,2]"], "split.cut_layers has 4 entries for 8 clients"),
+    ],
+)
+def test_a_federation_the_workers_cannot_run_is_named_before_it_starts(overrides, message):
+    cfg = load_config("torchrun_configs/tiny_cpu.yaml", overrides)
+    with pytest.raises(ConfigError) as e:
+        validate_for_world(cfg, 5, 4)
+    assert message in str(e.value)
+
+
+def test_more_clients_than_workers_is_a_federation_of_the_clients():
+    cfg = load_config("torchrun_configs/tiny_cpu.yaml", ["split.clients=8", "split.cut_layers=2"])
+    assert cfg.n_clients(5) == 8 and validate_for_world(cfg, 5, 4) == [2] * 8
+    assert load_config("torchrun_configs/tiny_cpu.yaml", []).n_clients(5) == 4

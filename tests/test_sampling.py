@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from partition.sampling import assign_clients, round_weights, sample_clients
+from partition.sampling import assign_clients, round_robin, round_weights, sample_clients
 
 COUNTS = {c: n for c, n in enumerate([10, 10, 10, 10, 10, 50], start=1)}
 
@@ -49,3 +49,7 @@ def test_the_longest_clients_go_first_onto_the_least_loaded_worker():
     one, _ = assign_clients([2, 5], predicted, [1, 2, 3])
     assert one == {1: [2], 2: [5], 3: []}  # a worker with no client this round idles
     assert assign_clients(list(predicted), predicted, [1])[0] == {1: [1, 2, 3, 4, 5, 6]}
+
+
+def test_round_robin_deals_the_clients_in_id_order():
+    assert round_robin([5, 1, 3, 2], [1, 2]) == {1: [1, 3], 2: [2, 5]}
