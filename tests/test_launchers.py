@@ -207,7 +207,7 @@ def test_sbatch_two_nodes(slurm, setup, tmp_path):
 
 
 FAKE_TORCHRUN = """#!/bin/bash
-# Stands in for python -m torch.distributed.run: the batch script's signal and requeue logic alone.
+# Stands in for python -m launch.run: the batch script's signal and requeue logic alone.
 echo "fake torchrun: restart ${SLURM_RESTART_COUNT:-0}: $*"
 trap 'echo "fake torchrun: SIGTERM"; exit 75' TERM
 trap 'echo "fake torchrun: SIGUSR1"; exit 75' USR1
@@ -245,7 +245,7 @@ def test_batch_script_requeues_on_usr1_not_on_cancel(slurm, tmp_path, how):
     assert slurm.run("scancel", *signal_cmd, job).returncode == 0
     info = wait_job(slurm, job, log)
     text = log.read_text()
-    assert "-m launch.train some.yaml train.rounds=2" in text
+    assert "-m launch.run some.yaml train.rounds=2 --standalone" in text
     if how == "usr1":
         assert "fake torchrun: SIGUSR1" in text and f"requeueing job {job}" in text, text
         assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
