@@ -29,6 +29,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -127,8 +128,9 @@ class TorchrunLog(logging.Filter):
         message = record.getMessage()
         if "attempts left" in message:
             cause = self.new_failure()
-            left = message.split("Worker group ", 1)[-1].split(";")[0]
-            say(f"restarting the workers ({left})" + (f" after: {cause}" if cause else ""))
+            left = re.search(r"(\d+)/(\d+) attempts left", message)
+            restarts = f" ({left.group(1)} of --max-restarts={left.group(2)} left)" if left else ""
+            say(f"a worker failed; restarting the workers{restarts}" + (f": {cause}" if cause else ""))
             return False
         return record.levelno >= logging.WARNING and not message.startswith(NOISE)
 
