@@ -62,3 +62,12 @@ def round_robin(participants: list[int], workers: list[int]) -> dict[int, list[i
     for i, c in enumerate(sorted(participants)):
         assigned[workers[i % len(workers)]].append(c)
     return assigned
+
+
+def client_estimates(modelled: dict[int, float], measured: dict[int, float]) -> dict[int, float]:
+    """Each client's expected training time: what it took when it last trained, else the cost model's
+    figure scaled by how the model's figures compare with the measured ones (the median ratio over the
+    clients measured so far), so measured and modelled clients are compared in the same seconds."""
+    ratios = sorted(measured[c] / modelled[c] for c in measured if modelled.get(c, 0) > 0)
+    scale = ratios[len(ratios) // 2] if ratios else 1.0
+    return {c: measured.get(c, modelled[c] * scale) for c in modelled}

@@ -13,7 +13,7 @@ from models.aggregation import StackLayout
 from models.importance import Sensitivity, allocate_ranks, combine, uniform_params
 from models.lora import AdapterLayout, LoraSpec, reducible, write_adapter
 from partition.planner import PlanError
-from partition.sampling import assign_clients, round_robin
+from partition.sampling import assign_clients, client_estimates, round_robin
 from runtime import checkpoint, dist, faults
 from runtime.checkpoint import CheckpointMismatch
 from runtime.compute import ComputeThreads
@@ -277,8 +277,8 @@ class ServerRole(Role):
     def assign(self, rnd: int) -> Assignment:
         """Clients sharing workers: the round's clients onto the workers (``split.assignment``), each with
         its data position. A client's time is what it took when it last trained, else the cost model's."""
-        predicted = dict(zip(sorted(self.cut_map), self.scheduler.predict(self.cuts).client_time_s))
-        predicted.update(self.client_times)
+        modelled = dict(zip(sorted(self.cut_map), self.scheduler.predict(self.cuts).client_time_s))
+        predicted = client_estimates(modelled, self.client_times)
         if self.cfg.split.assignment == "round_robin":
             workers = round_robin(self.participants, self.workers)
             load = {w: sum(predicted[c] for c in cs) for w, cs in workers.items()}

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from partition.sampling import assign_clients, round_robin, round_weights, sample_clients
+from partition.sampling import assign_clients, client_estimates, round_robin, round_weights, sample_clients
 
 COUNTS = {c: n for c, n in enumerate([10, 10, 10, 10, 10, 50], start=1)}
 
@@ -53,3 +53,10 @@ def test_the_longest_clients_go_first_onto_the_least_loaded_worker():
 
 def test_round_robin_deals_the_clients_in_id_order():
     assert round_robin([5, 1, 3, 2], [1, 2]) == {1: [1, 3], 2: [2, 5]}
+
+
+def test_a_client_not_yet_measured_is_estimated_in_the_measured_clients_seconds():
+    modelled = {1: 2.0, 2: 2.0, 3: 4.0}
+    assert client_estimates(modelled, {}) == modelled
+    # measured over modelled: 0.25 and 1.5; their median (the upper one of two) scales client 3
+    assert client_estimates(modelled, {1: 0.5, 2: 3.0}) == {1: 0.5, 2: 3.0, 3: 4.0 * 1.5}
