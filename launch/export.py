@@ -7,7 +7,8 @@
 The run writes the global adapter in PEFT form to ``OUTPUT_DIR/adapter`` after every round
 (atomically, so it is always the last completed round's); this command loads it onto the base
 model (``model.path`` of the run's saved ``run_config.json``) to check that it fits, and says
-where it is and which round it holds. ``--merged DIR`` also writes the base model with the
+where it is and which round it holds (``adapter/splitft.json``, written with it: a run's
+metrics.jsonl may already have the next round). ``--merged DIR`` also writes the base model with the
 adapter merged into its weights, plus its config and tokenizer: ``AutoModelForCausalLM
 .from_pretrained(DIR)`` loads it without PEFT, and it gives the split model's logits. DIR must not
 exist yet or be empty; nothing else is written.
@@ -65,9 +66,15 @@ def main(argv: list[str] | None = None) -> None:
             f"no adapter in {str(adapter)!r}: the run writes it after each round; did round 1 finish?"
         )
     from models.export import merge_adapter, save_merged
+    from runtime.outdir import adapter_round, read_metrics
 
-    records = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
-    rnd = json.loads(records[-1])["round"] if records else "?"
+    rnd = adapter_round(adapter)  # adapter/splitft.json: the round it holds
+    if rnd is None:  # an adapter written before it said: metrics.jsonl's last complete round
+        try:
+            records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+        except (OSError, ValueError) as e:
+            raise _fail(str(e)) from None
+        rnd = records[-1].get("round", "?") if records else "?"
     if merged is None:
         merge_adapter(model_path, adapter, cfg.model.dtype)  # loads onto the base, or fails naming why
         print(f"global adapter of round {rnd} (PEFT format, checked against {model_path}): {adapter}")

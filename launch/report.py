@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.metrics import header, row
+from runtime.outdir import read_metrics
 
 CATEGORIES = ("activations_up", "gradients_down", "adapters_up", "adapters_down")
 
 
 def load(out: Path) -> tuple[list[dict], dict | None]:
     """(metrics records, baseline or None) of a run's output_dir."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(out / "metrics.jsonl")  # a run in progress: a torn last line is skipped
     baseline = out / "baseline.json"
     return records, json.loads(baseline.read_text()) if baseline.is_file() else None
 
@@ -412,7 +413,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.target is not None:
         parser.error("--target compares runs: give two or more")
     (out,) = args.runs
-    records, baseline = load(out)
+    try:
+        records, baseline = load(out)
+    except ValueError as e:  # a damaged line before the last
+        print(f"report error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not records:
+        print(f"report error: {str(out / 'metrics.jsonl')!r} holds no complete round yet", file=sys.stderr)
+        raise SystemExit(2)
     print(header())
     for record in records:
         print(row(record))

@@ -10,7 +10,12 @@ The same job as ``torchrun --nproc-per-node N [torchrun options] -m launch.train
   ``nnodes x nproc-per-node``), the model folder (``builtin:tiny`` is built here, once), the LoRA
   targets, the output folder (single-node launches; on several nodes rank 0 checks it) and the data
   (read and partitioned as client 1 would). A bad input is one line and exit code 2, and no process
-  group is started.
+  group is started. The output folder's lock (``runtime/outdir.py``) is only looked at here: held by a
+  running job, the launch is refused; free, it is left free, because the job's rank 0 (a process
+  of its own) takes it and holds it for its life, and a lock held here would make that rank 0 find
+  the folder taken. Two front doors racing for one folder are told apart by their rank 0s: the
+  second one's rank 0 finds the lock held and its job fails with that one line. Results to move
+  aside (``runtime.overwrite=true``) are moved by rank 0 too, not here.
 - When the job fails, it prints the root cause once, as one line: the first failed rank's message
   (from its torchelastic error file) and its exit code, instead of torchrun's failure banner. The
   exit code is the rank's when it is one of the project's (2: fix the input; 75: stopped by a
@@ -103,10 +108,13 @@ def check(train_args: list[str], world_size: int, single_node: bool) -> None:
     """launch.train's own checks, once, here; a bad input ends this process with one line and exit 2."""
     from launch import train
     from runtime.job import client_data
+    from runtime.outdir import OutputDirError
 
     try:
         cfg = train.parse(train_args)
         model_path = train.check(cfg, world_size, output_dir=single_node)
+    except OutputDirError as e:
+        raise train.user_error("output_dir", e, True) from None
     except train.INPUT_ERRORS as e:
         raise train.user_error("config", e, True) from None
     try:

@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from models.lora import peft_adapter, write_peft_adapter
-from runtime import faults
+from runtime import faults, outdir
 
 log = logging.getLogger("splitft")
 
@@ -264,26 +264,47 @@ def check_fingerprint(root: Path, state: dict, expect: dict) -> None:
 
 
 def export_adapter(
-    out: Path, layout, flat: torch.Tensor, spec, model_config, model_path: Path, selection: dict | None = None
+    out: Path,
+    layout,
+    flat: torch.Tensor,
+    spec,
+    model_config,
+    model_path: Path,
+    selection: dict | None = None,
+    rnd: int | None = None,
 ) -> None:
     """Writes ``out/adapter`` (PEFT format) via a temporary folder, so a crash keeps the last one.
 
-    With an importance selection, ``selection.json`` beside it gives every weight's score and rank."""
-    prepare_export(out, layout, flat, spec, model_config, model_path, selection)()
+    With an importance selection, ``selection.json`` beside it gives every weight's score and rank.
+    ``adapter/splitft.json`` says which round it holds: ``rnd``, by default metrics.jsonl's last record
+    (the callers write the round's line just before)."""
+    prepare_export(out, layout, flat, spec, model_config, model_path, selection, rnd)()
 
 
 def prepare_export(
-    out: Path, layout, flat: torch.Tensor, spec, model_config, model_path: Path, selection: dict | None = None
+    out: Path,
+    layout,
+    flat: torch.Tensor,
+    spec,
+    model_config,
+    model_path: Path,
+    selection: dict | None = None,
+    rnd: int | None = None,
 ) -> Callable[[], None]:
-    """:func:`export_adapter` in two parts: the adapter's tensors are copied now, and the function
-    returned writes them (no tensor op: it can run on any thread)."""
+    """:func:`export_adapter` in two parts: the adapter's tensors are copied (and the round read) now,
+    and the function returned writes them (no tensor op: it can run on any thread)."""
     cfg, tensors = peft_adapter(layout, flat.cpu(), spec, model_config, str(Path(model_path).resolve()))
+    if rnd is None:
+        metrics = out / "metrics.jsonl"
+        records = outdir.read_metrics(metrics, quiet=True) if metrics.is_file() else []
+        rnd = records[-1].get("round") if records else None
 
     def write() -> None:
         tmp = out / "adapter.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         write_peft_adapter(cfg, tensors, tmp)
+        outdir.write_adapter_info(tmp, rnd)
         if selection is not None:
             (tmp / "selection.json").write_text(json.dumps(selection, indent=1))
         replace_dir(tmp, out / "adapter")

@@ -239,6 +239,10 @@ class RuntimeConfig:
     """auto: continue from the newest complete checkpoint in output_dir if there is one, else start
     (what ``torchrun --max-restarts`` and requeued batch jobs need); true: continue, and refuse to
     start if there is no checkpoint; false: start, and refuse an output_dir that holds a checkpoint."""
+    overwrite: bool = False
+    """A launch that would start afresh in an output_dir holding another run's results (metrics, adapter,
+    side files, a checkpoint it cannot resume) refuses; true moves them into output_dir/previous-<time>/
+    first (nothing is deleted) and starts. A checkpoint that runtime.resume continues is kept."""
     keep_checkpoints: int = 2
     """How many round checkpoints (output_dir/checkpoint/round-NNNNNN) to keep, newest first."""
     debug: bool = False
@@ -563,6 +567,11 @@ def validate(cfg: Config) -> None:
     _require(
         rt.resume in ("auto", True, False),
         f"runtime.resume={rt.resume!r}: use auto (continue if a checkpoint exists), true or false",
+    )
+    _require(
+        not (rt.overwrite and rt.resume is True),
+        "runtime.overwrite=true starts afresh but runtime.resume=true only continues: use "
+        "runtime.resume=auto (continue a matching checkpoint, else move the old results aside) or false",
     )
     _require(rt.keep_checkpoints >= 1, f"runtime.keep_checkpoints={rt.keep_checkpoints}: must be >= 1")
     _require(rt.rpc_threads >= 1, f"runtime.rpc_threads={rt.rpc_threads}: must be >= 1")

@@ -171,3 +171,20 @@ def test_export_of_a_folder_that_is_no_run_or_has_no_adapter_is_refused(tmp_path
         and "did round 1 finish?" in res.stderr
         and "Traceback" not in res.stderr
     )
+
+
+def test_export_names_the_round_the_adapter_holds_and_skips_a_torn_metrics_line(shaped, tmp_path):
+    """A run in progress: metrics.jsonl already has round 3's line (the last one half written) while
+    adapter/ still holds round 2 (adapter/splitft.json): the export says round 2, with no JSONDecodeError."""
+    out = _run_dir(tmp_path, shaped("gpt2-small"))
+    (out / "metrics.jsonl").write_text(
+        (out / "metrics.jsonl").read_text() + json.dumps({"round": 3}) + "\n" + '{"round": 4, "ev'
+    )
+    res = _export(str(out))
+    assert res.returncode == 0, res.stderr
+    assert "global adapter of round 3 " in res.stdout  # no splitft.json: metrics.jsonl's last complete line
+    assert "line 4 is not complete" in res.stderr and "Traceback" not in res.stderr
+    (out / "adapter" / "splitft.json").write_text(json.dumps({"round": 2}))
+    res = _export(str(out))
+    assert res.returncode == 0, res.stderr
+    assert "global adapter of round 2 " in res.stdout
