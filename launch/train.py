@@ -26,6 +26,7 @@ from runtime import checkpoint, outdir
 from runtime.config import (
     Config,
     ConfigError,
+    check_clients,
     check_world_size,
     config_from_dict,
     fingerprint,
@@ -142,15 +143,17 @@ def check(cfg: Config, world_size: int, output_dir: bool | None = None) -> Path:
     Returns the model folder (``builtin:tiny`` built if needed).
     """
     check_world_size(world_size)
-    if int(os.environ.get("RANK", "0")) == 0 if output_dir is None else output_dir:
+    rank_0 = int(os.environ.get("RANK", "0")) == 0 if output_dir is None else output_dir
+    if rank_0:
         outdir.probe(cfg.output_dir)  # a running job's folder (takes nothing: see launch.run)
-        check_output_dir(cfg, cfg.n_clients(world_size))
     check_device(cfg)
     model_path = resolve_model_path(cfg)
     mcfg = model_config(model_path)
     load_tokenizer(model_path)
     cuts = validate_for_world(cfg, world_size, mcfg.num_hidden_layers)
     build_layout(mcfg, lora_spec(cfg, mcfg), cuts or [])  # unknown lora.targets fail here, on the meta device
+    if rank_0:  # after the launch checks: a checkpoint is compared with a config that can run
+        check_output_dir(cfg, cfg.n_clients(world_size))
     return model_path
 
 
@@ -180,8 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse(sys.argv[1:] if argv is None else argv)
         if rank == 0:  # the folder's owner: its lock first, held for this process's life
-            check_world_size(world_size)
-            held, aside = claim_output_dir(cfg, cfg.n_clients(world_size))
+            held, aside = claim_output_dir(cfg, check_clients(cfg, world_size))
         try:
             model_path = check(cfg, world_size, output_dir=False)
         except BaseException:

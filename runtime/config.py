@@ -652,18 +652,23 @@ def check_world_size(world_size: int) -> None:
     )
 
 
-def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int] | None:
-    """Checks the config against the launch and the model; returns each client's cut layer (None when
-    the resource or adaptive policy will choose them)."""
+def check_clients(cfg: Config, world_size: int) -> int:
+    """N against the launch's workers (what the checkpoint's fingerprint then counts); returns N."""
     check_world_size(world_size)
-    n_workers = world_size - 1
-    n_clients = cfg.n_clients(world_size)
+    n_workers, n_clients = world_size - 1, cfg.n_clients(world_size)
     _require(
         n_clients >= n_workers,
         f"split.clients={n_clients} but torchrun started {n_workers} client ranks (workers): a worker "
         f"trains at least one client; launch with --nproc_per_node={n_clients + 1} or set split.clients "
         f">= {n_workers}",
     )
+    return n_clients
+
+
+def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int] | None:
+    """Checks the config against the launch and the model; returns each client's cut layer (None when
+    the resource or adaptive policy will choose them)."""
+    n_clients, n_workers = check_clients(cfg, world_size), world_size - 1
     if n_clients > n_workers:
         _check_shared_workers(cfg, n_clients, n_workers)
     k = cfg.train.clients_per_round

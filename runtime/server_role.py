@@ -352,7 +352,7 @@ class ServerRole(Role):
         export = None
         if not self.server.merging:  # under stack the model is the merged weights (launch.export --merged)
             export = checkpoint.prepare_export(
-                self.out, self.layout, self.flat, self.spec, self.mcfg, self.model_path, self.selection
+                self.out, self.layout, self.flat, self.spec, self.mcfg, self.model_path, self.selection, rnd
             )
         state = run_state(self, outcome, elapsed=now - self.t_start)
         merged = None

@@ -102,10 +102,10 @@ ROWS = [
     ),
     (
         "split.clients vs world",
-        ["split.clients=4"],
+        ["split.clients=1"],
         0,
         3,
-        ["split.clients=4 but torchrun started 2 client ranks"],
+        ["split.clients=1 but torchrun started 2 client ranks (workers)", "--nproc_per_node=2"],
     ),
     ("cut out of range", ["split.cut_layers=4"], 0, 2, ["split.cut_layers[0]=4", "cut must be in 1..3"]),
     ("simulate list length", ["simulate.slowdown=[1,2,3]"], 0, 2, ["simulate.slowdown has 3 entries for 1"]),
