@@ -49,7 +49,8 @@ class World:
         return self.rank == 0
 
     @property
-    def n_clients(self) -> int:
+    def n_workers(self) -> int:
+        """The client ranks (workers), 1..WORLD_SIZE-1; the federation's clients may be more."""
         return self.world_size - 1
 
 

@@ -143,7 +143,7 @@ class Role:
         # probe measures the client as its training will find it.
         self.simulate_round(dist.broadcast_object(w, self.first_round()))
         seqs = dist.gather_objects(w, self.typical_seq_len())
-        seq = max(1, round(sum(seqs[1:]) / w.n_clients))
+        seq = max(1, round(sum(seqs[1:]) / w.n_workers))
         self.phase(f"probing {w.world_size} processes one at a time (a timed layer, memory, link)")
         profiles = dist.gather_objects(w, self.probe_in_turn(seqs[w.rank] or seq))
         decision: Decision | UserError = dist.broadcast_object(w, self.decide(profiles, seq))
