@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -168,7 +169,13 @@ def start(
     # Activations go straight from a worker's GPU to the server's; replies use the reverse map.
     for target, device_map in pl.device_maps(placement, rank).items():
         options.set_device_map(worker_name(target), device_map)
-    rpc.init_rpc(worker_name(rank), rank=rank, world_size=world_size, rpc_backend_options=options)
+    with warnings.catch_warnings():
+        # torch's static-world TensorPipe start-up gathers device maps over a raw ProcessGroupGloo it
+        # builds itself (torch/distributed/rpc/backend_registry.py): every rank warns; no argument avoids it.
+        warnings.filterwarnings(
+            "ignore", message="You are using a Backend .* as a ProcessGroup", category=UserWarning
+        )
+        rpc.init_rpc(worker_name(rank), rank=rank, world_size=world_size, rpc_backend_options=options)
     return World(
         rank, world_size, local_rank, local_world_size, device, aggregation, rpc_timeout_s, placement, backend
     )
