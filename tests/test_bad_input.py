@@ -253,7 +253,7 @@ def test_weightless_model_under_torchrun_is_one_message_from_three_ranks(inputs,
     assert res.returncode != 0
     said = [line for line in res.stdout.splitlines() if line.startswith("config error: ")]
     assert len(said) <= 1 and all("no model.safetensors" in line for line in said)
-    summary = [line for line in res.stdout.splitlines() if "traceback : model.path=" in line]
+    summary = [line for line in res.stdout.splitlines() if "traceback : config error: model.path=" in line]
     assert summary and "no model.safetensors" in summary[0]  # torchrun's summary: the message
     assert "launch/train.py" not in res.stdout and "runtime/" not in res.stdout  # no worker frames
 
