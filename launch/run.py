@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     own_log_dir = args.log_dir is None
     if own_log_dir:  # where the workers' error files go (torchrun makes one too; this one is removed)
         args.log_dir = tempfile.mkdtemp(prefix="splitft-run-")
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", FRONT_DOOR_ENV)}  # the workers' only
     if nproc > 1:  # torchrun's default, without its banner
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[FRONT_DOOR_ENV] = "1"
@@ -266,6 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if own_log_dir:
             shutil.rmtree(args.log_dir, ignore_errors=True)
+        for k, v in saved.items():  # main() may be called in a process that goes on (the tests)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     raise SystemExit(code)
 
 

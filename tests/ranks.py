@@ -48,6 +48,13 @@ def _rank_main(rank: int, world_size: int, port: int, run_id: str, argv: list[st
         TORCHELASTIC_RUN_ID=run_id,
         OMP_NUM_THREADS="1",
     )
+    for name in (
+        "SPLITFT_FRONT_DOOR",
+        "SPLITFT_FAULT",
+        "TORCHELASTIC_ERROR_FILE",
+        "TORCHELASTIC_RESTART_COUNT",
+    ):
+        os.environ.pop(name, None)  # what another test's launch left in this process's environment
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
