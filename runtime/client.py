@@ -216,11 +216,7 @@ class Client:
         )
         if self.cfg.train.aggregation == "stack" and added:
             self.fetch_merged(layout, added)
-        for j in dropped:
-            for handle in self._hooks.pop(j):
-                handle.remove()
-        for j in added:
-            self._hooks[j] = self.throttle.attach(self.stage.layers[str(j)])
+        self._rehook(dropped, added)
         self.cut, self.cut_rank = cut, cut_rank
         self.params = self._lora_parameters()
 
@@ -237,21 +233,25 @@ class Client:
         strip_layers(self.stage, list(range(old)))
         if cut < old:
             self.stage.drop_layers(list(range(cut, old)))
-            for j in range(cut, old):
-                for handle in self._hooks.pop(j):
-                    handle.remove()
         elif cut > old:
             self.stage.add_layers(
                 build_layers(self.model_path, old, cut, device=self.device, **stage_kwargs(self.cfg))
             )
-            for j in range(old, cut):
-                self._hooks[j] = self.throttle.attach(self.stage.layers[str(j)])
+        self._rehook(list(range(cut, old)), list(range(old, cut)))
         inject_layers(self.stage, self.spec, target_ranks(0, cut, self.spec, cut_rank, self.cap))
         write_adapter(self.stage.hf, layout, flat.to(self.device))
         self.cut, self.cut_rank = cut, cut_rank
         self.params = self._lora_parameters()
         if self.cfg.train.aggregation == "stack" and cut > old:  # the layers read from disk: merged weights
             self.fetch_merged(layout, list(range(old, cut)))
+
+    def _rehook(self, dropped: list[int], added: list[int]) -> None:
+        """The simulated slowdown's hooks follow the layers this stage dropped and gained."""
+        for j in dropped:
+            for handle in self._hooks.pop(j):
+                handle.remove()
+        for j in added:
+            self._hooks[j] = self.throttle.attach(self.stage.layers[str(j)])
 
     @property
     def models(self) -> list[torch.nn.Module]:

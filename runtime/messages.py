@@ -12,7 +12,6 @@ them), so a reader can see what crosses the process group without following stri
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -202,9 +201,6 @@ class CommBytes:
 
     def contract(self) -> dict[str, int]:
         return {k: int(getattr(self, k)) for k in self.CONTRACT}
-
-    def as_dict(self) -> dict[str, int]:
-        return {k: int(v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass

@@ -25,28 +25,11 @@ from runtime.messages import (
     UserError,
 )
 from runtime.placement import RankReport
-from runtime.probe import ResourceProfile
+from tests.test_scheduler import _profile
 
 
 def _stats() -> RoundStats:
     return RoundStats(3, 1.25, 40.0, 52.0, 1.5, 0.5, 0.25, [1.5, 1.25, 1.0], 300.0, 400.0, 2.5, 4096, 0.9)
-
-
-def _profile() -> ResourceProfile:
-    return ResourceProfile(
-        host="h",
-        physical_cores=2,
-        logical_cores=2,
-        usable_cores=2,
-        cpu_freq_mhz=2000.0,
-        memory_total_bytes=1 << 34,
-        memory_available_bytes=1 << 33,
-        load_avg=(0.5, 0.25, 0.0),
-        cuda=None,
-        layer_time_s=0.01,
-        layer_cpu_s=0.02,
-        activation_bytes=1 << 20,
-    )
 
 
 MESSAGES = [
@@ -60,7 +43,7 @@ MESSAGES = [
     ClientReport(_stats(), CommBytes(activations_up=10, gradients_down=9), {"epoch": 1, "order": [3, 1, 2]}),
     ServerReport(peak_rss_mb=512.0, server_s={1: 0.5, 2: None}),
     {1: (2, 4), 2: (1, 8)},  # a plan: int keys, tuple values
-    _profile(),
+    _profile(load_avg=(0.5, 0.25, 0.0)),
     Measured(0.1, 0.3, 3.0, 1.0, None),
     RankReport(rank=1, node="n0", gpus=0),
     {"ranks": {"model.layers.0.self_attn.q_proj": 8}, "scores": {"model.layers.0.self_attn.q_proj": 0.25}},
