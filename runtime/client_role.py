@@ -42,9 +42,10 @@ class ClientRole(Role):
         data: ClientData | FederationData | None,
     ):
         super().__init__(cfg, world, stop, compute)
-        slowdown, memory_gb, bandwidth = cfg.simulate.for_client(world.rank - 1)
+        simulate = self.cfg.simulate  # its seeded draws already drawn (Role)
+        slowdown, memory_gb, bandwidth = simulate.for_client(world.rank - 1)
         apply_memory_limit(memory_gb, world.device)
-        self.throttle, self.link = Throttle(slowdown, changing=cfg.simulate.changes), Link(bandwidth)
+        self.throttle, self.link = Throttle(slowdown, changing=simulate.changes), Link(bandwidth)
         self.data = data or worker_data(cfg, self.model_path, world.rank, world.world_size)
         self.client: Client | None = None
         # clients sharing workers: every client's data stream (positions come with each Assignment), and

@@ -7,12 +7,14 @@ process group starts, so a bad config costs nothing on a cluster.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from models.wire import WIRE_DTYPES
@@ -167,14 +169,19 @@ class SimulateConfig:
     """Simulated heterogeneity for clients that share one machine. Each knob acts on the running client
     (its probe and its training both see it): one value for every client or a list, one per client.
     ``slowdown`` and ``bandwidth_mbps`` also take a schedule, ``{round: value or list}``: each entry holds
-    from that round on (the first key must be 1), e.g. ``{1: [1, 1, 2, 4], 4: [4, 1, 1, 2]}``."""
+    from that round on (the first key must be 1), e.g. ``{1: [1, 1, 2, 4], 4: [4, 1, 1, 2]}``.
+    ``slowdown``, ``memory_limit_gb`` and ``bandwidth_mbps`` also take a seeded draw, one value per client
+    (``drawn``): ``{lognormal: sigma}`` for ``slowdown`` (the fastest client at 1), ``{lognormal: sigma,
+    median: value}`` for the other two."""
 
-    slowdown: float | list[float] | dict[int, float | list[float]] = 1.0
+    slowdown: float | list[float] | dict[int, float | list[float]] | dict[str, float] = 1.0
     """The client's layer compute really takes this many times longer (>= 1)."""
-    memory_limit_gb: float | list[float | None] | dict[int, Any] | None = None
+    memory_limit_gb: float | list[float | None] | dict[int, Any] | dict[str, float] | None = None
     """The client has only this much memory (CPU: RLIMIT_DATA; CUDA: per-process memory fraction). Fixed for
     the run (no schedule): the planner's memory caps come from the start-up probe."""
-    bandwidth_mbps: float | list[float | None] | dict[int, float | list[float | None] | None] | None = None
+    bandwidth_mbps: (
+        float | list[float | None] | dict[int, float | list[float | None] | None] | dict[str, float] | None
+    ) = None
     """The client's link to the server: every send (activations, gradients, adapters) takes size/bandwidth."""
     server_slowdown: float | dict[int, float] = 1.0
     """The server's layer compute really takes this many times longer (>= 1; one value or a schedule
@@ -192,11 +199,39 @@ class SimulateConfig:
     @property
     def changes(self) -> bool:
         """Whether a knob follows a schedule (its value changes during the run)."""
-        return any(isinstance(v, dict) for v in (self.slowdown, self.bandwidth_mbps, self.server_slowdown))
+        knobs = (self.slowdown, self.bandwidth_mbps, self.server_slowdown)
+        return any(isinstance(v, dict) and not is_draw(v) for v in knobs)
 
     def for_server(self, rnd: int = 1) -> float:
         """The server's slowdown during round ``rnd``."""
         return float(at_round(self.server_slowdown, rnd))
+
+    def drawn(self, n_clients: int, seed: int) -> SimulateConfig:
+        """This config with every seeded draw replaced by its list of ``n_clients`` values.
+
+        Client i's value depends on the seed, the knob and N only (not on the workers): ``exp(sigma z_i)``
+        with ``z`` standard normal from ``numpy.random.default_rng((seed, knob))``, times ``median``, or,
+        for ``slowdown`` (a throttle only slows down), divided by the smallest so the fastest client is 1.
+        """
+        values = {}
+        for knob, name in enumerate(DRAWN_KNOBS):
+            spec = getattr(self, name)
+            if not is_draw(spec):
+                continue
+            z = np.random.default_rng((seed, knob)).standard_normal(n_clients)
+            factors = np.exp(float(spec["lognormal"]) * z)
+            scaled = factors / factors.min() if name == "slowdown" else factors * float(spec["median"])
+            values[name] = [round(float(v), 6) for v in scaled]
+        return dataclasses.replace(self, **values)
+
+
+DRAWN_KNOBS = ("slowdown", "memory_limit_gb", "bandwidth_mbps")
+"""The ``simulate`` knobs that take a seeded per-client draw (the index also seeds the draw)."""
+
+
+def is_draw(value: Any) -> bool:
+    """Whether a ``simulate`` value is a seeded draw (``{lognormal: sigma, ...}``), not a schedule."""
+    return isinstance(value, dict) and any(isinstance(k, str) for k in value)
 
 
 def at_round(value: Any, rnd: int) -> Any:
@@ -441,6 +476,14 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     schedule = data.get("split", {}).get("schedule")
     if schedule:  # JSON keys are strings
         data = {**data, "split": {**data["split"], "schedule": {int(k): v for k, v in schedule.items()}}}
+    sim = data.get("simulate") or {}
+    data = {
+        **data,
+        "simulate": {  # a schedule's rounds, not a draw's keys
+            k: {int(r) if r.isdigit() else r: x for r, x in v.items()} if isinstance(v, dict) else v
+            for k, v in sim.items()
+        },
+    }
     cfg = _build(Config, data, "")
     validate(cfg)
     return cfg
@@ -623,16 +666,21 @@ def validate(cfg: Config) -> None:
             1 <= rnd < t.rounds, f"split.schedule round {rnd}: must be in 1..train.rounds-1 ({t.rounds - 1})"
         )
     _require(
-        not isinstance(sim.memory_limit_gb, dict),
+        not isinstance(sim.memory_limit_gb, dict) or is_draw(sim.memory_limit_gb),
         f"simulate.memory_limit_gb={sim.memory_limit_gb}: memory cannot follow a schedule (the planner's "
-        "memory caps come from the start-up probe); give one value or a list, one per client",
+        "memory caps come from the start-up probe); give one value, a list (one per client) or a draw "
+        "{lognormal: sigma, median: GB}",
     )
+    for name in DRAWN_KNOBS:
+        _check_draw(name, getattr(sim, name))
     for name, value, ok, rule in (
         ("slowdown", sim.slowdown, lambda v: v >= 1, ">= 1"),
         ("server_slowdown", sim.server_slowdown, lambda v: v >= 1, ">= 1"),
         ("memory_limit_gb", sim.memory_limit_gb, lambda v: v is None or v > 0, "> 0 or null"),
         ("bandwidth_mbps", sim.bandwidth_mbps, lambda v: v is None or v > 0, "> 0 or null"),
     ):
+        if is_draw(value):
+            continue
         if isinstance(value, dict):
             _require(
                 bool(value) and min(value) == 1 and all(k >= 1 for k in value),
@@ -642,6 +690,26 @@ def validate(cfg: Config) -> None:
         for entry in value.values() if isinstance(value, dict) else [value]:
             for v in entry if isinstance(entry, list) else [entry]:
                 _require(ok(v), f"simulate.{name}={value}: every value must be {rule}")
+
+
+def _check_draw(name: str, value: Any) -> None:
+    """A seeded draw: ``{lognormal: sigma}`` (slowdown) or ``{lognormal: sigma, median: value}``."""
+    if not is_draw(value):
+        return
+    keys = {"lognormal"} if name == "slowdown" else {"lognormal", "median"}
+    example = "{lognormal: 0.5}" if name == "slowdown" else "{lognormal: 0.5, median: 100}"
+    number = lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    _require(
+        set(value) == keys and all(number(v) for v in value.values()),
+        f"simulate.{name}={value}: a draw takes exactly the keys {sorted(keys)}, finite numbers, e.g. "
+        f"simulate.{name}={example}"
+        + (" (the fastest client gets slowdown 1, so no median)" if name == "slowdown" else ""),
+    )
+    _require(
+        0 <= value["lognormal"] <= 5,
+        f"simulate.{name}={value}: lognormal (sigma of the log) must be in [0, 5], e.g. 0.5",
+    )
+    _require(value.get("median", 1) > 0, f"simulate.{name}={value}: median must be > 0")
 
 
 def check_world_size(world_size: int) -> None:
@@ -723,7 +791,12 @@ def _check_shared_workers(cfg: Config, n_clients: int, n_workers: int) -> None:
     another, on one stage that it re-cuts to each client's cut)."""
     where = f"split.clients={n_clients} on {n_workers} workers"
     unsupported = [
-        (cfg.policy in ("fixed", "manual"), f"split.policy={cfg.policy}", "split.policy=fixed or manual"),
+        (
+            cfg.policy in ("fixed", "manual", "resource"),
+            f"split.policy={cfg.policy}",
+            "split.policy=resource (planned once from the workers' probes; adaptive re-plans from every "
+            "client's measured round), fixed or manual",
+        ),
         (not cfg.split.schedule, "split.schedule", "no split.schedule"),
         (cfg.split.mode == "standard", f"split.mode={cfg.split.mode}", "split.mode=standard"),
         (cfg.lora.selection == "all", f"lora.selection={cfg.lora.selection}", "lora.selection=all"),

@@ -74,6 +74,9 @@ class Role:
     """What both roles share: the run's settings and the round protocol."""
 
     def __init__(self, cfg: Config, world: dist.World, stop: faults.StopSignals, compute: ComputeThreads):
+        # a seeded per-client draw of a simulate knob becomes its list of N values, the same on every rank
+        n = cfg.n_clients(world.world_size)
+        cfg = dataclasses.replace(cfg, simulate=cfg.simulate.drawn(n, cfg.seed))
         self.cfg, self.world, self.stop = cfg, world, stop
         self.compute = compute  # where this process's tensor work runs (runtime.compute)
         torch.manual_seed(cfg.seed)

@@ -29,6 +29,7 @@ from partition.planner import (
     ServerCosts,
     check_memory,
     plan,
+    plan_resource,
     predict,
     rank_for_memory,
 )
@@ -119,8 +120,12 @@ class Scheduler:
         clients: list[ResourceProfile],
         server: ResourceProfile,
         server_threads: int,
+        workers: int | None = None,
     ):
         self.cfg, self.policy = cfg, cfg.policy
+        # clients sharing workers: only ``workers`` clients train at a time, client c on the probe of
+        # worker (c - 1) % workers + 1 until it has trained (None: every client has a worker of its own)
+        self.workers = workers if workers is not None and workers < len(clients) else None
         self.full_rank_model = model
         if cfg.lora.client_ranks == "auto":
             # A client may take a cut it can hold only at a lower rank: plan the cuts with rank-1 LoRA
@@ -158,6 +163,8 @@ class Scheduler:
                 check_memory(self.model, self.clients, start, self.cfg.split.memory_headroom)
                 return list(start)
             return self.adaptive.initial()
+        if self.workers is not None and self.policy == "resource":
+            return self._by_worker()
         return plan(
             self.policy,
             self.model,
@@ -167,6 +174,19 @@ class Scheduler:
             cut_layers=self.cfg.split.cut_layers,
             headroom=self.cfg.split.memory_headroom,
         )
+
+    def _by_worker(self) -> list[int]:
+        """Clients sharing workers, ``resource``: the plan of the M workers' probes, which train M clients
+        at a time, each client taking its worker's cut. A client's figures are its first worker's probe
+        (the scheduler has no other measure of a client that has not trained yet), so every client on one
+        worker gets one cut; checked against every client's memory."""
+        m = self.workers
+        slots = plan_resource(
+            self.model, self.clients[:m], self.server, self.cores, self.cfg.split.memory_headroom
+        )
+        cuts = [slots[i % m] for i in range(len(self.clients))]
+        check_memory(self.model, self.clients, cuts, self.cfg.split.memory_headroom)
+        return cuts
 
     def client_ranks(self, cuts: list[int]) -> list[int]:
         """``lora.client_ranks=auto``: each client's largest LoRA rank that fits its memory at its cut."""

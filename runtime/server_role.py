@@ -84,7 +84,9 @@ class ServerRole(Role):
             )
             # a client is planned on its first worker's probe (client c starts on worker (c - 1) % M + 1)
             clients = [profiles[(c - 1) % len(self.workers) + 1] for c in range(1, self.n_clients + 1)]
-            self.scheduler = Scheduler(self.cfg, costs, clients, profiles[0], self.compute.threads)
+            self.scheduler = Scheduler(
+                self.cfg, costs, clients, profiles[0], self.compute.threads, workers=len(self.workers)
+            )
             if resume is None:
                 cuts = self.scheduler.initial()
                 plan = {r: (k, self.spec.r_cut) for r, k in enumerate(cuts, start=1)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 import yaml
 
 from models.tiny import MODEL_KWARGS
-from runtime.config import Config, ConfigError, load_config, validate_for_world
+from runtime.config import Config, ConfigError, config_from_dict, load_config, validate_for_world
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILES = sorted((ROOT / "torchrun_configs").glob("*.yaml"))
@@ -354,3 +356,44 @@ def test_more_clients_than_workers_is_a_federation_of_the_clients():
     cfg = load_config("torchrun_configs/tiny_cpu.yaml", ["split.clients=8", "split.cut_layers=2"])
     assert cfg.n_clients(5) == 8 and validate_for_world(cfg, 5, 4) == [2] * 8
     assert load_config("torchrun_configs/tiny_cpu.yaml", []).n_clients(5) == 4
+
+
+def test_a_seeded_draw_gives_every_client_its_own_value_the_same_on_every_rank():
+    cfg = load_config(
+        "torchrun_configs/tiny_cpu.yaml",
+        [
+            "split.clients=100",
+            "split.cut_layers=1",
+            "simulate.slowdown={lognormal: 0.8}",
+            "simulate.bandwidth_mbps={lognormal: 0.5, median: 200}",
+        ],
+    )
+    assert not cfg.simulate.changes  # a draw is not a schedule
+    a, b = cfg.simulate.drawn(100, cfg.seed), cfg.simulate.drawn(100, cfg.seed)
+    assert a == b and len(a.slowdown) == len(a.bandwidth_mbps) == 100
+    assert min(a.slowdown) == 1.0 and max(a.slowdown) > 2  # the fastest at the machine's speed
+    assert sorted(a.bandwidth_mbps)[50] == pytest.approx(200, rel=0.2)  # about the median asked for
+    assert a.slowdown != cfg.simulate.drawn(100, cfg.seed + 1).slowdown
+    assert a.slowdown != a.bandwidth_mbps  # each knob has a draw of its own
+    assert validate_for_world(dataclasses.replace(cfg, simulate=a), 3, 4) == [1] * 100
+    assert a.for_client(3)[0] == a.slowdown[3] and a.for_client(3)[2] == a.bandwidth_mbps[3]
+    # run_config.json keeps the drawn lists (and a schedule's rounds, which JSON writes as strings)
+    saved = json.loads(json.dumps(dataclasses.replace(cfg, simulate=a).to_dict()))
+    assert config_from_dict(saved).simulate == a
+    timed = load_config(None, ["simulate.slowdown={1: 1.0, 3: 2.0}"])
+    assert config_from_dict(json.loads(json.dumps(timed.to_dict()))).simulate.slowdown == {1: 1.0, 3: 2.0}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("simulate.slowdown={lognormal: 0.5, median: 2}", "a draw takes exactly the keys ['lognormal']"),
+        ("simulate.bandwidth_mbps={lognormal: 0.5}", "exactly the keys ['lognormal', 'median']"),
+        ("simulate.memory_limit_gb={lognormal: -1, median: 2}", "lognormal (sigma of the log) must be in"),
+        ("simulate.slowdown={lognormal: .inf}", "finite numbers"),
+        ("simulate.bandwidth_mbps={lognormal: 1, median: 0}", "median must be > 0"),
+    ],
+)
+def test_a_bad_draw_is_named(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])

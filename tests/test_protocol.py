@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from models.tiny import generate_examples, write_jsonl
 from partition.planner import PlanError
 from partition.sampling import sample_clients
+from runtime.config import load_config
 from runtime.faults import EXIT_USER_ERROR
 from runtime.messages import (
     CommBytes,
@@ -298,3 +299,32 @@ def test_the_exact_rules_give_the_same_federation_on_two_workers_as_on_four(file
         wb = load_file(str(runs[2][1] / "adapter" / "adapter_model.safetensors"))
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+def test_clients_sharing_workers_are_planned_by_resource_with_a_drawn_slowdown(files, tmp_path):
+    """Five clients on two workers, three a round, under ``split.policy=resource`` and a seeded lognormal
+    slowdown: rank 0 plans the two workers' probes and gives every client its worker's cut (clients 1, 3
+    and 5 on worker 1, clients 2 and 4 on worker 2); the drawn slowdowns are the ones every rank draws
+    from the seed and are saved in run_config.json; each drawn client trains at its planned cut."""
+    out = tmp_path / "resource"
+    fed = [
+        "split.clients=5",
+        "split.policy=resource",
+        "train.clients_per_round=3",
+        "train.local_steps=2",
+        "train.rounds=2",
+        "simulate.slowdown={lognormal: 0.7}",
+    ]
+    res = run_ranks(3, _argv(files, out, *fed), tmp_path / "logs")
+    assert res.codes == [0, 0, 0], res.log[-6000:]
+    saved = json.loads((out / "run_config.json").read_text())
+    expected = load_config(None, ["simulate.slowdown={lognormal: 0.7}"]).simulate.drawn(5, 0).slowdown
+    assert saved["simulate"]["slowdown"] == expected and min(expected) == 1.0 and len(set(expected)) == 5
+    (line,) = [x for x in res.logs[0].splitlines() if "plan (resource): cuts [" in x]
+    planned = json.loads(line[line.index("cuts [") + 5 : line.index("]", line.index("cuts [")) + 1])
+    cuts = dict(enumerate(planned, start=1))
+    assert len(cuts) == 5 and cuts[1] == cuts[3] == cuts[5] and cuts[2] == cuts[4]
+    assert all(1 <= k <= 3 for k in cuts.values())
+    for rec in _metrics(out):
+        assert len(rec["participants"]) == 3
+        assert {int(c): k for c, k in rec["cut_layers"].items()} == {c: cuts[c] for c in rec["participants"]}

@@ -117,3 +117,23 @@ def test_adaptive_gives_a_client_that_turned_slow_fewer_layers(random_model):
         new = s.after_round(rnd, cuts, [fast, slow], 1.0 - 0.1 * rnd) or new
     assert new is not None and new[1] < cuts[1] and new[0] == 3
     assert s.state_dict()["client_layer_time_s"][1] > s.state_dict()["client_layer_time_s"][0]
+
+
+def test_clients_sharing_workers_are_planned_on_their_workers_probes(random_model):
+    """Six clients on two workers under ``resource``: the plan is the two workers' plan (two clients train
+    at a time, not six), each client taking the cut of the worker whose probe it has; six concurrent
+    clients would load the slow server three times as much and be planned deeper."""
+    slow_server = _profile(layer_time_s=0.05, layer_cpu_s=0.05, head_time_s=0.01, head_cpu_s=0.01, host="s")
+    fast, slow = _profile(layer_time_s=0.02, layer_cpu_s=0.02, host="a"), _profile(host="b")
+    probes = [fast, slow] * 3  # client c on worker (c - 1) % 2 + 1
+    path = random_model("llama", n_layers=4, hidden=32)
+    cfg = load_run_config(None, ["split.policy=resource"])
+    mcfg = load_config(path)
+    costs = model_costs(mcfg, cfg, build_layout(mcfg, lora_spec(cfg, mcfg), []), 16, 1 << 20)
+    shared = Scheduler(cfg, costs, probes, slow_server, 1, workers=2)
+    two = Scheduler(cfg, costs, [fast, slow], slow_server, 1).initial()
+    assert two == [3, 1] and shared.initial() == two * 3
+    assert Scheduler(cfg, costs, probes, slow_server, 1).initial() != two * 3  # six at a time plan otherwise
+    tight = _profile(memory_available_bytes=int(costs.embed_param_bytes + 2.5 * costs.activation_bytes))
+    with pytest.raises(PlanError, match="client 3"):  # a client that cannot hold its worker's cut is named
+        Scheduler(cfg, costs, [fast, slow, tight, slow], slow_server, 1, workers=2).initial()
