@@ -436,10 +436,11 @@ def shared_times(
     cores: Mapping[str, float],
     slots: int,
     cuts: Sequence[int],
+    around: Sequence[int] | None = None,
 ) -> list[float]:
     """Clients sharing workers (``slots`` train at a time): each client's predicted training time at its
-    cut, beside ``slots - 1`` typical clients (``_beside``)."""
-    beside, memo = _beside(clients, cuts), {}
+    cut, beside ``slots - 1`` typical clients (``_beside``) of the plan ``around`` (default ``cuts``)."""
+    beside, memo = _beside(clients, cuts if around is None else around), {}
     for cl, k in zip(clients, cuts):
         if (cl, k) not in memo:
             memo[cl, k] = float(_alone_times(model, cl, server, cores, slots, [k], beside)[0])
@@ -700,7 +701,10 @@ class AdaptivePlanner:
         best = plan_shared(
             self.model, self._clients, self._server, self.cores, self.slots, self.headroom, start=cuts
         )
-        times = lambda p: shared_times(self.model, self._clients, self._server, self.cores, self.slots, p)
+        # both in today's surroundings: a client moves for its own gain, not for a shift of the typical cut
+        times = lambda p: shared_times(
+            self.model, self._clients, self._server, self.cores, self.slots, p, cuts
+        )
         now, after = times(cuts), times(best)
         new = [b if a < (1 - self.hysteresis) * n else k for k, b, n, a in zip(cuts, best, now, after)]
         self.reason = {"rule": None, "predicted_client_time_s": {"current": sum(now), "best": sum(after)}}

@@ -215,12 +215,14 @@ def test_a_sampled_run_refuses_more_clients_than_it_has(files, tmp_path):
     assert "train.clients_per_round=3 but the run has 2 clients: use at most 2" in res.log
 
 
-def test_adaptive_cuts_follow_each_client_measured_when_clients_share_workers(files, tmp_path):
+@pytest.mark.parametrize("rule", ["fedavg", "stack"])
+def test_adaptive_cuts_follow_each_client_measured_when_clients_share_workers(files, tmp_path, rule):
     """Four clients on two workers, two a round, under ``split.policy=adaptive``, the server 3x slow and
     client 4 12x slow (never shown to the scheduler). Every client starts on its worker's probe at one
     cut; the re-plan after the first round, which trains clients 3 and 4, gives client 4 fewer layers;
     the clients not measured yet keep their cut; client 4 keeps its new cut through the rounds it sits out
-    and trains at it when next drawn; the checkpoint's scheduler state remembers it as the slowest."""
+    and trains at it when next drawn; the checkpoint's scheduler state remembers it as the slowest.
+    Under stack each client's blocks follow its new cut."""
     fed = [
         "split.clients=4",
         "split.policy=adaptive",
@@ -231,6 +233,7 @@ def test_adaptive_cuts_follow_each_client_measured_when_clients_share_workers(fi
         "simulate.slowdown=[1,1,1,12]",
         "simulate.server_slowdown=3",
         "seed=1",  # draws client 4 in rounds 1 and 4 (round 1: clients 3 and 4)
+        f"train.aggregation={rule}",
     ]
     out = tmp_path / "adaptive"
     res = run_ranks(
