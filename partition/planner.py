@@ -502,7 +502,7 @@ class AdaptivePlanner:
     def initial(self) -> list[int]:
         return plan_resource(self.model, self._probe_clients, self._probe_server, self.cores, self.headroom)
 
-    def observe(self, cuts: Sequence[int], measured: Sequence[Measured], eval_loss: float) -> None:
+    def observe(self, cuts: Sequence[int], measured: Sequence[Measured], eval_loss: float | None) -> None:
         """Refit client/server layer times and per-step overheads from one round's medians.
 
         A layer time measured more than ``LEVEL_SHIFT`` away from its estimate (1.5x slower or faster)
@@ -548,7 +548,8 @@ class AdaptivePlanner:
         s_new = (1 - w) * s + w * fit
         head_new = head * s_new / s if s > 0 else head
         self._server = replace(sv, layer_time_s=s_new, head_time_s=head_new)
-        self._losses.append(float(eval_loss))
+        if eval_loss is not None:  # None: a round not evaluated; a move's guard waits for the next eval loss
+            self._losses.append(float(eval_loss))
 
     def propose(self, round_: int, cuts: Sequence[int]) -> list[int] | None:
         """New cuts for round ``round_`` (a multiple of ``every``), or None to keep ``cuts``."""
