@@ -141,6 +141,22 @@ def test_an_eval_setting_out_of_range_is_one_line_naming_it(files, tmp_path, ext
     assert said in str(e.value) and "\n" not in str(e.value)
 
 
+def test_tensorboard_without_its_package_is_one_line_naming_the_package_and_the_pip_command(
+    files, tmp_path, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "tensorboardX" else real(name)
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG, _args(files, tmp_path, "runtime.tensorboard=true"))
+    assert str(e.value).startswith("runtime.tensorboard=true needs the tensorboardX package")
+    assert "pip install 'tensorboardX==2.6.5'" in str(e.value)
+    load_config(CONFIG, _args(files, tmp_path, "runtime.tensorboard=false"))
+
+
 def test_a_hold_out_that_leaves_no_training_data_and_generation_without_responses_are_data_errors(
     files, tmp_path
 ):
@@ -282,9 +298,47 @@ def test_a_split_run_evaluates_as_the_unsplit_reference_and_tensorboard_has_its_
     # the held-back samples are not trained on: of the one client's 160 samples, 32 are held back
     assert "1 clients with [128] training samples" in res.logs[0]
 
+    # launch.report copes with rounds not evaluated, and says the generation scores before and after
+    from launch.report import write_comparison, write_report
+
+    summary = (write_report(split_out) / "summary.md").read_text()
+    g0, g3 = baselines[0]["generation"], split[-1]["generation"]
+    assert f"exact match {g0['exact_match']:.3f} (base model) -> {g3['exact_match']:.3f}" in summary
+    _, table = write_comparison([split_out, local_out], tmp_path / "compare")
+    assert f"| 3 | {split[-1]['eval_loss']:.4f} |" in table
+
     board = read_scalars(split_out / "tensorboard")
     expected = {(tag, r["round"]): v for r in split for tag, v in scalars(r)}
     assert {(tag, step): v for tag, steps in board.items() for step, v in steps.items()} == pytest.approx(
         expected, rel=1e-6
     )
     assert ("generation/exact_match", 2) in expected and ("eval_loss", 1) not in expected
+
+
+def test_three_clients_on_one_or_three_workers_hold_back_and_decode_the_same(files, tmp_path):
+    """Three clients (cuts 1, 2, 3) on three workers (one each) and on one worker (re-cut to each client in
+    turn): the same held-back samples (drawn from the seed and the client id), so the same per-client eval
+    losses, and the same decoded responses, within 1e-5."""
+    fed = [
+        "split.clients=3",
+        "split.cut_layers=[1,2,3]",
+        "train.rounds=1",
+        "train.local_steps=2",
+        "eval.client_fraction=0.2",
+        "eval.generate=6",
+        "eval.max_new_tokens=16",
+    ]
+    runs = {}
+    for m in (3, 1):
+        out = tmp_path / f"m{m}"
+        res = run_ranks(m + 1, [CONFIG, *_args(files, out, *fed)], tmp_path / f"logs-m{m}")
+        assert res.codes == [0] * (m + 1), res.log[-6000:]
+        runs[m] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    a, b = runs[3], runs[1]
+    assert a["client_eval"].keys() == b["client_eval"].keys() == {"1", "2", "3"}
+    for c in ("1", "2", "3"):
+        assert a["client_eval"][c]["eval_tokens"] == b["client_eval"][c]["eval_tokens"] > 0
+        assert a["client_eval"][c]["eval_loss"] == pytest.approx(b["client_eval"][c]["eval_loss"], abs=1e-5)
+    assert len({a["client_eval"][c]["eval_loss"] for c in ("1", "2", "3")}) == 3  # each on its own data
+    assert a["generation"]["samples"] == b["generation"]["samples"] == 6
+    assert a["generation"]["rouge_l"] == pytest.approx(b["generation"]["rouge_l"], abs=1e-9)
