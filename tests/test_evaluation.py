@@ -342,3 +342,31 @@ def test_three_clients_on_one_or_three_workers_hold_back_and_decode_the_same(fil
     assert len({a["client_eval"][c]["eval_loss"] for c in ("1", "2", "3")}) == 3  # each on its own data
     assert a["generation"]["samples"] == b["generation"]["samples"] == 6
     assert a["generation"]["rouge_l"] == pytest.approx(b["generation"]["rouge_l"], abs=1e-9)
+
+
+def test_under_adaptive_a_round_not_evaluated_adds_no_eval_loss_and_a_moves_guard_waits_for_one(random_model):
+    """The eval-loss guard of a move (revert it if the next eval loss rose) skips rounds eval.every does
+    not evaluate: it decides on the next evaluated round's loss."""
+    from partition.planner import Measured
+    from tests.test_scheduler import _profile, _scheduler
+
+    slow_server = _profile(layer_time_s=0.5, layer_cpu_s=0.5, head_time_s=0.01, head_cpu_s=0.01, host="s")
+    s = _scheduler(
+        random_model,
+        ["split.policy=adaptive", "split.replan_every=1", "split.plateau=0"],
+        [_profile(host="a"), _profile(host="b")],
+        slow_server,
+    )
+    cuts = s.initial()
+    fast = Measured(compute_s=0.3, server_s=0.51, step_s=0.85, train_time_s=5.0, train_loss=1.0)
+    slow = Measured(compute_s=9.0, server_s=0.51, step_s=9.6, train_time_s=50.0, train_loss=1.0)
+    new, rnd = None, 0
+    while new is None and rnd < 5:
+        rnd += 1
+        new = s.after_round(rnd, cuts, [fast, slow], 1.0)
+    assert new is not None and new != cuts
+    losses = s.state_dict()["eval_losses"]
+    assert s.after_round(rnd + 1, new, [fast, slow], None) is None  # not evaluated: no verdict yet
+    assert s.state_dict()["eval_losses"] == losses and s.adaptive.pending
+    assert s.after_round(rnd + 2, new, [fast, slow], 2.0) == cuts  # the loss rose: the move is undone
+    assert s.reason["rule"] == "revert"
