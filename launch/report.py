@@ -63,9 +63,15 @@ def _clients(records: list[dict]) -> list[str]:
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
+def evaluated(records: list[dict]) -> list[dict]:
+    """The rounds that were evaluated (``eval.every`` skips some; the last round always is)."""
+    return [r for r in records if "eval_loss" in r]
+
+
 def eval_figure(records: list[dict], baseline: dict | None):
     """Two panels, eval loss and token accuracy per round; each has the run and (dashed) the base model."""
     fig, (loss_ax, acc_ax) = _figure(2, "held-out evaluation of the global model")
+    records = evaluated(records)
     rounds = [r["round"] for r in records]
     for ax, key, label in (
         (loss_ax, "eval_loss", "eval loss"),
@@ -176,7 +182,10 @@ def summary(records: list[dict], baseline: dict | None, plots: list[str]) -> str
     """The run in a few markdown lines, with the plots."""
     last = records[-1]
     lines = [f"# Run summary: {len(records)} rounds in {last['elapsed_s']:.1f} s", ""]
-    if baseline is not None:
+    last = (evaluated(records) or [last])[-1]
+    if "eval_loss" not in last:
+        lines.append("- no round was evaluated")
+    elif baseline is not None:
         drop = 100 * (1 - last["eval_loss"] / baseline["eval_loss"])
         lines.append(
             f"- eval loss {baseline['eval_loss']:.4f} (base model) -> {last['eval_loss']:.4f} "
@@ -185,6 +194,13 @@ def summary(records: list[dict], baseline: dict | None, plots: list[str]) -> str
         )
     else:
         lines.append(f"- eval loss {last['eval_loss']:.4f}, token accuracy {last['eval_token_accuracy']:.4f}")
+    if "generation" in last:
+        g, before = last["generation"], (baseline or {}).get("generation")
+        was = f"{before['exact_match']:.3f} (base model) -> " if before else ""
+        lines.append(
+            f"- greedy decoding of {g['samples']} eval prompts: exact match {was}{g['exact_match']:.3f}, "
+            f"ROUGE-L {g['rouge_l']:.3f}"
+        )
     clients = _clients(records)
     if clients:
         policy = last.get("plan", {}).get("policy", "?")
@@ -242,7 +258,9 @@ class Run:
 
     def time_to(self, target: float) -> tuple[float, int] | None:
         """(elapsed seconds, round) of the first round whose eval loss is at most ``target``."""
-        return next(((r["elapsed_s"], r["round"]) for r in self.records if r["eval_loss"] <= target), None)
+        return next(
+            ((r["elapsed_s"], r["round"]) for r in evaluated(self.records) if r["eval_loss"] <= target), None
+        )
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -287,7 +305,7 @@ def label_runs(runs: list[Run]) -> list[str]:
 
 def default_target(runs: list[Run]) -> float:
     """The lowest eval loss that every run reaches: the highest of the runs' best losses."""
-    return max(min(r["eval_loss"] for r in run.records) for run in runs)
+    return max(min(r["eval_loss"] for r in evaluated(run.records)) for run in runs)
 
 
 def _overlay_styles(runs: list[Run]) -> list[dict]:
@@ -310,9 +328,10 @@ def compare_figures(runs: list[Run]) -> dict:
     line per run, labelled with its label."""
     fig, (by_round, by_time) = _figure(2, "eval loss of the global model")
     for run, style in zip(runs, _overlay_styles(runs)):
-        losses = [r["eval_loss"] for r in run.records]
-        by_round.plot([r["round"] for r in run.records], losses, **style)
-        by_time.plot([r["elapsed_s"] for r in run.records], losses, **style)
+        records = evaluated(run.records)
+        losses = [r["eval_loss"] for r in records]
+        by_round.plot([r["round"] for r in records], losses, **style)
+        by_time.plot([r["elapsed_s"] for r in records], losses, **style)
     by_round.set_xlabel("round")
     by_time.set_xlabel("wall time (s)")
     for ax in (by_round, by_time):
@@ -336,7 +355,7 @@ def compare_table(runs: list[Run], target: float) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
-        last = run.records[-1]
+        last = evaluated(run.records)[-1]
         reached = run.time_to(target)
         when = f"{reached[0]:.1f} s (round {reached[1]})" if reached else "not reached"
         lines.append(
@@ -430,7 +449,8 @@ def main(argv: list[str] | None = None) -> None:
         f"\n{len(records)} rounds in {last['elapsed_s']:.1f}s; cut layers {last['cut_layers']}; "
         f"{comm:.1f} MB moved between clients and server"
     )
-    if baseline is not None:
+    last = (evaluated(records) or [last])[-1]
+    if baseline is not None and "eval_loss" in last:
         drop = 100 * (1 - last["eval_loss"] / baseline["eval_loss"])
         print(
             f"eval loss {baseline['eval_loss']:.4f} -> {last['eval_loss']:.4f} ({drop:.1f}% lower); "

@@ -599,7 +599,9 @@ class AdaptivePlanner:
 
         return stretch
 
-    def observe(self, cuts: Sequence[int], measured: Sequence[Measured | None], eval_loss: float) -> None:
+    def observe(
+        self, cuts: Sequence[int], measured: Sequence[Measured | None], eval_loss: float | None
+    ) -> None:
         """Refit client/server layer times and per-step overheads from one round's medians.
 
         A layer time measured more than ``LEVEL_SHIFT`` away from its estimate (1.5x slower or faster)
@@ -646,15 +648,14 @@ class AdaptivePlanner:
                 layer_time_s=(1 - w) * cl.layer_time_s + w * c_alone,
                 overhead_s=(1 - a) * cl.overhead_s + a * max(0.0, overhead),
             )
-        if not fits:  # nobody trained
+        if fits:  # else nobody trained
+            fit = float(np.mean(fits))
+            w = 1.0 if _shifted(fit, s) else a
+            s_new = (1 - w) * s + w * fit
+            head_new = head * s_new / s if s > 0 else head
+            self._server = replace(sv, layer_time_s=s_new, head_time_s=head_new)
+        if eval_loss is not None:  # None: a round not evaluated; a move's guard waits for the next eval loss
             self._losses.append(float(eval_loss))
-            return
-        fit = float(np.mean(fits))
-        w = 1.0 if _shifted(fit, s) else a
-        s_new = (1 - w) * s + w * fit
-        head_new = head * s_new / s if s > 0 else head
-        self._server = replace(sv, layer_time_s=s_new, head_time_s=head_new)
-        self._losses.append(float(eval_loss))
 
     def propose(self, round_: int, cuts: Sequence[int]) -> list[int] | None:
         """New cuts for round ``round_`` (a multiple of ``every``), or None to keep ``cuts``."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,8 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
 from models.aggregation import StackLayout, merge_delta
-from models.datasets import BatchStream, eval_batches
+from models.datasets import BatchStream, Example, eval_batches
+from models.generate import score_responses
 from models.importance import Sensitivity
 from models.lora import (
     AdapterLayout,
@@ -406,33 +408,71 @@ class Client:
             lora_bytes=sum(nbytes(p) for p in self.params),
         )
 
-    @torch.no_grad()
-    def evaluate(self) -> torch.Tensor:
-        """[loss_sum, tokens, correct] of the current model over this client's share of the held-out set."""
-        totals = torch.zeros(3, dtype=torch.float64)
+    @contextmanager
+    def _global_eval(self):
+        """The global adapter, in eval mode, without grad (what every evaluation measures)."""
         for model in self.models:
             model.eval()
         try:
-            with global_view(self.models, *self.global_adapter):
-                for batch in self.eval_set:
-                    batch = self._to_device(batch)
-                    hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    payload = server_payload(batch, encode(hidden, self.wire_dtype), self.u_shape)
-                    self.comm.eval_activations_up += sum(nbytes(t) for t in payload)
-                    self.link.delay(sum(nbytes(t) for t in payload))
-                    if not self.u_shape:
-                        totals += self.replica.rpc_sync(timeout=self.timeout_s).evaluate(*payload).cpu()
-                        continue
-                    back = self.replica.rpc_sync(timeout=self.timeout_s).u_evaluate(*payload)
-                    self.link.delay(nbytes(back))
-                    h2 = decode(back, self.wire_dtype, self.hidden_size, self.stage_dtype)
-                    logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
-                    stats = target_stats(logits, shift_targets(batch["labels"]))
-                    totals += torch.stack([t.double() for t in stats]).cpu()
+            with torch.no_grad(), global_view(self.models, *self.global_adapter):
+                yield
         finally:
             for model in self.models:
                 model.train()
+
+    def evaluate(self, batches: list[dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
+        """[loss_sum, tokens, correct] of the global model over ``batches`` (None: this client's share of
+        the held-out set)."""
+        totals = torch.zeros(3, dtype=torch.float64)
+        with self._global_eval():
+            for batch in self.eval_set if batches is None else batches:
+                batch = self._to_device(batch)
+                hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                payload = server_payload(batch, encode(hidden, self.wire_dtype), self.u_shape)
+                self.comm.eval_activations_up += sum(nbytes(t) for t in payload)
+                self.link.delay(sum(nbytes(t) for t in payload))
+                if not self.u_shape:
+                    totals += self.replica.rpc_sync(timeout=self.timeout_s).evaluate(*payload).cpu()
+                    continue
+                back = self.replica.rpc_sync(timeout=self.timeout_s).u_evaluate(*payload)
+                self.link.delay(nbytes(back))
+                h2 = decode(back, self.wire_dtype, self.hidden_size, self.stage_dtype)
+                logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
+                stats = target_stats(logits, shift_targets(batch["labels"]))
+                totals += torch.stack([t.double() for t in stats]).cpu()
         return totals
+
+    def next_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Greedy decoding's step through the split: the argmax token after position ``last[i]`` of every
+        row (the server returns only those ids; U-shaped, the tail here computes the logits)."""
+        input_ids, mask, last = input_ids.to(self.device), mask.to(self.device), last.to(self.device)
+        hidden = self.stage(input_ids=input_ids, attention_mask=mask)
+        sent = encode(hidden, self.wire_dtype)
+        m = None if bool(mask.all()) else mask.bool()
+        n = nbytes(sent) + nbytes(m)
+        self.comm.eval_activations_up += n
+        self.link.delay(n)
+        if not self.u_shape:
+            return self.replica.rpc_sync(timeout=self.timeout_s).next_tokens(sent, m, last)
+        back = self.replica.rpc_sync(timeout=self.timeout_s).u_evaluate(sent, m)
+        self.link.delay(nbytes(back))
+        h2 = decode(back, self.wire_dtype, self.hidden_size, self.stage_dtype)
+        logits = self.tail(hidden=h2, attention_mask=mask)
+        return logits[torch.arange(len(last), device=logits.device), last].argmax(-1)
+
+    def generate(self, examples: list[Example], tokenizer, pad_id: int) -> torch.Tensor:
+        """eval.generate: [exact matches, ROUGE-L sum, samples] of the global model's greedy responses to
+        ``examples``' prompts, decoded ``train.eval_batch_size`` prompts at a time."""
+        with self._global_eval():
+            return score_responses(
+                self.next_tokens,
+                examples,
+                tokenizer,
+                pad_id,
+                self.cfg.train.eval_batch_size,
+                self.cfg.eval.max_new_tokens,
+                self.cfg.data.max_seq_len,
+            )
 
     def take_comm(self) -> CommBytes:
         """This round's byte counts (reset afterwards)."""

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.rpc as rpc
 
 from models.aggregation import StackLayout
-from models.datasets import BatchStream, typical_seq_len
+from models.datasets import BatchStream, eval_batches, typical_seq_len
 from models.importance import Sensitivity
 from models.lora import lora_modules, write_adapter
 from runtime import dist, faults
@@ -20,7 +20,7 @@ from runtime.compute import ComputeThreads
 from runtime.config import Config
 from runtime.debug import dump_copies
 from runtime.dist import SERVER
-from runtime.job import ClientData, FederationData, data_seed, round_seed, worker_data
+from runtime.job import ClientData, FederationData, data_seed, load_tokenizer, round_seed, worker_data
 from runtime.messages import ClientReport, ClientRound, Divergence, RoundStats, RunState, SatOut, Settled
 from runtime.metrics import CpuUsage
 from runtime.protocol import Plan, Role
@@ -61,6 +61,8 @@ class ClientRole(Role):
             }
         self.contributions: dict[int, torch.Tensor] = {}
         self.adapter_bytes = 0
+        self.heldout_sets: dict[int, list[dict[str, torch.Tensor]]] = {}  # eval.client_fraction: batches
+        self.tokenizer = None  # eval.generate: loaded at the first generation eval
 
     # ------------------------------------------------------------------ start
     def simulate_round(self, rnd: int) -> None:
@@ -229,6 +231,28 @@ class ClientRole(Role):
 
     def eval_totals(self) -> torch.Tensor:
         return self.client.evaluate()
+
+    def heldout_totals(self) -> dict[int, torch.Tensor]:
+        """Each held-back set this worker evaluates: its client's, or with clients sharing workers those of
+        clients ``c`` with ``(c - 1) % workers == rank - 1`` (the global model is one function whatever
+        the cut this worker's stage has)."""
+        if not self.heldout_sets:
+            d, n = self.data, self.world.n_workers
+            sets = d.heldout if self.multiplexed else {self.world.rank: d.heldout}
+            bs = self.cfg.train.eval_batch_size
+            self.heldout_sets = {
+                c: eval_batches(d.examples, held, bs, d.pad_id)
+                for c, held in sets.items()
+                if (c - 1) % n == self.world.rank - 1
+            }
+        return {c: self.client.evaluate(batches) for c, batches in self.heldout_sets.items()}
+
+    def generation_totals(self) -> torch.Tensor:
+        d = self.data
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.model_path)
+        examples = [d.eval_examples[i] for i in d.generate_indices]
+        return self.client.generate(examples, self.tokenizer, d.pad_id)
 
     def report(self, trained: RoundStats | SatOut | list[ClientReport]) -> list[ClientReport]:
         if self.multiplexed:

@@ -7,6 +7,7 @@ process group starts, so a bad config costs nothing on a cluster.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -294,6 +295,9 @@ class RuntimeConfig:
     freed after the peak is not returned."""
     intra_op_threads: int = 0
     """torch intra-op threads per process (0: cores / processes on this node)."""
+    tensorboard: bool = False
+    """Also write every round's scalars of metrics.jsonl as TensorBoard event files under
+    output_dir/tensorboard/ (rank 0 only). Needs the tensorboardX package (the ``tensorboard`` extra)."""
     compute_threads: bool = True
     """CPU, more than one intra-op thread: the server runs every tensor op of its replicas on as few
     threads as keep OpenMP's workers within its cores (one when its intra-op threads are more than
@@ -301,6 +305,23 @@ class RuntimeConfig:
     thread, and with more workers than cores it lets them sleep after every op
     (``runtime/compute.py``). false: the replicas compute on the RPC and autograd threads. No effect
     at one intra-op thread or on a GPU."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1
+    """Evaluate the global model every this many rounds (the last round always); a round not evaluated
+    records no eval figures in metrics.jsonl."""
+    client_fraction: float = 0.0
+    """Hold back this fraction of every client's training shard (at least one sample when > 0, drawn
+    from the seed and the client id) and report each client's eval loss on its own held-back samples:
+    is the global model good for every client? 0: no hold-out."""
+    generate: int = 0
+    """Decode greedily, through the split, the responses of this many eval prompts (a fixed sample of
+    the eval set) and report exact match and ROUGE-L against the reference responses. Needs
+    prompt/response eval data. 0: off."""
+    max_new_tokens: int = 64
+    """eval.generate: the most tokens decoded per prompt (decoding also stops at eos)."""
 
 
 @dataclass
@@ -324,6 +345,7 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     wire: WireConfig = field(default_factory=WireConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def cut_layers_for(self, n_clients: int) -> list[int]:
@@ -629,6 +651,7 @@ def validate(cfg: Config) -> None:
         "(glibc's M_TRIM_THRESHOLD is an int; 0 = glibc's default)",
     )
     _require(rt.intra_op_threads >= 0, f"runtime.intra_op_threads={rt.intra_op_threads}: must be >= 0")
+    _validate_eval(cfg)
     sp, sim = cfg.split, cfg.simulate
     _require(
         sp.clients is None or sp.clients >= 1,
@@ -710,6 +733,24 @@ def _check_draw(name: str, value: Any) -> None:
         f"simulate.{name}={value}: lognormal (sigma of the log) must be in [0, 5], e.g. 0.5",
     )
     _require(value.get("median", 1) > 0, f"simulate.{name}={value}: median must be > 0")
+
+
+def _validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    _require(e.every >= 1, f"eval.every={e.every}: must be >= 1 (1 = evaluate every round)")
+    _require(
+        0 <= e.client_fraction < 1,
+        f"eval.client_fraction={e.client_fraction}: must be in [0, 1) (a fraction of each client's shard "
+        "held back for its own evaluation; 0 = none)",
+    )
+    _require(e.generate >= 0, f"eval.generate={e.generate}: must be >= 0 (0 = no generation eval)")
+    _require(e.max_new_tokens >= 1, f"eval.max_new_tokens={e.max_new_tokens}: must be >= 1")
+    _require(
+        not cfg.runtime.tensorboard or importlib.util.find_spec("tensorboardX") is not None,
+        "runtime.tensorboard=true needs the tensorboardX package, which is not installed: "
+        "pip install 'tensorboardX==2.6.5' (or pip install -e '.[tensorboard]'), or set "
+        "runtime.tensorboard=false",
+    )
 
 
 def check_world_size(world_size: int) -> None:
@@ -820,7 +861,7 @@ def _check_cuts(cuts: list[int], n_clients: int, n_layers: int, where: str, tail
 
 # Settings that do not change what a run computes: where it writes, how long it goes on, how the
 # processes talk and wait, and the simulated speeds (the plan comes from the checkpoint on resume).
-NOT_IN_FINGERPRINT = ("output_dir", "train.rounds", "runtime.", "simulate.")
+NOT_IN_FINGERPRINT = ("output_dir", "train.rounds", "runtime.", "simulate.", "eval.")
 
 
 def fingerprint(cfg: Config, n_clients: int) -> dict[str, Any]:
@@ -840,6 +881,8 @@ def fingerprint(cfg: Config, n_clients: int) -> dict[str, Any]:
         flat["split.schedule"] = {str(k): v for k, v in flat["split.schedule"].items()}
     flat["split.policy"] = cfg.policy
     flat["clients"] = n_clients
+    if cfg.eval.client_fraction > 0:  # it changes the training shards (how often one evaluates does not)
+        flat["eval.client_fraction"] = cfg.eval.client_fraction
     if cfg.train.lr_schedule != "constant":  # its rates depend on the run's length: train.rounds then counts
         flat["train.rounds"] = cfg.train.rounds
     return flat

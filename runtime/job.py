@@ -9,9 +9,10 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import random
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from transformers import AutoTokenizer, PretrainedConfig
 
 from models.datasets import Example, load_examples
 from models.families import FAMILIES, family_of
+from models.generate import has_response
 from models.lora import LoraSpec
 from models.stages import CheckpointReader, load_config
 from partition import iid_partition, length_dirichlet_partition
@@ -128,6 +130,8 @@ class ClientData:
     eval_examples: list[Example]
     eval_indices: list[int]
     pad_id: int
+    heldout: list[int] = field(default_factory=list)  # eval.client_fraction: its own held-back examples
+    generate_indices: list[int] = field(default_factory=list)  # eval.generate: its share of the prompts
 
 
 def load_tokenizer(model_path: Path):
@@ -180,9 +184,19 @@ class FederationData:
     eval_examples: list[Example]
     eval_indices: list[int]
     pad_id: int
+    heldout: dict[int, list[int]] = field(default_factory=dict)  # client -> its held-back examples
+    generate_indices: list[int] = field(default_factory=list)  # eval.generate: the worker's share
 
     def client(self, c: int) -> ClientData:
-        return ClientData(self.examples, self.shards[c], self.eval_examples, self.eval_indices, self.pad_id)
+        return ClientData(
+            self.examples,
+            self.shards[c],
+            self.eval_examples,
+            self.eval_indices,
+            self.pad_id,
+            self.heldout.get(c, []),
+            self.generate_indices,
+        )
 
 
 def federation_data(
@@ -194,17 +208,58 @@ def federation_data(
     tok = load_tokenizer(model_path)
     train_path, eval_path = resolve_data_paths(cfg)
     examples = load_examples(train_path, tok, cfg.data.max_seq_len, cfg.data.format)
-    shards = partition_shards(cfg, examples, n_clients)
+    shards = {c: shard for c, shard in enumerate(partition_shards(cfg, examples, n_clients), start=1)}
+    heldout = {}
+    if cfg.eval.client_fraction > 0:
+        for c, shard in shards.items():
+            shards[c], heldout[c] = hold_out(shard, cfg.eval.client_fraction, cfg.seed, c)
     eval_examples = load_examples(eval_path, tok, cfg.data.max_seq_len, cfg.data.format)
     if cfg.data.max_eval_samples:
         eval_examples = eval_examples[: cfg.data.max_eval_samples]
+    prompts = generation_sample(cfg, eval_examples)
     return FederationData(
         examples=examples,
-        shards={c: shard for c, shard in enumerate(shards, start=1)},
+        shards=shards,
         eval_examples=eval_examples,
         eval_indices=list(range(worker_index, len(eval_examples), n_workers)),
         pad_id=tok.pad_token_id,
+        heldout=heldout,
+        generate_indices=prompts[worker_index::n_workers],
     )
+
+
+def holdout_seed(seed: int, client: int) -> int:
+    return seed * 1_000_003 + 7919 * client + 17
+
+
+def hold_out(shard: list[int], fraction: float, seed: int, client: int) -> tuple[list[int], list[int]]:
+    """(training part, held-back part) of client ``client``'s shard: ``fraction`` of it (at least one
+    sample) drawn from (seed, client), so the same whatever the number of workers. A ConfigError
+    naming eval.client_fraction if no training sample would be left."""
+    n_held = max(1, round(fraction * len(shard)))
+    if n_held >= len(shard):
+        raise ConfigError(
+            f"eval.client_fraction={fraction} leaves client {client} without training data (its shard has "
+            f"{len(shard)} sample(s), {n_held} held back); lower eval.client_fraction or raise "
+            "data.min_samples"
+        )
+    held = set(random.Random(holdout_seed(seed, client)).sample(range(len(shard)), n_held))
+    return [s for i, s in enumerate(shard) if i not in held], [s for i, s in enumerate(shard) if i in held]
+
+
+def generation_sample(cfg: Config, eval_examples: list[Example]) -> list[int]:
+    """eval.generate: the eval examples whose responses are decoded (a fixed sample, drawn from the seed,
+    in eval order). A ConfigError naming eval.generate if the eval data has no responses."""
+    n = cfg.eval.generate
+    if n == 0:
+        return []
+    if not all(has_response(e) for e in eval_examples):
+        raise ConfigError(
+            f"eval.generate={n} decodes the response of eval prompts, but data.eval_path="
+            f'{cfg.data.eval_path!r} has no prompt/response records: give JSONL with "prompt" and '
+            '"response" fields (data.format=jsonl_prompt) or set eval.generate=0'
+        )
+    return sorted(random.Random(cfg.seed).sample(range(len(eval_examples)), min(n, len(eval_examples))))
 
 
 def worker_data(cfg: Config, model_path: Path, rank: int, world_size: int) -> ClientData | FederationData:

@@ -14,7 +14,6 @@ matches it step for step with dropout on (on CPU: only the CPU generator is swit
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from peft import get_peft_model
 
 from models.datasets import BatchStream, eval_batches
 from models.families import family_of, get_module
+from models.generate import score_responses
 from models.lora import (
     build_layout,
     initial_adapter,
@@ -42,6 +42,7 @@ from runtime.job import (
     data_seed,
     default_threads,
     learning_rate,
+    load_tokenizer,
     lora_spec,
     make_optimizer,
     model_config,
@@ -50,7 +51,18 @@ from runtime.job import (
     set_learning_rate,
     tune_malloc,
 )
-from runtime.metrics import CpuUsage, MetricsWriter, header, peak_rss_mb, round_record, row
+from runtime.messages import EvalDetails, GenerationScore
+from runtime.metrics import (
+    CpuUsage,
+    MetricsWriter,
+    TensorBoardLog,
+    eval_fields,
+    header,
+    peak_rss_mb,
+    round_record,
+    row,
+    write_baseline,
+)
 
 log = logging.getLogger("splitft")
 
@@ -110,23 +122,30 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     evals = eval_batches(data.eval_examples, data.eval_indices, cfg.train.eval_batch_size, data.pad_id)
     out = Path(cfg.output_dir)
     writer = MetricsWriter(out / "metrics.jsonl", [])
+    tensorboard = TensorBoardLog(out / "tensorboard", 1) if cfg.runtime.tensorboard else None
 
-    def evaluate() -> tuple[float, float, float]:
-        totals = torch.zeros(3, dtype=torch.float64)
+    heldout = eval_batches(data.examples, data.heldout, cfg.train.eval_batch_size, data.pad_id)
+    tokenizer = load_tokenizer(model_path) if cfg.eval.generate else None
+
+    def evaluate() -> tuple[tuple[float, float, float], EvalDetails]:
+        """As the split run evaluates (``Role.evaluate_all``), with the whole model in this process."""
         model.eval()
+        t0 = time.perf_counter()
         with torch.no_grad():
-            for b in evals:
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                totals += torch.stack([t.double() for t in token_stats(logits, b["labels"])])
+            evaluation = _loss(model, evals)
+            details = EvalDetails(time_s=time.perf_counter() - t0)
+            if heldout:  # the one client of this run: client 1, as in a one-client split run
+                details.clients[1] = _loss(model, heldout)
+            if tokenizer is not None:
+                t1 = time.perf_counter()
+                totals = _generate(
+                    model, cfg, [data.eval_examples[i] for i in data.generate_indices], tokenizer
+                )
+                details.generation = GenerationScore.summed(totals, time.perf_counter() - t1)
         model.train()
-        loss_sum, tokens, correct = totals.tolist()
-        return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
+        return evaluation, details
 
-    base_loss, base_acc, base_tokens = evaluate()
-    log.info("before training: eval_loss %.4f, token accuracy %.4f", base_loss, base_acc)
-    (out / "baseline.json").write_text(
-        json.dumps({"eval_loss": base_loss, "eval_token_accuracy": base_acc, "eval_tokens": base_tokens})
-    )
+    write_baseline(out, *evaluate())
     log.info(header())
     records = []
     t_start = time.perf_counter()
@@ -152,7 +171,9 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
             input_tokens += float(b["attention_mask"].sum())
         cores_used = usage.stop()["train_cores_used"]
         train_time = time.perf_counter() - t_steps
-        evaluation = evaluate()
+        evaluation, details = None, None  # eval.every: a round not evaluated measures nothing
+        if rnd % cfg.eval.every == 0 or rnd == cfg.train.rounds:
+            evaluation, details = evaluate()
         now = time.perf_counter()
         train_loss = weighted / max(tokens, 1.0)
         record = round_record(
@@ -176,10 +197,44 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
                 }
             },
         )
+        record.update(eval_fields(details))
         writer.write(record)
+        if tensorboard is not None:
+            tensorboard.write(record)
         records.append(record)
         log.info(row(record))
+    if tensorboard is not None:
+        tensorboard.close()
     flat = torch.zeros(layout.numel)
     read_adapter(hf, layout, flat, 1.0)
     checkpoint.export_adapter(out, layout, flat, spec, mcfg, model_path)
     return records
+
+
+def _loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, float]:
+    """(loss, token accuracy, tokens) of ``model`` over ``batches``."""
+    totals = torch.zeros(3, dtype=torch.float64)
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        totals += torch.stack([t.double() for t in token_stats(logits, b["labels"])])
+    loss_sum, tokens, correct = totals.tolist()
+    return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
+
+
+def _generate(model: torch.nn.Module, cfg: Config, examples: list, tokenizer) -> torch.Tensor:
+    """[exact matches, ROUGE-L sum, samples] of greedy decoding, as ``Client.generate`` scores it."""
+
+    def next_tokens(ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return logits[torch.arange(len(last)), last].argmax(-1)
+
+    e = cfg.eval
+    return score_responses(
+        next_tokens,
+        examples,
+        tokenizer,
+        tokenizer.pad_token_id,
+        cfg.train.eval_batch_size,
+        e.max_new_tokens,
+        cfg.data.max_seq_len,
+    )

@@ -241,3 +241,29 @@ class ServerReport:
 
     peak_rss_mb: float
     server_s: dict[int, float | None] = field(default_factory=dict)  # client -> median replica step s
+
+
+@dataclass
+class GenerationScore:
+    """eval.generate: a sample of eval prompts decoded greedily through the split, scored against their
+    reference responses (gathered from every worker's share: [exact matches, ROUGE-L sum, samples])."""
+
+    exact_match: float  # the fraction decoded exactly
+    rouge_l: float  # mean ROUGE-L F-measure
+    samples: int
+    time_s: float  # wall time of the decoding, all workers at once
+
+    @staticmethod
+    def summed(totals: torch.Tensor, time_s: float) -> GenerationScore:
+        exact, rouge, n = totals.tolist()
+        return GenerationScore(exact / max(n, 1.0), rouge / max(n, 1.0), int(n), time_s)
+
+
+@dataclass
+class EvalDetails:
+    """What an evaluated round measured besides the global model's loss on the eval set."""
+
+    time_s: float  # wall time of the eval-set loss
+    clients: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # eval.client_fraction:
+    # client -> (loss, token accuracy, tokens) of the global model on that client's held-back samples
+    generation: GenerationScore | None = None  # eval.generate

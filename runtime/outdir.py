@@ -50,6 +50,7 @@ RESULTS = (
     "run_config.json",
     "report",
     "debug",
+    "tensorboard",
 )
 # Written before round 1 ends: alone (with an empty metrics.jsonl) they hold no trained round.
 START_UP = ("baseline.json", "profiles.json", "run_config.json")

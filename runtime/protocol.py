@@ -12,7 +12,8 @@ typed message of ``runtime.messages``:
     settle     every rank says whether it was asked to stop (SIGTERM/SIGUSR1) or diverged
                (``Settled``): one stops all
     aggregate  one all-reduce gives every holder the global adapter
-    evaluate   the global model on the held-out set
+    evaluate   the global model on the held-out set (every ``eval.every`` rounds and the last), each
+               client's held-back samples (``eval.client_fraction``), greedy decoding (``eval.generate``)
     re-plan    rank 0 may move cuts (from the ``ClientReport`` / ``ServerReport`` of every rank);
                every rank moves the layers concerned
     record     rank 0 writes metrics.jsonl, and hands the PEFT adapter and the round's checkpoint to
@@ -54,6 +55,8 @@ from runtime.messages import (
     ClientRound,
     Decision,
     Diverged,
+    EvalDetails,
+    GenerationScore,
     RunState,
     Settled,
     UserError,
@@ -183,7 +186,7 @@ class Role:
         self.t_start = time.perf_counter() - (resume.elapsed_s if resume else 0.0)
         if done == 0:
             self.phase("evaluating the base model before training")
-            self.baseline(self.evaluate())
+            self.baseline(*self.evaluate_all())
         return done
 
     def round(self, rnd: int) -> None:
@@ -216,10 +219,12 @@ class Role:
                 str(self.out / "debug" / f"round{rnd}" / f"merged_rank{self.world.rank}.safetensors"),
             )
         dist.barrier(self.world)  # every holder has the global adapter before anyone evaluates
-        self.phase(f"round {rnd}: evaluating the global adapter")
-        evaluation = self.evaluate()
-        if not math.isfinite(evaluation[0]):
-            self.diverged(f"the eval loss after round {rnd} is {evaluation[0]}", rnd)
+        evaluation, details = None, None  # eval.every: a round not evaluated measures nothing
+        if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.train.rounds:
+            self.phase(f"round {rnd}: evaluating the global adapter")
+            evaluation, details = self.evaluate_all()
+            if not math.isfinite(evaluation[0]):
+                self.diverged(f"the eval loss after round {rnd} is {evaluation[0]}", rnd)
         reports = dist.gather_objects(self.world, self.report(trained))
         new_plan = dist.broadcast_object(self.world, self.replan(rnd, reports, evaluation))
         after_move, move_s = None, 0.0
@@ -237,6 +242,7 @@ class Role:
                 prediction=prediction,
                 reports=reports,
                 evaluation=evaluation,
+                details=details,
                 new_plan=new_plan,
                 after_move=after_move,
                 move_s=move_s,
@@ -336,6 +342,24 @@ class Role:
         loss_sum, tokens, correct = totals.tolist()
         return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
 
+    def evaluate_all(self) -> tuple[Evaluation, EvalDetails]:
+        """The global model's loss on the eval set, then what the ``eval`` section asks for besides: each
+        client's loss on its own held-back samples, and greedy decoding scored against the references."""
+        e = self.cfg.eval
+        t0 = time.perf_counter()
+        evaluation = self.evaluate()
+        details = EvalDetails(time_s=time.perf_counter() - t0)
+        if e.client_fraction > 0:
+            for part in dist.gather_objects(self.world, self.heldout_totals()):
+                for c, totals in part.items():
+                    loss_sum, tokens, correct = totals.tolist()
+                    details.clients[c] = (loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens)
+        if e.generate > 0:
+            t1 = time.perf_counter()
+            totals = torch.stack(dist.gather_objects(self.world, self.generation_totals())).sum(0)
+            details.generation = GenerationScore.summed(totals, time.perf_counter() - t1)
+        return evaluation, details
+
     def probe_in_turn(self, seq: int) -> ResourceProfile:
         """This rank's ResourceProfile, measured one rank at a time (barriers in between)."""
         w, cfg = self.world, self.cfg
@@ -433,7 +457,7 @@ class Role:
     def show_global(self) -> None:
         pass
 
-    def baseline(self, evaluation: Evaluation) -> None:
+    def baseline(self, evaluation: Evaluation, details: EvalDetails) -> None:
         pass
 
     def train(self) -> ClientRound:
@@ -474,13 +498,21 @@ class Role:
     def eval_totals(self) -> torch.Tensor:
         return torch.zeros(3, dtype=torch.float64)
 
+    def heldout_totals(self) -> dict[int, torch.Tensor]:
+        """eval.client_fraction: [loss_sum, tokens, correct] on each held-back set this rank evaluates."""
+        return {}
+
+    def generation_totals(self) -> torch.Tensor:
+        """eval.generate: [exact matches, ROUGE-L sum, samples] over this rank's share of the prompts."""
+        return torch.zeros(3, dtype=torch.float64)
+
     def predict(self):
         return None
 
     def report(self, trained: ClientRound):
         return None
 
-    def replan(self, rnd: int, reports: list, evaluation: Evaluation) -> Plan | None:
+    def replan(self, rnd: int, reports: list, evaluation: Evaluation | None) -> Plan | None:
         return None
 
     def move(self, new_plan: Plan) -> None:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from runtime.job import learning_rate
-from runtime.messages import ClientReport, RunState, ServerReport
-from runtime.metrics import round_record
+from runtime.messages import ClientReport, EvalDetails, RunState, ServerReport
+from runtime.metrics import eval_fields, round_record
 
 if TYPE_CHECKING:
     from partition.planner import Prediction
@@ -31,17 +31,20 @@ class RoundOutcome:
     prediction: Prediction | None  # the scheduler's prediction for the round, made before it trained
     server: ServerReport
     clients: dict[int, ClientReport]  # client -> its report
-    evaluation: Evaluation  # (loss, token accuracy, tokens) of the global model after the round
+    evaluation: Evaluation | None  # (loss, token accuracy, tokens) of the global model; None: not evaluated
     new_plan: Plan | None  # the move decided at its end
     eval_loss_after_move: float | None  # runtime.debug: the same model's loss after the move
     move_s: float  # wall time of the move
+    details: EvalDetails | None = None  # what else the evaluation measured (eval section)
 
     @staticmethod
-    def gathered(rnd, started, prediction, reports: list, evaluation, new_plan, after_move, move_s):
+    def gathered(
+        rnd, started, prediction, reports: list, evaluation, new_plan, after_move, move_s, details=None
+    ):
         """From the gathered reports: rank 0's ServerReport, then each worker's ClientReports."""
         server, clients = by_client(reports)
         return RoundOutcome(
-            rnd, started, prediction, server, clients, evaluation, new_plan, after_move, move_s
+            rnd, started, prediction, server, clients, evaluation, new_plan, after_move, move_s, details
         )
 
 
@@ -76,6 +79,7 @@ def metrics_row(role: ServerRole, o: RoundOutcome, elapsed: float, round_time: f
         server={"peak_rss_mb": o.server.peak_rss_mb, **role.usage},
         clients={str(c): {"weight": role.weights[c], **stats[c].recorded()} for c in order},
     )
+    rec.update(eval_fields(o.details))
     plan = {
         "policy": cfg.policy,
         "cut_ranks": {str(c): v[1] for c, v in role.plan.items()},

@@ -227,10 +227,11 @@ class Scheduler:
         return plan_resource(self.model, clients, server, self.cores, headroom)
 
     def after_round(
-        self, rnd: int, cuts: list[int], measured: list[Measured | None], eval_loss: float
+        self, rnd: int, cuts: list[int], measured: list[Measured | None], eval_loss: float | None
     ) -> list[int] | None:
         """The cuts for the next round if they change (``measured``: each client's round, in client order;
-        None for a client that sat it out, which only a non-adaptive policy allows).
+        None for a client that sat it out; ``eval_loss`` None: a
+        round ``eval.every`` does not evaluate).
 
         Sets ``reason``: the rule that moved (``schedule``, ``revert``, ``speed`` or ``progress``) and
         what it saw, or, under ``adaptive``, why nothing moved.

@@ -265,6 +265,16 @@ class ServerReplica:
 
         return self._evaluating(job)
 
+    def next_tokens(self, sent: torch.Tensor, mask: torch.Tensor | None, last: torch.Tensor) -> torch.Tensor:
+        """eval.generate: the argmax token after position ``last[i]`` of every row (ids, not logits)."""
+
+        def job() -> torch.Tensor:
+            hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
+            logits = self.stage(hidden=hidden, attention_mask=mask)
+            return logits[torch.arange(len(last), device=logits.device), last].argmax(-1)
+
+        return self._evaluating(job)
+
     def _evaluating(self, job: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``job()`` through the global adapter, in eval mode, without grad, on the compute thread."""
 

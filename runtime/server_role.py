@@ -20,8 +20,16 @@ from runtime.compute import ComputeThreads
 from runtime.config import Config, fingerprint
 from runtime.debug import dump_copies
 from runtime.explain import describe_plan, describe_replan
-from runtime.messages import Assignment, Decision, RunState, ServerReport, UserError
-from runtime.metrics import CpuUsage, MetricsWriter, header, peak_rss_mb, row
+from runtime.messages import Assignment, Decision, EvalDetails, RunState, ServerReport, UserError
+from runtime.metrics import (
+    CpuUsage,
+    MetricsWriter,
+    TensorBoardLog,
+    header,
+    peak_rss_mb,
+    row,
+    write_baseline,
+)
 from runtime.probe import ResourceProfile
 from runtime.progress import round_line
 from runtime.protocol import Evaluation, Plan, Role
@@ -44,6 +52,7 @@ class ServerRole(Role):
         self.server: Server | None = None
         self.records: list[dict] = []
         self.writer: MetricsWriter | None = None
+        self.tensorboard: TensorBoardLog | None = None  # runtime.tensorboard
         self.round_calls: dict[int, dict[str, int]] = {}
         self.usage: dict[str, float] = {}  # CpuUsage of the last round's training
         self.fingerprint = fingerprint(cfg, self.n_clients)
@@ -181,12 +190,8 @@ class ServerRole(Role):
         for _, model, _ in self.holders():
             write_adapter(model, self.layout, flat)
 
-    def baseline(self, evaluation: Evaluation) -> None:
-        loss, acc, tokens = evaluation
-        log.info("before training: eval_loss %.4f, token accuracy %.4f", loss, acc)
-        (self.out / "baseline.json").write_text(
-            json.dumps({"eval_loss": loss, "eval_token_accuracy": acc, "eval_tokens": tokens})
-        )
+    def baseline(self, evaluation: Evaluation, details: EvalDetails) -> None:
+        write_baseline(self.out, evaluation, details)
         log.info(header())
 
     # ------------------------------------------------------------------ importance selection (HSplitLoRA)
@@ -304,7 +309,7 @@ class ServerRole(Role):
         parts, self.server.contributions = self.server.contributions, {}
         return parts
 
-    def replan(self, rnd: int, reports: list, evaluation: Evaluation) -> Plan | None:
+    def replan(self, rnd: int, reports: list, evaluation: Evaluation | None) -> Plan | None:
         if rnd >= self.cfg.train.rounds:
             return None
         server, clients = by_client(reports)
@@ -314,7 +319,8 @@ class ServerRole(Role):
             else None  # it sat the round out
             for c in sorted(self.cut_map)
         ]
-        cuts = self.scheduler.after_round(rnd, self.cuts, measured, evaluation[0])
+        eval_loss = None if evaluation is None else evaluation[0]  # None: a round eval.every skips
+        cuts = self.scheduler.after_round(rnd, self.cuts, measured, eval_loss)
         if cuts is None:
             return None
         return {
@@ -337,6 +343,10 @@ class ServerRole(Role):
         )
         rec = metrics_row(self, outcome, elapsed=now - self.t_start, round_time=now - outcome.started)
         self.writer.write(rec)
+        if self.cfg.runtime.tensorboard:
+            if self.tensorboard is None:  # made with the first row: a start that ends no round has none
+                self.tensorboard = TensorBoardLog(self.out / "tensorboard", first_round=outcome.round)
+            self.tensorboard.write(rec)
         self.records.append(rec)
         log.info(row(rec))
         rnd = outcome.round
@@ -375,6 +385,8 @@ class ServerRole(Role):
 
     def finish(self) -> None:
         self.saver.wait()  # the last round's checkpoint and adapter are on disk before the job ends
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.cfg.runtime.debug:
             (self.out / "debug" / "wire.json").write_text(
                 json.dumps(
