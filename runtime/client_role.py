@@ -180,11 +180,12 @@ class ClientRole(Role):
         return reports
 
     def switch_to(self, c: int) -> None:
-        """This worker's stage and its server replica take client ``c``: its cut, the global adapter, its
-        data position and its simulated speed and bandwidth."""
+        """This worker's stage and its server replica take client ``c``: its cut, the global adapter at its
+        own ranks (``lora.client_ranks`` caps the stage's layers; the replica's hold ``lora.r``, as with
+        one client per worker), its data position and its simulated speed and bandwidth."""
         k, cut_rank = self.plan[c]
         rpc.rpc_sync(SERVER, serve_client, args=(self.world.rank, k), timeout=self.client.timeout_s)
-        self.client.recut(k, cut_rank, self.layout, self.flat)
+        self.client.recut(k, cut_rank, self.layout, self.flat, self.caps[c])
         slowdown, _, bandwidth = self.cfg.simulate.for_client(c - 1, self.rnd)
         self.throttle.set(slowdown)
         self.link.bandwidth_mbps = bandwidth
