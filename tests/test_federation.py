@@ -58,8 +58,9 @@ def test_a_worker_killed_with_sampling_on_is_restarted_and_ends_equal(setup, tmp
     torchrun --max-restarts=1 starts every rank again, which resume after round 1: each client's data
     position and measured time come back from the checkpoint. Each round draws the same clients, and the
     eval losses and the adapter are the uninterrupted run's: exactly where the same workers trained the
-    same clients, else within 1e-6 (which worker trains which client follows the measured times, so
-    the all-reduce may add the same copies in another grouping)."""
+    same clients up to that round; otherwise the eval losses within 1e-6 and the adapter within 1e-5
+    (which worker trains which client follows the measured times, so the float32 all-reduce may add the
+    same copies in another grouping; seen: 8e-8 and 2.2e-6)."""
     ref, out = tmp_path / "ref", tmp_path / "killed"
     code, log = launch([*common_args(setup, ref), *FEDERATION])
     assert code == 0, log[-6000:]
@@ -70,17 +71,18 @@ def test_a_worker_killed_with_sampling_on_is_restarted_and_ends_equal(setup, tmp
 
     ours, theirs = metrics(out), metrics(ref)
     assert [r["round"] for r in ours] == [r["round"] for r in theirs] == [1, 2, 3]
-    same_grouping = all(a["workers"] == b["workers"] for a, b in zip(ours, theirs))
+    same_grouping = True  # so far: every round's clients on the same workers as in the reference
     for a, b in zip(ours, theirs):
         assert a["participants"] == b["participants"] and len(a["participants"]) == 3
         assert set(a["workers"].values()) == {1, 2}  # both workers trained clients in every round
+        same_grouping = same_grouping and a["workers"] == b["workers"]
         tolerance = 0.0 if same_grouping else 1e-6
         assert abs(a["eval_loss"] - b["eval_loss"]) <= tolerance, (a["round"], a["eval_loss"], b["eval_loss"])
     assert len({c for r in ours for c in r["participants"]}) > 3  # sampling drew different clients
     mine, reference = _adapter(out), _adapter(ref)
     assert mine.keys() == reference.keys() and mine
     for key in mine:
-        torch.testing.assert_close(mine[key], reference[key], atol=0.0 if same_grouping else 1e-6, rtol=0)
+        torch.testing.assert_close(mine[key], reference[key], atol=0.0 if same_grouping else 1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("rule", ["fedavg", "stack", "svd"])
