@@ -39,7 +39,9 @@ __all__ = [
     "memory_need",
     "plan",
     "plan_resource",
+    "plan_shared",
     "predict",
+    "shared_times",
     "rank_for_memory",
 ]
 
@@ -411,6 +413,75 @@ def plan_resource(
     return _monotone(model, clients, server, cores, kmax, [int(k) for k in best])
 
 
+def _beside(clients: Sequence[ClientCosts], cuts: Sequence[int]) -> tuple[ClientCosts, int]:
+    """What trains beside a client when clients share workers: a typical client (the median layer time)
+    at the median cut."""
+    order = sorted(range(len(clients)), key=lambda i: clients[i].layer_time_s)
+    return clients[order[len(order) // 2]], sorted(int(k) for k in cuts)[len(cuts) // 2]
+
+
+def _alone_times(model, client, server, cores, slots, ks, beside) -> np.ndarray:
+    """Predicted training time of ``client`` at each cut in ``ks`` while ``slots - 1`` copies of the
+    typical client ``beside`` = (costs, cut) train at the same time on the other workers."""
+    typical, k_typ = beside
+    fed = [client] + [typical] * (slots - 1)
+    plans = np.column_stack([np.asarray(ks)] + [np.full(len(ks), k_typ)] * (slots - 1))
+    return _evaluate(model, fed, server, cores, plans)[3][:, 0]
+
+
+def shared_times(
+    model: ModelCosts,
+    clients: Sequence[ClientCosts],
+    server: ServerCosts,
+    cores: Mapping[str, float],
+    slots: int,
+    cuts: Sequence[int],
+    around: Sequence[int] | None = None,
+) -> list[float]:
+    """Clients sharing workers (``slots`` train at a time): each client's predicted training time at its
+    cut, beside ``slots - 1`` typical clients (``_beside``) of the plan ``around`` (default ``cuts``)."""
+    beside, memo = _beside(clients, cuts if around is None else around), {}
+    for cl, k in zip(clients, cuts):
+        if (cl, k) not in memo:
+            memo[cl, k] = float(_alone_times(model, cl, server, cores, slots, [k], beside)[0])
+    return [memo[cl, k] for cl, k in zip(clients, cuts)]
+
+
+def plan_shared(
+    model: ModelCosts,
+    clients: Sequence[ClientCosts],
+    server: ServerCosts,
+    cores: Mapping[str, float],
+    slots: int,
+    headroom: float = 0.1,
+    start: Sequence[int] | None = None,
+) -> list[int]:
+    """Cuts for clients that share workers, ``slots`` training at a time (``resource`` and ``adaptive``
+    when there are more clients than workers, or a round draws fewer than all).
+
+    A worker trains its clients one after another, so a round is the sum of its clients' times, not the
+    longest of all: each client gets the cut that minimises its own predicted time (ties: the deeper)
+    under its memory, with ``slots - 1`` typical clients at the typical cut beside it, repeated until
+    the typical cut settles. Clients with the same figures get the same cut; O(distinct clients x L).
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    kmax = [_kmax(model, cl, i, headroom) for i, cl in enumerate(clients)]
+    cuts = list(start) if start is not None else [max(1, k // 2) for k in kmax]
+    for _ in range(8):
+        beside, memo, new = _beside(clients, cuts), {}, []
+        for cl, top in zip(clients, kmax):
+            if (cl, top) not in memo:
+                ks = np.arange(1, top + 1)
+                t = _alone_times(model, cl, server, cores, slots, ks, beside)
+                memo[cl, top] = int(ks[np.flatnonzero(t <= t.min() * (1 + REL_TOL))].max())
+            new.append(memo[cl, top])
+        if new == cuts:
+            break
+        cuts = new
+    return cuts
+
+
 def plan(
     policy: str,
     model: ModelCosts,
@@ -477,9 +548,14 @@ class AdaptivePlanner:
         hysteresis: float = 0.1,
         smoothing: float = 0.5,
         headroom: float = 0.1,
+        slots: int | None = None,
     ) -> None:
         if every < 1 or not 0 < smoothing <= 1 or not 0 <= hysteresis < 1:
             raise ValueError("need every >= 1, 0 < smoothing <= 1 and 0 <= hysteresis < 1")
+        # clients that share workers or sit rounds out: ``slots`` train at a time, each client is planned
+        # for its own time (``plan_shared``) and refit only from the rounds it trained (None: every client
+        # trains every round, all at once, and the plan minimises the round)
+        self.slots = slots
         self.model, self.cores = model, dict(cores)
         self.every, self.hysteresis, self.smoothing, self.headroom = every, hysteresis, smoothing, headroom
         self._probe_clients, self._probe_server = tuple(clients), server
@@ -500,9 +576,30 @@ class AdaptivePlanner:
         return self._server
 
     def initial(self) -> list[int]:
+        if self.slots is not None:
+            return plan_shared(
+                self.model, self._probe_clients, self._probe_server, self.cores, self.slots, self.headroom
+            )
         return plan_resource(self.model, self._probe_clients, self._probe_server, self.cores, self.headroom)
 
-    def observe(self, cuts: Sequence[int], measured: Sequence[Measured], eval_loss: float) -> None:
+    def _stretches(self, cuts: Sequence[int]):
+        """(client, server) stretch of each client's compute in the round just measured, as a function of
+        the client's index: all clients at once, or beside ``slots - 1`` typical clients."""
+        if self.slots is None:
+            u = _evaluate(self.model, self._clients, self._server, self.cores, [list(cuts)])[4]
+            return lambda i: (u[0][0, i], u[1][0, i])
+        typical, k_typ = _beside(self._clients, cuts)
+
+        def stretch(i: int) -> tuple[float, float]:
+            fed = [self._clients[i]] + [typical] * (self.slots - 1)
+            u = _evaluate(
+                self.model, fed, self._server, self.cores, [[cuts[i]] + [k_typ] * (self.slots - 1)]
+            )[4]
+            return u[0][0, 0], u[1][0, 0]
+
+        return stretch
+
+    def observe(self, cuts: Sequence[int], measured: Sequence[Measured | None], eval_loss: float) -> None:
         """Refit client/server layer times and per-step overheads from one round's medians.
 
         A layer time measured more than ``LEVEL_SHIFT`` away from its estimate (1.5x slower or faster)
@@ -513,7 +610,8 @@ class AdaptivePlanner:
         taken out before they update the (contention-free) layer times: a layer measured at m with
         busy part b under stretch u took m - b (u - 1) alone. What a step took beyond compute, server
         and link becomes the client's per-step overhead (framework, optimizer steps). Without a
-        server measurement, the remote part of the step is attributed to the server's layers.
+        server measurement, the remote part of the step is attributed to the server's layers. A client
+        that sat the round out (None) keeps its figures (only with ``slots``).
         """
         if not len(cuts) == len(measured) == len(self._clients):
             raise ValueError(f"need one cut and one measurement per client ({len(self._clients)})")
@@ -522,16 +620,21 @@ class AdaptivePlanner:
         s, head = sv.layer_time_s, sv.head_time_s
         extra = _client_extra(self.model, sv)
         head_ratio = 0.0 if self.model.head_on_client else (head / s if s > 0 else 0.0)
-        _, _, _, _, (u_client, u_server) = _evaluate(self.model, self._clients, sv, self.cores, [list(cuts)])
+        if self.slots is None and any(m is None for m in measured):
+            raise ValueError("every client must be measured when every client trains every round")
+        stretch = self._stretches(cuts)
         s_busy = min(s, sv.layer_cpu_s) if sv.layer_cpu_s > 0 else s
         fits = []
         for i, (k, m) in enumerate(zip(cuts, measured)):
+            if m is None:
+                continue
             cl = self._clients[i]
+            u_client, u_server = stretch(i)
             busy = min(cl.layer_time_s, cl.layer_cpu_s)
-            c_alone = max(1e-9, m.compute_s / (k + extra) - busy * (u_client[0, i] - 1))
+            c_alone = max(1e-9, m.compute_s / (k + extra) - busy * (u_client - 1))
             w = 1.0 if _shifted(c_alone, cl.layer_time_s) else a
             if m.server_s is not None:
-                server_alone = m.server_s - (L - k + head_ratio) * s_busy * (u_server[0, i] - 1)
+                server_alone = m.server_s - (L - k + head_ratio) * s_busy * (u_server - 1)
                 fits.append(max(0.0, server_alone) / ((L - k) + head_ratio))
                 overhead = m.step_s - m.compute_s - m.server_s - _link(self.model, cl)
             else:
@@ -543,6 +646,9 @@ class AdaptivePlanner:
                 layer_time_s=(1 - w) * cl.layer_time_s + w * c_alone,
                 overhead_s=(1 - a) * cl.overhead_s + a * max(0.0, overhead),
             )
+        if not fits:  # nobody trained
+            self._losses.append(float(eval_loss))
+            return
         fit = float(np.mean(fits))
         w = 1.0 if _shifted(fit, s) else a
         s_new = (1 - w) * s + w * fit
@@ -571,6 +677,8 @@ class AdaptivePlanner:
                     f"{move['after']} (limit {LOSS_RISE:.0%}); that plan is not proposed again",
                 }
                 return list(move["before"])
+        if self.slots is not None:
+            return self._propose_shared(cuts)
         new = plan_resource(self.model, self._clients, self._server, self.cores, self.headroom)
         rt = lambda p: predict(self.model, self._clients, self._server, self.cores, p).round_time_s
         now, best = rt(cuts), rt(new)
@@ -584,6 +692,34 @@ class AdaptivePlanner:
             rule="speed",
             detail=f"with the measured speeds {new} is predicted {1 - best / now:.0%} faster than {cuts} "
             f"(more than split.hysteresis {self.hysteresis:.0%})",
+        )
+        return new
+
+    def _propose_shared(self, cuts: list[int]) -> list[int] | None:
+        """Clients sharing workers: a client moves when its own predicted time drops by more than
+        ``hysteresis`` (its time is what it adds to its worker's round)."""
+        best = plan_shared(
+            self.model, self._clients, self._server, self.cores, self.slots, self.headroom, start=cuts
+        )
+        # both in today's surroundings: a client moves for its own gain, not for a shift of the typical cut
+        times = lambda p: shared_times(
+            self.model, self._clients, self._server, self.cores, self.slots, p, cuts
+        )
+        now, after = times(cuts), times(best)
+        new = [b if a < (1 - self.hysteresis) * n else k for k, b, n, a in zip(cuts, best, now, after)]
+        self.reason = {"rule": None, "predicted_client_time_s": {"current": sum(now), "best": sum(after)}}
+        if new == cuts or tuple(new) in self._forbidden:
+            return None
+        moved = [i for i, (k, b) in enumerate(zip(cuts, new)) if k != b]
+        self.register(cuts, new)
+        shown = ", ".join(
+            f"client {i + 1} cut {cuts[i]} -> {new[i]} ({1 - after[i] / now[i]:.0%} faster)"
+            for i in moved[:8]
+        )
+        self.reason.update(
+            rule="speed",
+            detail=f"with the measured speeds {len(moved)} client(s) are each predicted more than "
+            f"split.hysteresis {self.hysteresis:.0%} faster: {shown}" + (", ..." if len(moved) > 8 else ""),
         )
         return new
 

@@ -67,7 +67,9 @@ class ClientRole(Role):
         self.memory = MemoryLimit(world.device) if self.own_memory_limits else None
         if self.memory is None:
             apply_memory_limit(memory_gb, world.device)
-        self.throttle, self.link = Throttle(slowdown, changing=simulate.changes), Link(bandwidth)
+        # clients sharing a worker: hooked even at slowdown 1, as a later client of it may be slower
+        changing = simulate.changes or self.multiplexed
+        self.throttle, self.link = Throttle(slowdown, changing=changing), Link(bandwidth)
         self.data = data or worker_data(cfg, self.model_path, world.rank, world.world_size)
         self.client: Client | None = None
         # clients sharing workers: every client's data stream (positions come with each Assignment), and
@@ -296,6 +298,8 @@ class ClientRole(Role):
         return [ClientReport(stats=stats, comm=comm, stream=stream, client=self.world.rank)]
 
     def move(self, new_plan: Plan) -> None:
+        if self.multiplexed:  # this worker re-cuts to each client's cut when it switches to that client
+            return
         k, cut_rank = new_plan[self.world.rank]
         if k != self.client.cut:
             self.client.move(k, cut_rank, self.layout, self.flat)

@@ -746,12 +746,6 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
             f"train.clients_per_round={k} but the run has {n_clients} clients: use at most {n_clients} "
             "(or null: every client, every round)",
         )
-        _require(
-            k == n_clients or cfg.policy != "adaptive",
-            f"train.clients_per_round={k} of {n_clients} clients with split.policy=adaptive: the adaptive "
-            "policy re-plans from every client's measured round, so it needs every client every round; use "
-            "split.policy=resource (planned once from the probe) or train.clients_per_round=null",
-        )
     _require(n_layers >= 2, f"the model has {n_layers} decoder layer(s): a split needs at least 2")
     tail = cfg.split.tail_layers
     _require(
@@ -791,12 +785,6 @@ def _check_shared_workers(cfg: Config, n_clients: int, n_workers: int) -> None:
     another, on one stage that it re-cuts to each client's cut)."""
     where = f"split.clients={n_clients} on {n_workers} workers"
     unsupported = [
-        (
-            cfg.policy in ("fixed", "manual", "resource"),
-            f"split.policy={cfg.policy}",
-            "split.policy=resource (planned once from the workers' probes; adaptive re-plans from every "
-            "client's measured round), fixed or manual",
-        ),
         (not cfg.split.schedule, "split.schedule", "no split.schedule"),
         (cfg.split.mode == "standard", f"split.mode={cfg.split.mode}", "split.mode=standard"),
         (cfg.lora.selection == "all", f"lora.selection={cfg.lora.selection}", "lora.selection=all"),

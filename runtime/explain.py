@@ -6,26 +6,34 @@ measurements under ``adaptive``); it decides nothing.
 
 from __future__ import annotations
 
-from partition.planner import max_cut, plan_resource, predict
+from collections import Counter
+
+from partition.planner import max_cut
 from runtime.scheduler import Scheduler
 
-
-def _figures(scheduler: Scheduler):
-    a = scheduler.adaptive
-    return (a.clients, a.server) if a is not None else (scheduler.clients, scheduler.server)
+SHOWN_CLIENTS = 16  # a plan of more clients is summarised by cut, not listed client by client
 
 
 def describe_plan(scheduler: Scheduler, cuts: list[int]) -> list[str]:
     """One line for the plan, then one per client: cut, speed, memory limit, predicted time."""
     model, headroom = scheduler.model, scheduler.cfg.split.memory_headroom
-    clients, _ = _figures(scheduler)
+    clients, _ = scheduler.figures
     pred = scheduler.predict(cuts)
     n = model.n_layers
     fastest = min(c.layer_time_s for c in clients) or 1e-12
+    shared = (
+        f" ({scheduler.slots} clients train at a time, each planned for its own time)"
+        if scheduler.slots is not None
+        else ""
+    )
     lines = [
         f"plan ({scheduler.policy}): cuts {cuts}, predicted training {pred.round_time_s:.2f}s a round, "
-        f"bound by {pred.bottleneck}"
+        f"bound by {pred.bottleneck}{shared}"
     ]
+    if len(cuts) > SHOWN_CLIENTS:
+        by_cut = Counter(cuts)
+        lines.append("  clients per cut: " + ", ".join(f"cut {k}: {by_cut[k]}" for k in sorted(by_cut)))
+        return lines
     for i, (c, k) in enumerate(zip(clients, cuts)):
         kmax = max_cut(model, c, headroom)
         why = []
@@ -46,9 +54,7 @@ def describe_replan(
     scheduler: Scheduler, rnd: int, cuts: list[int], new_cuts: list[int] | None
 ) -> str | None:
     """What the scheduler did after round ``rnd``: a move and its predicted gain, or why it kept the cuts."""
-    model, cores = scheduler.model, scheduler.cores
-    clients, server = _figures(scheduler)
-    time_of = lambda p: predict(model, clients, server, cores, p).round_time_s
+    time_of = lambda p: scheduler.predict(p).round_time_s
     if new_cuts is not None:
         return (
             f"re-plan after round {rnd}: move cuts {cuts} -> {new_cuts} (predicted training "
@@ -57,7 +63,7 @@ def describe_replan(
     a = scheduler.adaptive
     if a is None or rnd % a.every != 0 or rnd >= scheduler.cfg.train.rounds:
         return None
-    best = plan_resource(model, clients, server, cores, a.headroom)
+    best = scheduler.best()
     if best == list(cuts):
         return f"re-plan after round {rnd}: keep cuts {cuts} (still the best plan under the measured times)"
     return (

@@ -107,6 +107,7 @@ class Role:
         self.multiplexed = self.n_clients > len(self.workers)
         self.assignment: Assignment | None = None
         self._stack: StackLayout | None = None
+        self._stack_key: tuple = (None, None)  # the layout and plan it was built for
         ranks = cfg.lora.client_ranks  # "auto": decided by rank 0 with the plan
         self.caps = {
             c: ranks[c - 1] if isinstance(ranks, list) else None for c in range(1, self.n_clients + 1)
@@ -386,9 +387,10 @@ class Role:
         return stack_vector([(client, m, weight) for m in models], self.stack_layout())
 
     def stack_layout(self) -> StackLayout:
-        """stack / svd: the blocks of every client's chain (cuts do not move when clients share workers)."""
-        if self._stack is None or self._stack.layout is not self.layout:
-            self._stack = StackLayout(self.layout, self.chains())
+        """stack / svd: the blocks of every client's chain, under the current layout and plan."""
+        key = (self.layout, sorted(self.plan.items()))
+        if self._stack is None or self._stack_key[0] is not key[0] or self._stack_key[1] != key[1]:
+            self._stack, self._stack_key = StackLayout(self.layout, self.chains()), key
         return self._stack
 
     def contribution(self) -> torch.Tensor:

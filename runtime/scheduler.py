@@ -28,10 +28,13 @@ from partition.planner import (
     Prediction,
     ServerCosts,
     check_memory,
+    memory_need,
     plan,
     plan_resource,
+    plan_shared,
     predict,
     rank_for_memory,
+    shared_times,
 )
 from partition.plateau import deepen_plateaued, loss_trend
 from runtime.config import Config
@@ -123,9 +126,12 @@ class Scheduler:
         workers: int | None = None,
     ):
         self.cfg, self.policy = cfg, cfg.policy
-        # clients sharing workers: only ``workers`` clients train at a time, client c on the probe of
-        # worker (c - 1) % workers + 1 until it has trained (None: every client has a worker of its own)
-        self.workers = workers if workers is not None and workers < len(clients) else None
+        # Clients that share workers (more clients than ``workers``) or a round that draws fewer than all:
+        # only ``slots`` clients train at a time, so each is planned for its own time (``plan_shared``);
+        # None: every client trains every round on a worker of its own, and the plan minimises the round.
+        n, per_round = len(clients), cfg.train.clients_per_round or len(clients)
+        at_once = min(per_round, workers if workers is not None else n)
+        self.slots = at_once if at_once < n else None
         self.full_rank_model = model
         if cfg.lora.client_ranks == "auto":
             # A client may take a cut it can hold only at a lower rank: plan the cuts with rank-1 LoRA
@@ -146,6 +152,7 @@ class Scheduler:
                 hysteresis=sp.hysteresis,
                 smoothing=sp.smoothing,
                 headroom=sp.memory_headroom,
+                slots=self.slots,
             )
             if self.policy == "adaptive"
             else None
@@ -163,8 +170,10 @@ class Scheduler:
                 check_memory(self.model, self.clients, start, self.cfg.split.memory_headroom)
                 return list(start)
             return self.adaptive.initial()
-        if self.workers is not None and self.policy == "resource":
-            return self._by_worker()
+        if self.slots is not None and self.policy == "resource":
+            return plan_shared(
+                self.model, self.clients, self.server, self.cores, self.slots, self.cfg.split.memory_headroom
+            )
         return plan(
             self.policy,
             self.model,
@@ -174,19 +183,6 @@ class Scheduler:
             cut_layers=self.cfg.split.cut_layers,
             headroom=self.cfg.split.memory_headroom,
         )
-
-    def _by_worker(self) -> list[int]:
-        """Clients sharing workers, ``resource``: the plan of the M workers' probes, which train M clients
-        at a time, each client taking its worker's cut. A client's figures are its first worker's probe
-        (the scheduler has no other measure of a client that has not trained yet), so every client on one
-        worker gets one cut; checked against every client's memory."""
-        m = self.workers
-        slots = plan_resource(
-            self.model, self.clients[:m], self.server, self.cores, self.cfg.split.memory_headroom
-        )
-        cuts = [slots[i % m] for i in range(len(self.clients))]
-        check_memory(self.model, self.clients, cuts, self.cfg.split.memory_headroom)
-        return cuts
 
     def client_ranks(self, cuts: list[int]) -> list[int]:
         """``lora.client_ranks=auto``: each client's largest LoRA rank that fits its memory at its cut."""
@@ -200,10 +196,35 @@ class Scheduler:
 
     def predict(self, cuts: list[int]) -> Prediction:
         """The predicted round under the current figures (refit from measurements under ``adaptive``)."""
-        clients, server = (
-            (self.adaptive.clients, self.adaptive.server) if self.adaptive else (self.clients, self.server)
+        clients, server = self.figures
+        if self.slots is None:
+            return predict(self.model, clients, server, self.cores, cuts)
+        # clients sharing workers: each client's time beside typical ones; a round is a draw of
+        # clients_per_round spread evenly over the slots that train at once
+        times = shared_times(self.model, clients, server, self.cores, self.slots, cuts)
+        per_round = self.cfg.train.clients_per_round or len(clients)
+        slowest = max(range(len(times)), key=times.__getitem__)
+        return Prediction(
+            round_time_s=sum(times) / len(times) * per_round / self.slots,
+            client_time_s=tuple(times),
+            memory_bytes=tuple(memory_need(self.model, k) for k in cuts),
+            bottleneck=f"client {slowest + 1}",
         )
-        return predict(self.model, clients, server, self.cores, cuts)
+
+    @property
+    def figures(self) -> tuple[list[ClientCosts], ServerCosts]:
+        """The clients' and the server's figures: the probe's, refit from measurements under adaptive."""
+        if self.adaptive is not None:
+            return list(self.adaptive.clients), self.adaptive.server
+        return list(self.clients), self.server
+
+    def best(self) -> list[int]:
+        """The best plan under the current figures (what a re-plan would propose before hysteresis)."""
+        clients, server = self.figures
+        headroom = self.cfg.split.memory_headroom
+        if self.slots is not None:
+            return plan_shared(self.model, clients, server, self.cores, self.slots, headroom)
+        return plan_resource(self.model, clients, server, self.cores, headroom)
 
     def after_round(
         self, rnd: int, cuts: list[int], measured: list[Measured | None], eval_loss: float
@@ -237,8 +258,8 @@ class Scheduler:
             "server_layer_time_s": a.server.layer_time_s,
             "loss_trend": trends,
         }
-        if new is not None or rnd % a.every != 0 or a.pending:
-            return new
+        if new is not None or rnd % a.every != 0 or a.pending or self.slots is not None:
+            return new  # the progress rule needs every client's loss trend, every round
         deeper = deepen_plateaued(
             self.model,
             a.clients,

@@ -402,17 +402,27 @@ class Server:
         with self.merge_lock:
             self._move(cuts, old, layout, flat)
 
+    def cover(self, low: int, layout: AdapterLayout) -> None:
+        """The shared base gains the layers from ``low`` up that it lacks (clients sharing workers: a
+        re-plan gave some client a lower cut; each replica re-cuts when its worker serves that client)."""
+        with self.merge_lock:
+            self._cover(low, layout)
+
+    def _cover(self, low: int, layout: AdapterLayout) -> None:
+        if low >= self.base.start:
+            return
+        gained = build_layers(
+            self.model_path, low, self.base.start, device=self.device, **stage_kwargs(self.cfg)
+        )
+        self.base.add_layers(gained)
+        with torch.no_grad():  # stack: the merged weights, not the checkpoint's, for these layers
+            for s in layout.slots:
+                if s.name in self.shadow and self.base.start <= s.layer < self.base.end:
+                    self.base.hf.get_submodule(s.name).weight.copy_(self.shadow.pop(s.name))
+
     def _move(self, cuts, old, layout: AdapterLayout, flat: torch.Tensor) -> None:
         low = min(cuts.values())
-        if low < self.base.start:
-            gained = build_layers(
-                self.model_path, low, self.base.start, device=self.device, **stage_kwargs(self.cfg)
-            )
-            self.base.add_layers(gained)
-            with torch.no_grad():  # stack: the merged weights, not the checkpoint's, for these layers
-                for s in layout.slots:
-                    if s.name in self.shadow and self.base.start <= s.layer < self.base.end:
-                        self.base.hf.get_submodule(s.name).weight.copy_(self.shadow.pop(s.name))
+        self._cover(low, layout)
         for rank, k in cuts.items():
             old_k, old_rank = old[rank]
             if k != old_k:

@@ -323,6 +323,9 @@ class ServerRole(Role):
         }
 
     def move(self, new_plan: Plan) -> None:
+        if self.multiplexed:  # a replica takes each client's cut when its worker serves that client
+            self.server.cover(min(k for k, _ in new_plan.values()), self.layout)
+            return
         self.server.move({r: k for r, (k, _) in new_plan.items()}, self.plan, self.layout, self.flat)
 
     def record(self, outcome: RoundOutcome) -> None:

@@ -334,10 +334,6 @@ def test_a_schedule_that_cannot_run_is_named(override, message):
             "train.clients_per_round=9 but the run has 8 clients",
         ),
         (
-            ["split.clients=8", "split.policy=adaptive"],
-            "split.policy=adaptive is not supported when clients share",
-        ),
-        (
             ["split.clients=8", "split.mode=u_shape", "split.tail_layers=1"],
             "split.mode=u_shape is not supported",
         ),

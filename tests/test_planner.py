@@ -428,3 +428,62 @@ def test_a_server_that_turns_slow_hands_its_layers_to_the_clients():
     new = p.propose(1, cuts)
     assert new is not None and min(new) > max(cuts), new
     assert p.reason["rule"] == "speed"
+
+
+# ---------------------------------------------------------------------- clients sharing workers
+
+
+def test_a_shared_plan_gives_each_client_the_cut_that_minimises_its_own_time():
+    """Every client's cut is the best of all its cuts with the typical client beside it (brute force), the
+    faster of two clients never gets the shallower cut, equal clients get equal cuts, and memory holds."""
+    checked = 0
+    for model, clients, server, cores in instances(3, 60):
+        clients = clients * 3  # more clients than train at a time, with repeats
+        for slots in (1, 2):
+            cuts = planner.plan_shared(model, clients, server, cores, slots, HEADROOM)
+            check_memory(model, clients, cuts, HEADROOM)
+            times = planner.shared_times(model, clients, server, cores, slots, cuts)
+            beside = planner._beside(clients, cuts)
+            for i, cl in enumerate(clients):
+                for k in range(1, max_cut(model, cl, HEADROOM) + 1):
+                    t = planner._alone_times(model, cl, server, cores, slots, [k], beside)[0]
+                    assert times[i] <= t * (1 + 1e-9)
+            for i, j in ((i, j) for i in range(len(clients)) for j in range(len(clients))):
+                if clients[i] == clients[j]:
+                    assert cuts[i] == cuts[j]
+            checked += 1
+    assert checked == 120
+
+
+def test_a_shared_plan_is_not_the_plan_of_everyone_at_once():
+    """Six clients of which two train at a time: a busy server is shared by two, not by six, so the
+    clients keep more layers on the server than a plan of six concurrent clients would leave there."""
+    server = ServerCosts(layer_time_s=0.05, layer_cpu_s=0.0, head_time_s=0.01, head_cpu_s=0.0, host="srv")
+    clients = [A_CLIENT] * 6
+    shared = planner.plan_shared(A_MODEL, clients, server, {}, 2, HEADROOM)
+    everyone = plan_resource(A_MODEL, clients, server, {}, HEADROOM)
+    assert sum(shared) < sum(everyone)
+    assert shared == planner.plan_shared(A_MODEL, clients[:2], server, {}, 2, HEADROOM) * 3
+
+
+def test_adaptive_with_shared_workers_moves_only_the_client_it_measured_slow():
+    """Four clients, two at a time: round 1 measures clients 1 and 3 only; client 3 turned 4x slower, so
+    it alone gets a shallower cut; clients 2 and 4 keep their probe figures (None: they sat out), and a
+    later round that measures client 3 at its old speed again gives its layers back."""
+    p = AdaptivePlanner(A_MODEL, [A_CLIENT] * 4, A_SERVER, {}, every=1, hysteresis=0.05, slots=2)
+    cuts = p.initial()
+    assert len(set(cuts)) == 1
+    true = [A_CLIENT, A_CLIENT, slowed(4)[0], A_CLIENT]
+    m = measure(true, cuts)
+    p.observe(cuts, [m[0], None, m[2], None], eval_loss=2.0)
+    assert p.clients[2].layer_time_s == pytest.approx(0.4, rel=0.05)
+    assert p.clients[1] == p.clients[3] == A_CLIENT  # not measured: the probe's figures stay
+    new = p.propose(1, cuts)
+    assert (
+        new is not None and new[2] < cuts[2] and [new[i] for i in (0, 1, 3)] == [cuts[i] for i in (0, 1, 3)]
+    )
+    assert p.reason["rule"] == "speed" and "client 3 cut" in p.reason["detail"]
+    p.observe(new, [None, None, measure([A_CLIENT] * 4, new)[2], None], eval_loss=1.9)
+    assert p.propose(2, new) == cuts  # its speed is back: so is its cut
+    with pytest.raises(ValueError, match="every client must be measured"):
+        make_planner().observe(cuts[:2], [m[0], None], eval_loss=2.0)

@@ -207,20 +207,53 @@ def test_a_sampled_run_trains_the_drawn_clients_and_resumes_exactly(files, tmp_p
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_a_sampled_run_refuses_the_adaptive_policy_and_more_clients_than_it_has(files, tmp_path):
+def test_a_sampled_run_refuses_more_clients_than_it_has(files, tmp_path):
     res = run_ranks(
         3, _argv(files, tmp_path / "k", "train.clients_per_round=3"), tmp_path / "logs-k", timeout_s=120
     )
     assert res.codes == [EXIT_USER_ERROR] * 3, res.log[-4000:]
     assert "train.clients_per_round=3 but the run has 2 clients: use at most 2" in res.log
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "stack"])
+def test_adaptive_cuts_follow_each_client_measured_when_clients_share_workers(files, tmp_path, rule):
+    """Four clients on two workers, two a round, under ``split.policy=adaptive``, the server 3x slow and
+    client 4 12x slow (never shown to the scheduler). Every client starts on its worker's probe at one
+    cut; the re-plan after the first round, which trains clients 3 and 4, gives client 4 fewer layers
+    than it had and the fewest of all (the others move only as the server's refit figures say, alike
+    while unmeasured); client 4 keeps its new cut through the rounds it sits out
+    and trains at it when next drawn; the checkpoint's scheduler state remembers it as the slowest.
+    Under stack each client's blocks follow its new cut."""
+    fed = [
+        "split.clients=4",
+        "split.policy=adaptive",
+        "split.cut_layers=1",
+        "split.replan_every=1",
+        "train.clients_per_round=2",
+        "train.rounds=4",
+        "simulate.slowdown=[1,1,1,12]",
+        "simulate.server_slowdown=3",
+        "seed=1",  # draws client 4 in rounds 1 and 4 (round 1: clients 3 and 4)
+        f"train.aggregation={rule}",
+    ]
+    out = tmp_path / "adaptive"
     res = run_ranks(
-        3,
-        _argv(files, tmp_path / "a", "train.clients_per_round=1", "split.policy=adaptive"),
-        tmp_path / "logs-a",
-        timeout_s=120,
+        3, [a for a in _argv(files, out, *fed) if a != "split.cut_layers=[1,2]"], tmp_path / "logs"
     )
-    assert res.codes == [EXIT_USER_ERROR] * 3, res.log[-4000:]
-    assert "with split.policy=adaptive" in res.log and "split.policy=resource" in res.log
+    assert res.codes == [0, 0, 0], res.log[-6000:]
+    records = _metrics(out)
+    assert [4 in r["participants"] for r in records] == [True, False, False, True]
+    first = records[0]
+    assert len(set(first["cut_layers"].values())) == 1  # nobody measured yet: every client on its probe
+    start = first["cut_layers"]["4"]
+    moved = first["plan"]["next_cut_layers"]
+    assert moved["4"] < start and moved["4"] == min(moved.values())
+    assert moved["1"] == moved["2"]  # not measured yet: the same figures (the probe's), the same cut
+    assert first["plan"]["replan"]["rule"] == "speed" and "client 4 cut" in first["plan"]["replan"]["detail"]
+    assert records[3]["cut_layers"]["4"] == moved["4"]  # kept while it sat out, trained at it
+    times = records[-1]["plan"]["replan"]["client_layer_time_s"]
+    assert times[3] == max(times) and times[3] > 2 * min(times)
+    assert "re-plan after round 1: move cuts" in res.logs[0]
 
 
 def test_a_plan_that_cannot_fit_is_decided_by_rank_0_and_raised_on_every_rank(files, tmp_path):
