@@ -222,16 +222,20 @@ class Client:
         self.cut, self.cut_rank = cut, cut_rank
         self.params = self._lora_parameters()
 
-    def recut(self, cut: int, cut_rank: int, layout: AdapterLayout, flat: torch.Tensor) -> None:
-        """Takes another client's cut and ranks, holding the global adapter: what a worker does when it
-        goes on to the next of its clients (``split.clients`` > workers). The stage is then what one
-        built for that client would be; unlike :meth:`move`, the model need not stay the same function
-        (the previous client's trained adapter is dropped), so any cut rank is allowed."""
+    def recut(
+        self, cut: int, cut_rank: int, layout: AdapterLayout, flat: torch.Tensor, cap: int | None = None
+    ) -> None:
+        """Takes another client's cut and ranks (``cap``: its own LoRA rank, ``lora.client_ranks``; None:
+        ``lora.r``), holding the global adapter at those ranks: what a worker does when it goes on to the
+        next of its clients (``split.clients`` > workers). The stage is then what one built for that
+        client would be; unlike :meth:`move`, the model need not stay the same function (the previous
+        client's trained adapter is dropped), so any cut rank and cap are allowed."""
         old = self.cut
-        if (cut, cut_rank) == (old, self.cut_rank):
+        if (cut, cut_rank, cap) == (old, self.cut_rank, self.cap):
             for model in self.models:
                 write_adapter(model, layout, flat.to(self.device))
             return
+        self.cap = cap
         strip_layers(self.stage, list(range(old)))
         if cut < old:
             self.stage.drop_layers(list(range(cut, old)))

@@ -14,6 +14,7 @@ from models.aggregation import StackLayout
 from models.datasets import BatchStream, eval_batches, typical_seq_len
 from models.importance import Sensitivity
 from models.lora import lora_modules, write_adapter
+from partition.planner import PlanError
 from runtime import dist, faults
 from runtime.client import Client
 from runtime.compute import ComputeThreads
@@ -21,11 +22,28 @@ from runtime.config import Config
 from runtime.debug import dump_copies
 from runtime.dist import SERVER
 from runtime.job import ClientData, FederationData, data_seed, load_tokenizer, round_seed, worker_data
-from runtime.messages import ClientReport, ClientRound, Divergence, RoundStats, RunState, SatOut, Settled
+from runtime.messages import (
+    ClientReport,
+    ClientRound,
+    Divergence,
+    RoundStats,
+    RunState,
+    SatOut,
+    Settled,
+    UserError,
+)
 from runtime.metrics import CpuUsage
 from runtime.protocol import Plan, Role
 from runtime.server import finish_client, serve_client
-from runtime.simulate import Link, Throttle, apply_memory_limit
+from runtime.simulate import (
+    Link,
+    MemoryLimit,
+    MemoryShortfall,
+    Throttle,
+    apply_memory_limit,
+    client_memory_message,
+    is_out_of_memory,
+)
 
 log = logging.getLogger("splitft")
 
@@ -44,7 +62,11 @@ class ClientRole(Role):
         super().__init__(cfg, world, stop, compute)
         simulate = self.cfg.simulate  # its seeded draws already drawn (Role)
         slowdown, memory_gb, bandwidth = simulate.for_client(world.rank - 1)
-        apply_memory_limit(memory_gb, world.device)
+        # clients sharing workers, each with its own memory limit: the worker applies the limit of the client
+        # it runs while that client trains, and keeps its own otherwise (its probe measures its own)
+        self.memory = MemoryLimit(world.device) if self.own_memory_limits else None
+        if self.memory is None:
+            apply_memory_limit(memory_gb, world.device)
         # clients sharing a worker: hooked even at slowdown 1, as a later client of it may be slower
         changing = simulate.changes or self.multiplexed
         self.throttle, self.link = Throttle(slowdown, changing=changing), Link(bandwidth)
@@ -63,6 +85,11 @@ class ClientRole(Role):
         self.adapter_bytes = 0
         self.heldout_sets: dict[int, list[dict[str, torch.Tensor]]] = {}  # eval.client_fraction: batches
         self.tokenizer = None  # eval.generate: loaded at the first generation eval
+
+    @property
+    def own_memory_limits(self) -> bool:
+        """Whether clients sharing this worker each have their own ``simulate.memory_limit_gb``."""
+        return self.multiplexed and isinstance(self.cfg.simulate.memory_limit_gb, list)
 
     # ------------------------------------------------------------------ start
     def simulate_round(self, rnd: int) -> None:
@@ -153,12 +180,13 @@ class ClientRole(Role):
             trained.train_cores_used = usage.stop()["train_cores_used"]  # this process, while it trained
         return trained
 
-    def train_clients(self) -> list[ClientReport] | Divergence | None:
+    def train_clients(self) -> list[ClientReport] | Divergence | UserError | None:
         """Clients sharing workers: trains this worker's clients of the round one after another, each from
         the global adapter at its own cut, on its own data from its own position, with its own seed and
         simulated profile; keeps each one's weighted copy for the aggregate. Returns their reports, or the
-        first divergence (naming its client), or None if stopped."""
-        rank, t = self.world.rank, self.cfg.train
+        first divergence (naming its client), or the user error of a client that does not fit its
+        simulated memory, or None if stopped."""
+        rank = self.world.rank
         reports = []
         for c in self.assignment.workers.get(rank, []):
             if self.stop.requested:
@@ -168,9 +196,9 @@ class ClientRole(Role):
             switch_s = time.perf_counter() - t_switch
             torch.manual_seed(round_seed(self.cfg.seed, c, self.rnd))  # the client's, whichever worker
             usage = CpuUsage()
-            trained = self.client.train_round(t.local_steps, lambda: self.stop.requested, rnd=self.rnd)
-            if trained is None:
-                return None
+            trained = self.train_client(c)
+            if trained is None or isinstance(trained, UserError):
+                return trained
             if isinstance(trained, Divergence):
                 trained.client = c
                 return trained
@@ -183,12 +211,39 @@ class ClientRole(Role):
             reports.append(ClientReport(trained, self.client.take_comm(), self.client.stream.state_dict(), c))
         return reports
 
+    def train_client(self, c: int) -> ClientRound | UserError:
+        """Client ``c``'s steps of the round, under its own simulated memory limit if it has one (the worker's
+        own limit is back afterwards, whatever happened): a client whose cut does not fit that limit, before
+        or while it trains, is a user error naming the client, its cut and its limit."""
+        train = lambda: self.client.train_round(
+            self.cfg.train.local_steps, lambda: self.stop.requested, rnd=self.rnd
+        )
+        _, limit_gb, _ = self.cfg.simulate.for_client(c - 1, self.rnd)
+        if self.memory is None or limit_gb is None:
+            return train()
+        try:
+            self.memory.lower_to(limit_gb)
+            log.info("client %d trains under its simulated memory limit of %g GiB", c, limit_gb)
+            return train()
+        except Exception as e:
+            if not isinstance(e, MemoryShortfall) and not is_out_of_memory(e):
+                raise
+            why = (
+                str(e)
+                if isinstance(e, MemoryShortfall)
+                else f"it ran out while training ({str(e).splitlines()[0]})"
+            )
+            return UserError.of(PlanError(client_memory_message(c, self.plan[c][0], limit_gb, why)))
+        finally:
+            self.memory.restore()
+
     def switch_to(self, c: int) -> None:
-        """This worker's stage and its server replica take client ``c``: its cut, the global adapter, its
-        data position and its simulated speed and bandwidth."""
+        """This worker's stage and its server replica take client ``c``: its cut, the global adapter at its
+        own ranks (``lora.client_ranks`` caps the stage's layers; the replica's hold ``lora.r``, as with
+        one client per worker), its data position and its simulated speed and bandwidth."""
         k, cut_rank = self.plan[c]
         rpc.rpc_sync(SERVER, serve_client, args=(self.world.rank, k), timeout=self.client.timeout_s)
-        self.client.recut(k, cut_rank, self.layout, self.flat)
+        self.client.recut(k, cut_rank, self.layout, self.flat, self.caps[c])
         slowdown, _, bandwidth = self.cfg.simulate.for_client(c - 1, self.rnd)
         self.throttle.set(slowdown)
         self.link.bandwidth_mbps = bandwidth
@@ -206,6 +261,7 @@ class ClientRole(Role):
         return Settled(
             stopping=self.stop.requested or trained is None,
             diverged=trained if isinstance(trained, Divergence) else None,
+            error=trained if isinstance(trained, UserError) else None,
         )
 
     def merge(self, stack: StackLayout, summed: torch.Tensor) -> None:

@@ -205,10 +205,12 @@ class CommBytes:
 
 @dataclass
 class Settled:
-    """Whether a rank finished the round's training: asked to stop, or a loss that diverged."""
+    """Whether a rank finished the round's training: asked to stop, a loss that diverged, or a user error
+    found while training (a client that does not fit its simulated memory), which every rank raises."""
 
     stopping: bool
     diverged: Divergence | None = None
+    error: UserError | None = None
 
 
 def first_divergence(settled: list[Settled]) -> tuple[int, Divergence] | None:

@@ -254,6 +254,9 @@ class Role:
     def settle(self, rnd: int, trained: ClientRound) -> None:
         """The round counts only if every rank finished it with finite losses: one stops all."""
         settled: list[Settled] = dist.gather_objects(self.world, self.settled(trained))
+        error = next((s.error for s in settled if s.error is not None), None)
+        if error is not None:  # the lowest rank's: every rank stops with the same message
+            raise error.exception()
         diverged = first_divergence(settled)
         if diverged is not None:
             rank, d = diverged

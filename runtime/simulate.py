@@ -8,7 +8,8 @@ A run can emulate a slower device, a thinner link or a smaller memory on one mac
 * ``Link(bandwidth_mbps)`` sleeps as long as sending ``nbytes`` over such a link would take (its
   ``bandwidth_mbps`` may change between rounds too);
 * ``apply_memory_limit(limit_gb, device)`` caps the process's data segment (CPU, ``RLIMIT_DATA``)
-  or the caching allocator's share of the GPU (CUDA).
+  or the caching allocator's share of the GPU (CUDA); ``MemoryLimit`` lowers it to the limit of the
+  client a worker is running and puts the worker's own back afterwards (clients sharing workers).
 
 None of these tell anyone the numbers: ``runtime.probe`` times layers and sends and reads the
 limits back, exactly as it would on really heterogeneous hardware.
@@ -188,3 +189,71 @@ def apply_memory_limit(limit_gb: float | None, device: torch.device | str) -> No
             f"({hard / 2**30:.2f} GiB)"
         )
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+
+
+class MemoryShortfall(ValueError):
+    """A client's simulated memory limit is below what its worker already uses with that client's stage."""
+
+
+def memory_in_use(device: torch.device | str) -> int:
+    """What the simulated limit caps that this process already uses: its data segment (CPU), or the
+    device memory the caching allocator has handed out (CUDA)."""
+    device = torch.device(device)
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else vmdata_bytes()
+
+
+def limit_shortfall(limit_gb: float, used_bytes: int) -> str | None:
+    """Why a limit of ``limit_gb`` GiB cannot hold a process already using ``used_bytes`` (None: it can)."""
+    if used_bytes < int(limit_gb * 2**30):
+        return None
+    return f"the worker already uses {used_bytes / 2**30:.2f} GiB, at or above the limit of {limit_gb:g} GiB"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that a memory limit refused: Python's, the CPU allocator's or CUDA's."""
+    if isinstance(e, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def client_memory_message(client: int, cut: int, limit_gb: float, why: str) -> str:
+    """One line naming the client, its cut and its limit, and the fix."""
+    return (
+        f"client {client} (cut at layer {cut}) does not fit its simulated memory "
+        f"(simulate.memory_limit_gb gives it {limit_gb:g} GiB): {why}; raise client {client}'s "
+        f"simulate.memory_limit_gb or give it a smaller cut (split.cut_layers)"
+    )
+
+
+class MemoryLimit:
+    """A worker's simulated memory limit as it goes from client to client: ``lower_to(limit_gb)`` puts
+    the limit of the client it is about to run in force, ``restore()`` puts back the limit the worker
+    process had when this was made (its own: the soft ``RLIMIT_DATA`` on CPU, which a process may lower
+    and raise again up to its hard limit; the per-process memory fraction on CUDA)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.own = (
+            torch.cuda.get_per_process_memory_fraction(self.device)
+            if cuda
+            else resource.getrlimit(resource.RLIMIT_DATA)
+        )
+
+    def lower_to(self, limit_gb: float) -> None:
+        """Puts ``limit_gb`` in force; raises ``MemoryShortfall`` (and changes nothing) if the process
+        already uses that much."""
+        why = limit_shortfall(limit_gb, memory_in_use(self.device))
+        if why is not None:
+            raise MemoryShortfall(why)
+        try:
+            apply_memory_limit(limit_gb, self.device)
+        except ValueError as e:  # above the process's hard limit
+            raise MemoryShortfall(str(e)) from None
+
+    def restore(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(self.own, self.device)
+        else:
+            resource.setrlimit(resource.RLIMIT_DATA, self.own)
