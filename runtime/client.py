@@ -329,6 +329,7 @@ class Client:
             server_stopping = bool(fwd.stats[1])
             if bar is not None:
                 bar.update(step)
+            faults.progress.mark(step=step)
             faults.injector.hit("step", step)
         return self._round_stats(steps, tally)
 
@@ -415,6 +416,7 @@ class Client:
         try:
             with global_view(self.models, *self.global_adapter):
                 for batch in self.eval_set:
+                    faults.progress.mark()
                     batch = self._to_device(batch)
                     hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                     payload = server_payload(batch, encode(hidden, self.wire_dtype), self.u_shape)

@@ -7,6 +7,7 @@ process group starts, so a bad config costs nothing on a cluster.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -229,6 +230,13 @@ class RuntimeConfig:
     peer_timeout_s: float = 60.0
     """A rank whose heartbeat has not changed for this long is declared lost: every rank that watches it
     stops with a message naming it (clients watch the server, the server watches every client)."""
+    stall_timeout_s: float = 900.0
+    """No rank's progress (a step, an evaluation batch, a phase, a collective entered or left) for this
+    long: the job is stalled; every rank names the rank furthest behind and where it was, and exits 77.
+    Longer than ``rpc_timeout_s``, so a single slow step or batch fails on its own timeout first."""
+    join_timeout_s: float = 600.0
+    """At start-up, every rank waits this long for the others to arrive; a rank that has not is named and
+    the attempt ends (exit 77). Covers the ranks' own checks and data loading before they join."""
     rpc_threads: int = 16
     """TensorPipe worker threads on each rank."""
     rpc_transports: list[str] = field(default_factory=lambda: ["uv"])
@@ -564,6 +572,12 @@ def validate(cfg: Config) -> None:
     )
     for name in ("rpc_timeout_s", "round_timeout_s", "peer_timeout_s"):
         _require(getattr(rt, name) > 0, f"runtime.{name}={getattr(rt, name)}: must be > 0")
+    for name in ("stall_timeout_s", "join_timeout_s"):
+        value = getattr(rt, name)
+        _require(
+            isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+            f"runtime.{name}={value}: must be a finite number of seconds > 0",
+        )
     _require(
         rt.resume in ("auto", True, False),
         f"runtime.resume={rt.resume!r}: use auto (continue if a checkpoint exists), true or false",
