@@ -77,6 +77,7 @@ def env_world() -> tuple[int, int, int, int]:
 _ATTEMPT_STORE: dist.Store | None = None
 JOIN_TIMEOUT_S = 600.0  # runtime.join_timeout_s, set by ``start``
 JOIN_POLL_S = 0.05
+_STOPPING = None  # the run's stop request (runtime.faults.StopSignals), set by ``start``
 
 
 class NotJoined(RuntimeError):
@@ -101,13 +102,14 @@ def _attempt_rendezvous(url: str, timeout=None, **kwargs):
             is_master=False,
             timeout=timeout or timedelta(minutes=10),
         )
-        token = join(store, rank, world_size, JOIN_TIMEOUT_S)
+        token = join(store, rank, world_size, JOIN_TIMEOUT_S, _STOPPING)
         _ATTEMPT_STORE = dist.PrefixStore(f"splitft/attempt-{token}/", store)
     yield (_ATTEMPT_STORE, rank, world_size)
 
 
-def join(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> str:
-    """The attempt's token, agreed by every rank of it; raises ``NotJoined`` naming who did not come.
+def join(store: dist.Store, rank: int, world_size: int, timeout_s: float, stopping=None) -> str:
+    """The attempt's token, agreed by every rank of it; raises ``NotJoined`` naming who did not come,
+    or ``faults.Preempted`` once ``stopping()`` (torchrun stopping the attempt while it waits).
 
     Counting arrivals cannot tell attempts apart once one attempt lost a rank before it arrived (the
     next attempt's first arrivals would complete the old count), and torchrun's restart count is an
@@ -122,6 +124,12 @@ def join(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> str
     others = list(range(1, world_size))
     wants = [f"{base}want/{r}" for r in others]
     deadline = time.monotonic() + timeout_s
+
+    def wait() -> None:
+        if stopping is not None and stopping():
+            raise faults.Preempted()
+        time.sleep(JOIN_POLL_S)
+
     if rank == 0:
         for key in wants:  # the answer is only ever replaced: a rank reading it never finds it gone
             store.delete_key(key)
@@ -133,7 +141,7 @@ def join(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> str
                     f"runtime.join_timeout_s={timeout_s:g}s: see that rank's log (it failed, hangs, or is "
                     "still reading its data; raise runtime.join_timeout_s if start-up is that slow)"
                 )
-            time.sleep(JOIN_POLL_S)
+            wait()
         nonces = [v.decode() for v in store.multi_get(wants)] if others else []
         token = uuid.uuid4().hex
         store.set(f"{base}grant", json.dumps({"token": token, "nonces": nonces}))
@@ -151,7 +159,7 @@ def join(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> str
                 f"runtime.join_timeout_s={timeout_s:g}s: it has not arrived, or it waits for another rank "
                 "(its log names it)"
             )
-        time.sleep(JOIN_POLL_S)
+        wait()
 
 
 dist.register_rendezvous_handler("splitft", _attempt_rendezvous)
@@ -191,6 +199,7 @@ def start(
     server_gpu: str = "own",
     aggregation_backend: str = "auto",
     join_timeout_s: float = JOIN_TIMEOUT_S,
+    stopping=None,
 ) -> World:
     """Initialises the process group and RPC on this rank (call once, on every rank).
 
@@ -199,10 +208,11 @@ def start(
     ``server_gpu`` and ``aggregation_backend`` are ``runtime.server_gpu`` and
     ``runtime.aggregation_backend``; a backend that cannot hold raises ``placement.PlacementError`` (a
     ``ConfigError``) on every rank alike, before any NCCL group or RPC exists. Under torchrun every
-    rank waits up to ``join_timeout_s`` for the others to arrive (``NotJoined`` names the missing).
+    rank waits up to ``join_timeout_s`` for the others to arrive (``NotJoined`` names the missing), or
+    until ``stopping()``.
     """
-    global JOIN_TIMEOUT_S
-    JOIN_TIMEOUT_S = join_timeout_s
+    global JOIN_TIMEOUT_S, _STOPPING
+    JOIN_TIMEOUT_S, _STOPPING = join_timeout_s, stopping
     faults.injector.hit("startup")
     rank, world_size, local_rank, local_world_size = env_world()
     mine = report(rank, device_request)

@@ -29,6 +29,9 @@ says why, and leaves the checkpoint as it was.
   behind in the protocol (the one that has not reached the collective the others wait in) and where
   it was, and exits with ``EXIT_STALLED``. A job-wide rule, so a rank that is merely waiting for a
   slow peer is never blamed, and a long phase counts as long only while no rank moves.
+- **Failures a restart would repeat** (``Unrecoverable``): an out-of-memory or a full disk is named
+  with its rank, what that rank holds and the fix, and leaves with ``EXIT_USER_ERROR``;
+  ``launch.train`` records it so the job's later attempts stop at once.
 - **Injected faults** (``SPLITFT_FAULT``, tests only): ``POINT@RANK:ROUND[:STEP]`` sends SIGKILL
   (or ``SPLITFT_FAULT_SIGNAL``, e.g. STOP for a silent peer) to that rank at that point, on the
   first attempt only (``TORCHELASTIC_RESTART_COUNT=0``); ``hang@RANK:ROUND`` and ``startup@RANK``
@@ -37,6 +40,7 @@ says why, and leaves the checkpoint as it was.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -61,6 +65,57 @@ STOP_GRACE_S = 20.0
 
 class Preempted(Exception):
     """A stop was requested by a signal; the last complete round's checkpoint is kept."""
+
+
+class Unrecoverable(Exception):
+    """A failure that a restart would only repeat (out of memory, a full disk): said in one line with
+    the fix, exit 2, and recorded so that torchrun's next attempts stop at once (``launch.train``)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and every error it was raised from or during."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def unrecoverable(error: BaseException, rank: int, place) -> Unrecoverable | None:
+    """An out-of-memory (CPU ``MemoryError``, ``torch.OutOfMemoryError``, or either as a peer's error
+    over RPC) or a full disk (ENOSPC) anywhere in ``error``'s chain, named with its rank, what that
+    rank holds (``place(rank)``: its cut) and the fix; else None."""
+    chain = _chain(error)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return Unrecoverable(
+                "disk",
+                f"the disk is full on rank {rank} ({_name(rank)}): {e}; free space there (or lower "
+                "runtime.keep_checkpoints) and launch the same command again: every complete round is kept",
+            )
+    text = " ".join(f"{type(e).__name__}: {e}" for e in chain)
+    oom = any(isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" for e in chain)
+    if not (oom or "MemoryError" in text or "out of memory" in text.lower()):
+        return None
+    if not oom and ("name=server" in text or "WorkerInfo(id=0" in text):
+        rank = 0  # the server ran out while serving this rank's call
+    detail = " ".join(str(chain[0]).split())[:300]
+    if rank == 0:
+        fix = (
+            "raise the cuts (split.cut_layers: the server then holds fewer layers), lower train.batch_size "
+            "or data.max_seq_len, or give the server more memory (the job's memory limit, e.g. Slurm --mem)"
+        )
+    else:
+        fix = (
+            "lower its cut (split.cut_layers, or split.policy=resource to fit the cuts to each process's "
+            "memory), lower train.batch_size or data.max_seq_len, or give the process more memory (the "
+            "job's memory limit, e.g. Slurm --mem)"
+        )
+    return Unrecoverable("memory", f"out of memory on rank {rank} ({place(rank)}): {detail}; {fix}")
 
 
 class StopSignals:
@@ -176,7 +231,9 @@ def where(state: dict) -> str:
         parts.append(phase)
     if state["step"]:
         parts.append(f"step {state['step']}")
-    inside = f"waiting in {state['in']} (collective #{state['seq']})" if state["in"] else "outside any collective"
+    inside = (
+        f"waiting in {state['in']} (collective #{state['seq']})" if state["in"] else "outside any collective"
+    )
     return ", ".join([*parts, inside])
 
 
@@ -329,6 +386,7 @@ def _name(rank: int) -> str:
 
 
 BLOCKING_POINTS = ("hang", "startup")
+EVERY_ATTEMPT = ("oom",)  # a failure that comes back on every attempt, as a real one would
 
 
 class FaultInjector:
@@ -341,14 +399,16 @@ class FaultInjector:
     thread for good instead, while the process's other threads (the heartbeat) run on: ``hang``
     (``hang@RANK:ROUND``: as round ROUND's training starts, a stuck rank) and ``startup``
     (``startup@RANK``: before the rank joins the attempt's rendezvous, a rank that never arrives).
-    Only the first attempt of a torchrun job is hit, so a restarted job runs through.
+    Only the first attempt of a torchrun job is hit, so a restarted job runs through; except ``oom``
+    (``oom@RANK:ROUND[:STEP]``, at the ``step`` point: raises ``MemoryError``), hit on every attempt.
     """
 
     def __init__(self, rank: int, spec: str | None = None):
         spec = os.environ.get("SPLITFT_FAULT", "") if spec is None else spec
         self.rank, self.round = rank, 0
         self.target: tuple[str, int, int, int | None] | None = None
-        if spec and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        first = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+        if spec and (first or spec.split("@")[0] in EVERY_ATTEMPT):
             point, where = spec.split("@")
             parts = [int(x) for x in where.split(":")]
             rnd = parts[1] if len(parts) > 1 else 0  # startup@RANK: before round 1
@@ -361,9 +421,21 @@ class FaultInjector:
             return
         t_point, t_rank, t_round, t_step = self.target
         rnd = self.round if rnd is None else rnd
+        if (
+            t_point == "oom"
+            and point == "step"
+            and (self.rank, rnd) == (t_rank, t_round)
+            and t_step in (None, step)
+        ):
+            log.warning(
+                "SPLITFT_FAULT: raising MemoryError on rank %d at round %d, step %s", self.rank, rnd, step
+            )
+            raise MemoryError(f"injected by SPLITFT_FAULT at round {rnd}, step {step}")
         if (point, self.rank, rnd) == (t_point, t_rank, t_round) and t_step in (None, step):
             if point in BLOCKING_POINTS:
-                log.warning("SPLITFT_FAULT: blocking rank %d's main thread at %s, round %d", self.rank, point, rnd)
+                log.warning(
+                    "SPLITFT_FAULT: blocking rank %d's main thread at %s, round %d", self.rank, point, rnd
+                )
                 for handler in logging.getLogger().handlers:
                     handler.flush()
                 _block()

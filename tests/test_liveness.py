@@ -6,6 +6,7 @@ hang a rank and restart are in tests/test_recovery.py.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -13,6 +14,7 @@ import pytest
 import torch.distributed as tdist
 
 from runtime import dist, faults
+from runtime.config import ConfigError, load_config
 
 
 @pytest.fixture
@@ -44,7 +46,8 @@ def test_a_stuck_rank_is_named_once_no_rank_moves_for_the_stall_timeout(store):
     watch stays quiet while any rank moves, and names rank 1 (not the waiting server) after the timeout."""
     records = [faults.Progress(), faults.Progress()]
     beats = [
-        faults.Heartbeat(r, 2, "t", peer_timeout_s=60, stall_timeout_s=0.6, record=records[r]) for r in range(2)
+        faults.Heartbeat(r, 2, "t", peer_timeout_s=60, stall_timeout_s=0.6, record=records[r])
+        for r in range(2)
     ]
     for rec in records:
         rec.begin_round(1)
@@ -121,3 +124,12 @@ def test_a_hang_fault_blocks_only_the_main_thread_and_only_where_asked(monkeypat
     assert faults.FaultInjector(2, "startup@2").target == ("startup", 2, 0, None)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert faults.FaultInjector(1, "hang@1:2").target is None  # a restarted attempt runs through
+
+
+@pytest.mark.parametrize("field", ["runtime.stall_timeout_s", "runtime.join_timeout_s"])
+@pytest.mark.parametrize("value", ["0", "-5", ".inf", ".nan"])
+def test_a_timeout_at_its_extremes_is_refused_in_one_line(field, value):
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(field)}=\S+: must be a finite number of seconds > 0$"
+    ):
+        load_config(None, [f"{field}={value}"])
