@@ -1,7 +1,7 @@
 """Recovery under torchrun restarts: how long from a kill to the restarted job training again, and how
 much work is recomputed.
 
-    .venv/bin/python -m benchmarks.recovery      # about 4 minutes; writes results/recovery.json
+    .venv/bin/python -m benchmarks.recovery      # about 5 minutes; writes results/recovery.json
 
 One server and two clients (the built-in 4-layer model and sort data, 4 rounds of 10 steps) run
 under ``torchrun --max-restarts=1``. ``SPLITFT_FAULT`` sends SIGKILL to one rank in the middle of
