@@ -474,8 +474,27 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _non_finite(node: Any, name: str) -> tuple[str, float] | None:
+    """The first inf or nan number in a section, list or schedule, with its ``section.key`` name."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return name, node
+    if isinstance(node, dict):
+        children = [(f"{name}.{key}" if name else str(key), value) for key, value in node.items()]
+    else:
+        children = [(name, value) for value in node] if isinstance(node, list) else []
+    for child, value in children:
+        found = _non_finite(value, child)
+        if found:
+            return found
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Range checks that need no model or process group."""
+    found = _non_finite(cfg.to_dict(), "")
+    if found:  # no field means anything at inf or nan; a range check such as > 0 would let inf through
+        name, value = found
+        raise ConfigError(f"{name}={value}: must be a finite number (not inf or nan)")
     t, d, lo, rt = cfg.train, cfg.data, cfg.lora, cfg.runtime
     _require(
         cfg.model.dtype in ("float32", "bfloat16", "float16"),

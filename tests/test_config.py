@@ -354,3 +354,22 @@ def test_more_clients_than_workers_is_a_federation_of_the_clients():
     cfg = load_config("torchrun_configs/tiny_cpu.yaml", ["split.clients=8", "split.cut_layers=2"])
     assert cfg.n_clients(5) == 8 and validate_for_world(cfg, 5, 4) == [2] * 8
     assert load_config("torchrun_configs/tiny_cpu.yaml", []).n_clients(5) == 4
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.lr=.inf", "train.lr=inf"),
+        ("train.lr=.nan", "train.lr=nan"),
+        ("runtime.rpc_timeout_s=.inf", "runtime.rpc_timeout_s=inf"),
+        ("simulate.slowdown=[1, .nan]", "simulate.slowdown=nan"),
+        ("simulate.slowdown={1: 2.0, 3: .inf}", "simulate.slowdown.3=inf"),
+    ],
+)
+def test_a_number_at_inf_or_nan_is_named_in_one_line(override, named):
+    """A range check such as > 0 lets inf through (and a learning rate of inf trains to NaN): every
+    number of the config must be finite, wherever it is."""
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(named)}: must be a finite number \(not inf or nan\)$"
+    ):
+        load_config(None, [override])
