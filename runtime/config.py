@@ -592,10 +592,9 @@ def validate(cfg: Config) -> None:
     for name in ("rpc_timeout_s", "round_timeout_s", "peer_timeout_s"):
         _require(getattr(rt, name) > 0, f"runtime.{name}={getattr(rt, name)}: must be > 0")
     for name in ("stall_timeout_s", "join_timeout_s"):
-        value = getattr(rt, name)
         _require(
-            isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-            f"runtime.{name}={value}: must be a finite number of seconds > 0",
+            getattr(rt, name) > 0,
+            f"runtime.{name}={getattr(rt, name)}: must be a finite number of seconds > 0",
         )
     _require(
         rt.resume in ("auto", True, False),

@@ -269,7 +269,8 @@ class Role:
         )
 
     def phase(self, what: str) -> None:
-        """Says what a long phase is doing (rank 0 only: every rank is in the same phase)."""
+        """Says what a long phase is doing (rank 0 only: every rank is in the same phase); every rank
+        records it as progress (``faults.progress``)."""
         faults.progress.mark(what)
         if self.world.is_server:
             log.info("%s ...", what)
