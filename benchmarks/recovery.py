@@ -1,15 +1,18 @@
 """Recovery under torchrun restarts: how long from a kill to the restarted job training again, and how
 much work is recomputed.
 
-    .venv/bin/python -m benchmarks.recovery      # about 4 minutes; writes results/recovery.json
+    .venv/bin/python -m benchmarks.recovery      # about 5 minutes; writes results/recovery.json
 
 One server and two clients (the built-in 4-layer model and sort data, 4 rounds of 10 steps) run
 under ``torchrun --max-restarts=1``. ``SPLITFT_FAULT`` sends SIGKILL to one rank in the middle of
-round 3 (after a client's 5th step, or while the server serves a 5th forward); the same run
-uninterrupted is the reference. Read from the logs' millisecond stamps: the kill, the moment the
-restarted job has loaded its checkpoint ("resuming after round N"), and its first completed round.
-Reported: kill -> resumed (the agent's stop and restart, process start-up, re-probe, model load),
-kill -> the recomputed round done, rounds recomputed, and the wall-time overhead over the reference.
+round 3 (after a client's 5th step, or while the server serves a 5th forward), or blocks client 1's
+main thread as round 3's training starts (``hang@1:3``: a stuck rank whose heartbeat beats on, named
+after ``runtime.stall_timeout_s=10``); the same run uninterrupted is the reference. Read from the
+logs' millisecond stamps: the fault, the stall named (a hang), the moment the restarted job has
+loaded its checkpoint ("resuming after round N"), and its first completed round.
+Reported: fault -> resumed (for a hang the stall timeout; the agent's stop and restart, process
+start-up, re-probe, model load), fault -> the recomputed round done, rounds recomputed, and the
+wall-time overhead over the reference.
 """
 
 from __future__ import annotations
@@ -28,11 +31,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results" / "recovery.json"
 ARGS = ["train.rounds=4", "train.local_steps=10", "split.cut_layers=[1,3]", "runtime.peer_timeout_s=30"]
-FAULTS = {"client 2 killed": "step@2:3:5", "server killed": "step@0:3:5"}
+STALL_TIMEOUT_S = 10
+FAULTS = {
+    "client 2 killed": ("step@2:3:5", []),
+    "server killed": ("step@0:3:5", []),
+    "client 1 stuck": ("hang@1:3", [f"runtime.stall_timeout_s={STALL_TIMEOUT_S}"]),
+}
 STAMP = re.compile(r"^(\d\d:\d\d:\d\d\.\d{3}) \[rank \d+ \w+\] (.*)$")
 
 
-def launch(out: Path, fault: str | None) -> tuple[float, str]:
+def launch(out: Path, fault: str | None, extra: list[str] = ()) -> tuple[float, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("SPLITFT_FAULT", None)
     if fault:
@@ -40,7 +48,7 @@ def launch(out: Path, fault: str | None) -> tuple[float, str]:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
         "--max-restarts=1", "--monitor-interval=0.5", "-m", "launch.train",
-        "torchrun_configs/tiny_cpu.yaml", f"output_dir={out}", *ARGS,
+        "torchrun_configs/tiny_cpu.yaml", f"output_dir={out}", *ARGS, *extra,
     ]  # fmt: skip
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -69,15 +77,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ref_wall, _ = launch(Path(tmp) / "ref", None)
         results["uninterrupted"] = {"wall_s": round(ref_wall, 2)}
-        for name, fault in FAULTS.items():
-            wall, log = launch(Path(tmp) / name.replace(" ", "_"), fault)
+        for name, (fault, extra) in FAULTS.items():
+            wall, log = launch(Path(tmp) / name.replace(" ", "_"), fault, extra)
             evs = events(log)
-            kill = first(evs, "SPLITFT_FAULT: killing")
+            kill = first(evs, "SPLITFT_FAULT: (killing|blocking)")
             resumed = first(evs, r"resuming after round (\d+)", kill)
             done_round = int(re.search(r"resuming after round (\d+)", log).group(1))
             trained = first(evs, rf"^\s+{done_round + 1}\s+\d", resumed)
+            stall = (
+                {"fault_to_stall_named_s": round(first(evs, "stalled: ", kill) - kill, 2)} if extra else {}
+            )
             results[name] = {
                 "fault": fault,
+                **stall,
                 "kill_to_resumed_s": round(resumed - kill, 2),
                 "kill_to_recomputed_round_done_s": round(trained - kill, 2),
                 "resumed_after_round": done_round,

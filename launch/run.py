@@ -19,7 +19,8 @@ The same job as ``torchrun --nproc-per-node N [torchrun options] -m launch.train
 - When the job fails, it prints the root cause once, as one line: the first failed rank's message
   (from its torchelastic error file) and its exit code, instead of torchrun's failure banner. The
   exit code is the rank's when it is one of the project's (2: fix the input; 75: stopped by a
-  signal, relaunch to continue; 76: a peer was lost, relaunch to continue), else 1. A stop signal
+  signal, relaunch to continue; 76: a peer was lost, relaunch to continue; 77: the job stalled or a rank
+  never joined, relaunch to continue), else 1. A stop signal
   to this process (SIGTERM, SIGUSR1 from Slurm) is passed on to the workers by torchrun and ends
   it with 75. A restart (``--max-restarts``) is one line with the failure that caused it.
 
@@ -41,11 +42,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from runtime.faults import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USER_ERROR, STOP_SIGNALS
+from runtime.faults import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STALLED, EXIT_USER_ERROR, STOP_SIGNALS
 
 PROG = "launch.run"
 ENTRY = "launch.train"
-PROJECT_EXIT_CODES = (EXIT_USER_ERROR, EXIT_PREEMPTED, EXIT_PEER_LOST)
+PROJECT_EXIT_CODES = (EXIT_USER_ERROR, EXIT_PREEMPTED, EXIT_PEER_LOST, EXIT_STALLED)
 # launch.train reads it: under the front door a rank's user error goes to its error file only, and this
 # process says it (once, whichever rank failed first)
 FRONT_DOOR_ENV = "SPLITFT_FRONT_DOOR"

@@ -13,6 +13,7 @@ Two nodes (run on each; Slurm: launch/slurm_multinode.sbatch)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ from runtime.config import (
     load_config,
     validate_for_world,
 )
-from runtime.faults import EXIT_USER_ERROR
+from runtime.faults import EXIT_USER_ERROR, Unrecoverable
 from runtime.job import load_tokenizer, lora_spec, model_config, resolve_model_path, worker_data
 
 # What a bad config, model folder or data file raises while it is checked (launch.run checks with these too).
@@ -111,12 +112,69 @@ def _same_settings(saved: Path, cfg: Config, n_clients: int) -> bool:
         return False
 
 
+FAILED = ".splitft-failed.json"
+"""In output_dir: the one line of a failure that a restart would repeat, the torchrun job it belongs
+to and the settings it failed with. Read by rank 0 of the job's next attempt (``failed_before``)."""
+
+
+def _settings_digest(cfg: Config, n_clients: int) -> str:
+    return hashlib.sha256(
+        json.dumps(fingerprint(cfg, n_clients), sort_keys=True, default=str).encode()
+    ).hexdigest()
+
+
+def record_failure(cfg: Config, n_clients: int, line: str) -> None:
+    """Leaves ``line`` for the job's next attempt, which then stops at once with it instead of running
+    into the same failure (``torchrun --max-restarts`` restarts any failed attempt). The job is the
+    folder owner's (rank 0's, from the lock file): a client on another host of a shared folder writes
+    its owner's. Where output_dir is not on this host, there is nothing to write: that attempt is
+    retried as before."""
+    folder = Path(cfg.output_dir)
+    if not folder.is_dir():
+        return
+    try:
+        owner = json.loads((folder / outdir.LOCK_NAME).read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    marker = {"line": line, "job": owner or outdir.job_id(), "settings": _settings_digest(cfg, n_clients)}
+    tmp = folder / f"{FAILED}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(marker) + "\n")
+        os.replace(tmp, folder / FAILED)
+    except OSError:  # a full disk may be why it failed: the line is still said and in the error file
+        tmp.unlink(missing_ok=True)
+
+
+def failed_before(cfg: Config, n_clients: int) -> str | None:
+    """Rank 0 under the folder's lock: the line of the failure an earlier attempt of this torchrun job
+    recorded with these settings, or None. Any other marker (another launch: a new torchrun agent, or
+    other settings, e.g. the fixed config) is removed: a deliberate relaunch is never refused."""
+    path = Path(cfg.output_dir) / FAILED
+    try:
+        marker = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        marker = {}
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    job = outdir.job_id()
+    if isinstance(marker, dict) and restarted and job and marker.get("job") == job:
+        if marker.get("settings") == _settings_digest(cfg, n_clients) and marker.get("line"):
+            return str(marker["line"])
+    path.unlink(missing_ok=True)
+    return None
+
+
 def claim_output_dir(cfg: Config, n_clients: int) -> tuple[outdir.Lock, list[str]]:
     """Rank 0, before it reads the folder and before any process group: takes output_dir's lock (a
-    running job's folder is refused, naming it), then checks it. Returns the lock, which this process
-    holds until it ends, and what to move aside once every check has passed."""
+    running job's folder is refused, naming it), stops at once where an earlier attempt of this job
+    failed in a way a restart repeats (``failed_before``), then checks it. Returns the lock, which this
+    process holds until it ends, and what to move aside once every check has passed."""
     held = outdir.lock(cfg.output_dir)
     try:
+        line = failed_before(cfg, n_clients)
+        if line is not None:
+            raise Repeated(line)
         return held, check_output_dir(cfg, n_clients, held)
     except BaseException:
         held.release(undo=True)  # a refused launch leaves the folder as it was
@@ -134,6 +192,42 @@ def check_device(cfg: Config) -> None:
         )
 
 
+def check_weights(model_path: Path) -> None:
+    """Every weights file the model folder names opens and is whole (its safetensors header agrees
+    with the file's size): a truncated or damaged file is named here, before any process group,
+    rather than by the rank that would read its layers mid-start-up. Reads the headers only."""
+    from safetensors import safe_open
+
+    index = model_path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(
+                f"model.path={str(model_path)!r}: model.safetensors.index.json is damaged "
+                f"({type(e).__name__}: {e}); save the model again with save_pretrained"
+            ) from None
+    elif (model_path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return  # no weights at all: model_config names what to do
+    for name in files:
+        path = model_path / name
+        if not path.is_file():
+            raise ConfigError(
+                f"model.path={str(model_path)!r}: {name}, named by model.safetensors.index.json, is missing; "
+                "copy the whole folder again or save the model again with save_pretrained"
+            )
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as e:  # safetensors' own error type: a truncated file, a header that is not JSON
+            raise ConfigError(
+                f"model.path={str(model_path)!r}: {name} is damaged ({' '.join(str(e).split())[:200]}); "
+                "it was probably cut short while copied or downloaded: copy it again"
+            ) from None
+
+
 def check(cfg: Config, world_size: int, output_dir: bool | None = None) -> Path:
     """What every rank can check before a process group exists: config, output_dir, device, model (a
     supported causal LM with weights and a tokenizer), LoRA targets.
@@ -148,6 +242,7 @@ def check(cfg: Config, world_size: int, output_dir: bool | None = None) -> Path:
         outdir.probe(cfg.output_dir)  # a running job's folder (takes nothing: see launch.run)
     check_device(cfg)
     model_path = resolve_model_path(cfg)
+    check_weights(model_path)
     mcfg = model_config(model_path)
     load_tokenizer(model_path)
     cuts = validate_for_world(cfg, world_size, mcfg.num_hidden_layers)
@@ -157,12 +252,20 @@ def check(cfg: Config, world_size: int, output_dir: bool | None = None) -> Path:
     return model_path
 
 
+class Repeated(Exception):
+    """An earlier attempt of this torchrun job failed in a way this one would repeat: its line, as is."""
+
+
 def user_error(kind: str, error: Exception, say: bool) -> SystemExit:
     """One line on stderr (from one rank) and in torchrun's error file, no traceback: relaunching will
     not help, the user has to change something. torchrun's failure summary shows the line where it
     would show a worker's traceback. Under launch.run (SPLITFT_FRONT_DOOR set) no rank prints it: the
     front door prints the first failed rank's error file, once."""
-    message = f"{kind} error: {error}"
+    message = (
+        f"{error} (an earlier attempt of this torchrun job stopped so: not run again)"
+        if isinstance(error, Repeated)
+        else f"{kind} error: {error}"
+    )
     if say and not os.environ.get("SPLITFT_FRONT_DOOR"):
         print(message, file=sys.stderr)
     # Every rank has the same error and puts it in its error file: torchrun's summary shows the first
@@ -190,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
             if held is not None:
                 held.release(undo=True)
             raise
+    except Repeated as e:  # said once more, and not run again: torchrun's remaining restarts end at once
+        raise user_error("", e, rank == 0) from None
     except outdir.OutputDirError as e:
         raise user_error("output_dir", e, rank == 0) from None
     except INPUT_ERRORS as e:
@@ -212,16 +317,24 @@ def main(argv: list[str] | None = None) -> None:
     from runtime.messages import Diverged
     from runtime.run import run
 
+    def for_good(kind: str, error: Exception, mine: bool) -> SystemExit:
+        """A failure a restart would repeat: said (by ``mine``, the rank that knows) and recorded."""
+        if mine:
+            record_failure(cfg, check_clients(cfg, world_size), f"{kind} error: {error}")
+        return user_error(kind, error, mine)
+
     try:
         run(cfg, data)
     except PlanError as e:  # every rank gets the planner's verdict: say it once
-        raise user_error("plan", e, rank == 0) from None
+        raise for_good("plan", e, rank == 0) from None
     except Diverged as e:  # every rank stops on the same round with the same message
-        raise user_error("training", e, rank == 0) from None
+        raise for_good("training", e, rank == 0) from None
     except CheckpointMismatch as e:
-        raise user_error("checkpoint", e, rank == 0) from None
+        raise for_good("checkpoint", e, rank == 0) from None
     except ConfigError as e:  # a placement the cluster cannot take (runtime.aggregation_backend=nccl)
-        raise user_error("config", e, rank == 0) from None
+        raise for_good("config", e, rank == 0) from None
+    except Unrecoverable as e:  # out of memory, a full disk: only the rank it happened on knows
+        raise for_good(e.kind, e, True) from None
 
 
 if __name__ == "__main__":

@@ -335,6 +335,7 @@ class Client:
             server_stopping = bool(fwd.stats[1])
             if bar is not None:
                 bar.update(step)
+            faults.progress.mark(step=step)
             faults.injector.hit("step", step)
         return self._round_stats(steps, tally)
 
@@ -430,6 +431,7 @@ class Client:
         totals = torch.zeros(3, dtype=torch.float64)
         with self._global_eval():
             for batch in self.eval_set if batches is None else batches:
+                faults.progress.mark()
                 batch = self._to_device(batch)
                 hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 payload = server_payload(batch, encode(hidden, self.wire_dtype), self.u_shape)
@@ -449,6 +451,7 @@ class Client:
     def next_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Greedy decoding's step through the split: the argmax token after position ``last[i]`` of every
         row (the server returns only those ids; U-shaped, the tail here computes the logits)."""
+        faults.progress.mark()
         input_ids, mask, last = input_ids.to(self.device), mask.to(self.device), last.to(self.device)
         hidden = self.stage(input_ids=input_ids, attention_mask=mask)
         sent = encode(hidden, self.wire_dtype)

@@ -265,6 +265,13 @@ class RuntimeConfig:
     peer_timeout_s: float = 60.0
     """A rank whose heartbeat has not changed for this long is declared lost: every rank that watches it
     stops with a message naming it (clients watch the server, the server watches every client)."""
+    stall_timeout_s: float = 900.0
+    """No rank's progress (a step, an evaluation batch, a phase, a collective entered or left) for this
+    long: the job is stalled; every rank names the rank furthest behind and where it was, and exits 77.
+    Longer than ``rpc_timeout_s``, so a single slow step or batch fails on its own timeout first."""
+    join_timeout_s: float = 600.0
+    """At start-up, every rank waits this long for the others to arrive; a rank that has not is named and
+    the attempt ends (exit 77). Covers the ranks' own checks and data loading before they join."""
     rpc_threads: int = 16
     """TensorPipe worker threads on each rank."""
     rpc_transports: list[str] = field(default_factory=lambda: ["uv"])
@@ -531,8 +538,27 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _non_finite(node: Any, name: str) -> tuple[str, float] | None:
+    """The first inf or nan number in a section, list or schedule, with its ``section.key`` name."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return name, node
+    if isinstance(node, dict):
+        children = [(f"{name}.{key}" if name else str(key), value) for key, value in node.items()]
+    else:
+        children = [(name, value) for value in node] if isinstance(node, list) else []
+    for child, value in children:
+        found = _non_finite(value, child)
+        if found:
+            return found
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Range checks that need no model or process group."""
+    found = _non_finite(cfg.to_dict(), "")
+    if found:  # no field means anything at inf or nan; a range check such as > 0 would let inf through
+        name, value = found
+        raise ConfigError(f"{name}={value}: must be a finite number (not inf or nan)")
     t, d, lo, rt = cfg.train, cfg.data, cfg.lora, cfg.runtime
     _require(
         cfg.model.dtype in ("float32", "bfloat16", "float16"),
@@ -629,6 +655,11 @@ def validate(cfg: Config) -> None:
     )
     for name in ("rpc_timeout_s", "round_timeout_s", "peer_timeout_s"):
         _require(getattr(rt, name) > 0, f"runtime.{name}={getattr(rt, name)}: must be > 0")
+    for name in ("stall_timeout_s", "join_timeout_s"):
+        _require(
+            getattr(rt, name) > 0,
+            f"runtime.{name}={getattr(rt, name)}: must be a finite number of seconds > 0",
+        )
     _require(
         rt.resume in ("auto", True, False),
         f"runtime.resume={rt.resume!r}: use auto (continue if a checkpoint exists), true or false",

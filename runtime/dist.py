@@ -9,9 +9,12 @@ what every rank reports over that gloo group; this module only gathers the repor
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
-from runtime import codec
+from runtime import codec, faults
 from runtime import placement as pl
 
 SERVER = "server"
@@ -72,6 +75,13 @@ def env_world() -> tuple[int, int, int, int]:
 
 
 _ATTEMPT_STORE: dist.Store | None = None
+JOIN_TIMEOUT_S = 600.0  # runtime.join_timeout_s, set by ``start``
+JOIN_POLL_S = 0.05
+_STOPPING = None  # the run's stop request (runtime.faults.StopSignals), set by ``start``
+
+
+class NotJoined(RuntimeError):
+    """A rank did not arrive at the attempt's rendezvous within ``runtime.join_timeout_s``."""
 
 
 def _attempt_rendezvous(url: str, timeout=None, **kwargs):
@@ -79,10 +89,9 @@ def _attempt_rendezvous(url: str, timeout=None, **kwargs):
 
     torch 2.13's ``env://`` under torchrun reuses the agent's store across ``--max-restarts`` with
     no per-attempt prefix, so restarted workers read the dead workers' gloo and TensorPipe
-    addresses and fail to connect (seen here on every restart). Each worker therefore adds one
-    to a counter in that store; the attempt is ``(count - 1) // world_size``, the same on every
-    rank of the attempt, and its keys live under ``splitft/attempt-N/``. Both the process group
-    and RPC use it (one store per process).
+    addresses and fail to connect. So the ranks of an attempt agree on a fresh token (``join``) and
+    keep their keys under ``splitft/attempt-<token>/``. Both the process group and RPC use it (one
+    store per process).
     """
     global _ATTEMPT_STORE
     rank, world_size, _, _ = env_world()
@@ -93,9 +102,64 @@ def _attempt_rendezvous(url: str, timeout=None, **kwargs):
             is_master=False,
             timeout=timeout or timedelta(minutes=10),
         )
-        joined = store.add(f"splitft/joined/{os.environ.get('TORCHELASTIC_RUN_ID', '')}", 1)
-        _ATTEMPT_STORE = dist.PrefixStore(f"splitft/attempt-{(joined - 1) // world_size}/", store)
+        token = join(store, rank, world_size, JOIN_TIMEOUT_S, _STOPPING)
+        _ATTEMPT_STORE = dist.PrefixStore(f"splitft/attempt-{token}/", store)
     yield (_ATTEMPT_STORE, rank, world_size)
+
+
+def join(store: dist.Store, rank: int, world_size: int, timeout_s: float, stopping=None) -> str:
+    """The attempt's token, agreed by every rank of it; raises ``NotJoined`` naming who did not come,
+    or ``faults.Preempted`` once ``stopping()`` (torchrun stopping the attempt while it waits).
+
+    Counting arrivals cannot tell attempts apart once one attempt lost a rank before it arrived (the
+    next attempt's first arrivals would complete the old count), and torchrun's restart count is an
+    agent's own (agents of other nodes restart without counting). What holds instead is that torchrun
+    stops every worker of an attempt before it starts the next one. So rank 0 deletes the requests
+    left by earlier attempts, waits for a request from every other rank (each rank writes a fresh
+    nonce, again and again until answered, so a request cleared by a late rank 0 comes back), and
+    answers with a new token and the nonces it answers. A rank takes only an answer that holds its
+    own nonce: a stale answer of an earlier attempt never matches.
+    """
+    base = f"splitft/join/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+    others = list(range(1, world_size))
+    wants = [f"{base}want/{r}" for r in others]
+    deadline = time.monotonic() + timeout_s
+
+    def wait() -> None:
+        if stopping is not None and stopping():
+            raise faults.Preempted()
+        time.sleep(JOIN_POLL_S)
+
+    if rank == 0:
+        for key in wants:  # the answer is only ever replaced: a rank reading it never finds it gone
+            store.delete_key(key)
+        while others and not store.check(wants):
+            if time.monotonic() > deadline:
+                missing = [r for r, key in zip(others, wants) if not store.check([key])]
+                raise NotJoined(
+                    f"{', '.join(f'rank {r} ({worker_name(r)})' for r in missing)} did not arrive within "
+                    f"runtime.join_timeout_s={timeout_s:g}s: see that rank's log (it failed, hangs, or is "
+                    "still reading its data; raise runtime.join_timeout_s if start-up is that slow)"
+                )
+            wait()
+        nonces = [v.decode() for v in store.multi_get(wants)] if others else []
+        token = uuid.uuid4().hex
+        store.set(f"{base}grant", json.dumps({"token": token, "nonces": nonces}))
+        return token
+    nonce = uuid.uuid4().hex
+    while True:
+        store.set(wants[rank - 1], nonce)
+        if store.check([f"{base}grant"]):
+            grant = json.loads(store.get(f"{base}grant"))
+            if grant["nonces"][rank - 1] == nonce:
+                return grant["token"]
+        if time.monotonic() > deadline:
+            raise NotJoined(
+                f"rank {rank} ({worker_name(rank)}): the server (rank 0) did not start the attempt within "
+                f"runtime.join_timeout_s={timeout_s:g}s: it has not arrived, or it waits for another rank "
+                "(its log names it)"
+            )
+        wait()
 
 
 dist.register_rendezvous_handler("splitft", _attempt_rendezvous)
@@ -134,6 +198,8 @@ def start(
     transports: list[str],
     server_gpu: str = "own",
     aggregation_backend: str = "auto",
+    join_timeout_s: float = JOIN_TIMEOUT_S,
+    stopping=None,
 ) -> World:
     """Initialises the process group and RPC on this rank (call once, on every rank).
 
@@ -141,8 +207,13 @@ def start(
     RPC gets ``rpc_timeout_s``. Neither is how a dead peer is noticed (``runtime.faults.Heartbeat``).
     ``server_gpu`` and ``aggregation_backend`` are ``runtime.server_gpu`` and
     ``runtime.aggregation_backend``; a backend that cannot hold raises ``placement.PlacementError`` (a
-    ``ConfigError``) on every rank alike, before any NCCL group or RPC exists.
+    ``ConfigError``) on every rank alike, before any NCCL group or RPC exists. Under torchrun every
+    rank waits up to ``join_timeout_s`` for the others to arrive (``NotJoined`` names the missing), or
+    until ``stopping()``.
     """
+    global JOIN_TIMEOUT_S, _STOPPING
+    JOIN_TIMEOUT_S, _STOPPING = join_timeout_s, stopping
+    faults.injector.hit("startup")
     rank, world_size, local_rank, local_world_size = env_world()
     mine = report(rank, device_request)
     timeout = timedelta(seconds=round_timeout_s)
@@ -183,11 +254,17 @@ def start(
 
 def gather_objects(world: World, obj: object) -> list[object]:
     """Every rank's ``obj``, in rank order, on every rank (a control message: ``runtime.codec``)."""
-    return _all_gather(obj, world.world_size)
+    with faults.progress.collective(f"a gather ({type(obj).__name__})"):
+        return _all_gather(obj, world.world_size)
 
 
 def broadcast_object(world: World, obj: object) -> object:
     """Rank 0's ``obj`` on every rank (a control message: ``runtime.codec``; other ranks' is ignored)."""
+    with faults.progress.collective("a broadcast"):
+        return _broadcast(obj)
+
+
+def _broadcast(obj: object) -> object:
     size = torch.zeros(1, dtype=torch.int64)
     data = None
     if dist.get_rank() == 0:
@@ -219,7 +296,8 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
 
 
 def barrier(world: World) -> None:
-    dist.barrier()
+    with faults.progress.collective("a barrier"):
+        dist.barrier()
 
 
 def stop(world: World | None, graceful: bool = True) -> None:

@@ -193,6 +193,7 @@ class Role:
         t_round = time.perf_counter()
         self.rnd = rnd
         faults.injector.round = rnd
+        faults.progress.begin_round(rnd)
         torch.manual_seed(round_seed(self.cfg.seed, self.world.rank, rnd))
         self.simulate_round(rnd)
         t = self.cfg.train
@@ -207,11 +208,14 @@ class Role:
         # dropout masks from this process's generator), so the draws are the same on every run.
         dist.barrier(self.world)
         prediction = self.predict()
+        faults.progress.mark("training")
+        faults.injector.hit("hang")
         trained = self.train()
         self.settle(rnd, trained)
         self.end_training()
         if self.cfg.runtime.debug:
             self.dump_copies(self.out / "debug" / f"round{rnd}")
+        faults.progress.mark("aggregating")
         self.aggregate(rnd)
         if self.cfg.runtime.debug and self.cfg.train.aggregation == "stack":
             save_file(
@@ -278,7 +282,9 @@ class Role:
         )
 
     def phase(self, what: str) -> None:
-        """Says what a long phase is doing (rank 0 only: every rank is in the same phase)."""
+        """Says what a long phase is doing (rank 0 only: every rank is in the same phase); every rank
+        records it as progress (``faults.progress``)."""
+        faults.progress.mark(what)
         if self.world.is_server:
             log.info("%s ...", what)
 

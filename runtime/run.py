@@ -2,8 +2,11 @@
 
 Rank 0 plays ``ServerRole``, every other rank ``ClientRole``. Failure handling has one home,
 :func:`run`: a stop request leaves after the last complete round with ``EXIT_PREEMPTED``; a lost
-peer is named and leaves with ``EXIT_PEER_LOST``; a user error (``runtime.messages.USER_ERRORS``)
-is raised on every rank with no traceback; everything else is logged once and re-raised.
+peer is named and leaves with ``EXIT_PEER_LOST``; a rank that never joined is named and every rank
+leaves with ``EXIT_STALLED`` (so does a stalled job, from the heartbeat's thread); a user error
+(``runtime.messages.USER_ERRORS``) is raised on every rank with no traceback; an out-of-memory or a
+full disk is named with the rank and the fix (``faults.Unrecoverable``); everything else is logged
+once and re-raised.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
     world = heartbeat = compute = role = None
     try:
         setup_logging(dist.env_world()[0])  # before start: it logs the placement and the backend
+        faults.injector = faults.FaultInjector(dist.env_world()[0])
         world = dist.start(
             rt.device,
             rt.rpc_timeout_s,
@@ -46,6 +50,8 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
             rt.rpc_transports,
             server_gpu=rt.server_gpu,
             aggregation_backend=rt.aggregation_backend,
+            join_timeout_s=rt.join_timeout_s,
+            stopping=lambda: stop.requested,
         )
         threads = rt.intra_op_threads or default_threads(world.local_world_size)
         compute = for_process(world.device, threads, world.is_server, rt.compute_threads)
@@ -56,9 +62,10 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
                 compute.workers,
                 threads,
             )
-        faults.injector = faults.FaultInjector(world.rank)
         token = dist.broadcast_object(world, uuid.uuid4().hex)  # heartbeat keys of this attempt only
-        heartbeat = faults.Heartbeat(world.rank, world.world_size, token, rt.peer_timeout_s)
+        heartbeat = faults.Heartbeat(
+            world.rank, world.world_size, token, rt.peer_timeout_s, stall_timeout_s=rt.stall_timeout_s
+        )
         dist.barrier(world)
         heartbeat.start()
         role = (
@@ -77,10 +84,21 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
         )
         dist.stop(world, graceful=False)
         raise SystemExit(faults.EXIT_PREEMPTED) from None
+    except dist.NotJoined as e:  # start-up never completed: named, no traceback
+        log.error("%s; stopping this rank (torchrun restarts the job if --max-restarts allows)", e)
+        dist.stop(world, graceful=False)
+        raise SystemExit(faults.EXIT_STALLED) from None
     except (*USER_ERRORS.values(), ConfigError):  # a user error, not a crash: no traceback
         dist.stop(world, graceful=False)
         raise
     except BaseException as e:
+        fatal = faults.unrecoverable(
+            e, world.rank if world else dist.env_world()[0], lambda r: _place(role, r)
+        )
+        if fatal is not None:  # a restart would fail the same way: one line with the fix, no traceback
+            log.error("%s", fatal)
+            dist.stop(world, graceful=False)
+            raise fatal from None
         lost = heartbeat.silent(wait_s=4 * heartbeat.interval) if heartbeat else []
         code = None
         if lost:
@@ -111,3 +129,11 @@ def run(cfg: Config, data: ClientData | None = None) -> None:
         if compute is not None:
             compute.close()
         stop.close()
+
+
+def _place(role: ServerRole | ClientRole | None, rank: int) -> str:
+    """``client2, cut 3`` or ``server, cuts [1, 3]``: what a rank held, for an out-of-memory message."""
+    cuts = role.cut_map if role is not None else {}
+    if rank == 0:
+        return f"server, cuts {[cuts[r] for r in sorted(cuts)]}" if cuts else "server"
+    return f"client{rank}, cut {cuts[rank]}" if rank in cuts else f"client{rank}"

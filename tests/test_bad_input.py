@@ -61,6 +61,11 @@ def inputs(tmp_path_factory, random_model) -> dict[str, Path]:
         for f in keep:
             shutil.copy(good / f, folder / f)
         p[name] = folder
+    truncated = root / "truncated"
+    shutil.copytree(good, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a copy cut short
+    p["truncated"] = truncated
     no_pad = root / "no_pad_no_eos"
     shutil.copytree(good, no_pad, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
     tok = build_char_tokenizer()
@@ -126,6 +131,14 @@ ROWS = [
     ),
     ("unknown model_type", ["model.path={odd_type}"], 0, 2, ["config.json cannot be read", "no-such-model"]),
     ("model without weights", ["model.path={weightless}"], 0, 2, ["no model.safetensors", "save_pretrained"]),
+    ("damaged weights", ["model.path={truncated}"], 0, 2, ["model.safetensors is damaged", "copy it again"]),
+    (
+        "stall timeout NaN",
+        ["runtime.stall_timeout_s=.nan"],
+        0,
+        2,
+        ["runtime.stall_timeout_s=nan: must be a finite"],
+    ),
     (
         "model without tokenizer",
         ["model.path={no_tokenizer}"],

@@ -386,10 +386,29 @@ def test_a_seeded_draw_gives_every_client_its_own_value_the_same_on_every_rank()
         ("simulate.slowdown={lognormal: 0.5, median: 2}", "a draw takes exactly the keys ['lognormal']"),
         ("simulate.bandwidth_mbps={lognormal: 0.5}", "exactly the keys ['lognormal', 'median']"),
         ("simulate.memory_limit_gb={lognormal: -1, median: 2}", "lognormal (sigma of the log) must be in"),
-        ("simulate.slowdown={lognormal: .inf}", "finite numbers"),
+        ("simulate.slowdown={lognormal: .inf}", "simulate.slowdown.lognormal=inf: must be a finite number"),
         ("simulate.bandwidth_mbps={lognormal: 1, median: 0}", "median must be > 0"),
     ],
 )
 def test_a_bad_draw_is_named(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.lr=.inf", "train.lr=inf"),
+        ("train.lr=.nan", "train.lr=nan"),
+        ("runtime.rpc_timeout_s=.inf", "runtime.rpc_timeout_s=inf"),
+        ("simulate.slowdown=[1, .nan]", "simulate.slowdown=nan"),
+        ("simulate.slowdown={1: 2.0, 3: .inf}", "simulate.slowdown.3=inf"),
+    ],
+)
+def test_a_number_at_inf_or_nan_is_named_in_one_line(override, named):
+    """A range check such as > 0 lets inf through (and a learning rate of inf trains to NaN): every
+    number of the config must be finite, wherever it is."""
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(named)}: must be a finite number \(not inf or nan\)$"
+    ):
         load_config(None, [override])

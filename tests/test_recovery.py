@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,3 +154,65 @@ def test_a_silent_client_is_noticed_within_the_peer_timeout(setup, tmp_path):
     assert "sending SIGSTOP to rank 1" in log
     assert "lost rank 1 (client1): no heartbeat for" in log, log[-4000:]
     assert time.monotonic() - t0 < 150  # not the 24 h round timeout
+
+
+def _stamp(log: str, text: str) -> float:
+    """Seconds of the day of the first log line holding ``text`` (lines open with ``HH:MM:SS.mmm``)."""
+    line = next(line for line in log.splitlines() if text in line)
+    hh, mm, ss = re.search(r"(\d\d):(\d\d):(\d\d\.\d\d\d) \[rank", line).groups()
+    return int(hh) * 3600 + int(mm) * 60 + float(ss)
+
+
+def test_a_stuck_rank_is_named_and_the_restarted_run_ends_exactly(setup, reference, tmp_path):
+    """hang@1:2: client 1's main thread blocks as round 2's training starts while its heartbeat beats on
+    (so the peer timeout never fires). No rank makes progress; every rank names client 1 and where it
+    was, and exits 77; torchrun restarts the job, which resumes after round 1 and ends as the reference."""
+    out = tmp_path / "run"
+    args = [*common_args(setup, out), *SETTINGS, "runtime.stall_timeout_s=10"]
+    code, log = launch(args, restarts=1, fault="hang@1:2")
+    assert code == 0, log[-6000:]
+    assert "SPLITFT_FAULT: blocking rank 1's main thread at hang, round 2" in log, log[-6000:]
+    assert "furthest behind: rank 1 (client1) at round 2, training, outside any collective" in log, log[
+        -6000:
+    ]
+    assert "no heartbeat" not in log  # it was alive: a stall, not a lost peer
+    named_after = _stamp(log, "stalled: no rank made progress") - _stamp(log, "SPLITFT_FAULT: blocking")
+    assert 0 < named_after < 120, named_after
+    assert "resuming after round 1 " in log
+    assert_same_run(out, reference)
+
+
+def test_a_rank_that_never_joins_is_named_and_the_restart_is_one_attempt(setup, reference, tmp_path):
+    """startup@2: client 2 blocks before it joins the first attempt's rendezvous. Rank 0 names it after
+    runtime.join_timeout_s; the restarted attempt, whose first arrivals would have completed the first
+    attempt's count, joins as one and runs the whole job exactly."""
+    out = tmp_path / "run"
+    args = [*common_args(setup, out), *SETTINGS, "runtime.join_timeout_s=20"]
+    code, log = launch(args, restarts=1, fault="startup@2")
+    assert code == 0, log[-6000:]
+    assert "SPLITFT_FAULT: blocking rank 2's main thread at startup" in log, log[-6000:]
+    assert "rank 2 (client2) did not arrive within runtime.join_timeout_s=20s" in log, log[-6000:]
+    assert_same_run(out, reference)
+
+
+def test_an_out_of_memory_is_named_once_and_not_retried(setup, tmp_path):
+    """oom@1:1:2 raises MemoryError in client 1's second step on every attempt, as a real one would. The
+    first attempt names the rank, its cut and the fix and records the failure; torchrun's two restarts
+    stop at start-up with the same line instead of training into it again. A relaunch by hand (a new
+    torchrun job, here with the fault gone: the fixed config) is not refused."""
+    out = tmp_path / "run"
+    args = [*common_args(setup, out), *SETTINGS]
+    code, log = launch(args, restarts=2, fault="oom@1:1:2")
+    assert code != 0, log[-6000:]
+    line = (
+        "memory error: out of memory on rank 1 (client1, cut 1): injected by SPLITFT_FAULT at round 1, step 2"
+    )
+    assert line in log and "lower its cut (split.cut_layers" in log, log[-6000:]
+    assert log.count("SPLITFT_FAULT: raising MemoryError") == 1, log[-6000:]  # trained into it once
+    repeated = [x for x in log.splitlines() if x.startswith(line) and x.endswith("not run again)")]
+    assert len(repeated) == 2, log[-6000:]  # each restart said it and stopped
+    assert "in train_round" not in log, log[-6000:]  # no worker traceback (torchrun prints its own)
+    code, log = launch(args)
+    assert code == 0, log[-6000:]
+    assert not (out / ".splitft-failed.json").exists()
+    assert [r["round"] for r in metrics(out)] == [1, 2, 3]
