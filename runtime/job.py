@@ -6,18 +6,20 @@ inputs here, so the two see the same data, order and LoRA initialisation.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PretrainedConfig
 
-from models.datasets import Example, load_examples
+from models.datasets import IGNORE_INDEX, Example, load_examples
 from models.families import FAMILIES, family_of
 from models.lora import LoraSpec
 from models.stages import CheckpointReader, load_config
@@ -277,6 +279,60 @@ def learning_rate(cfg: Config, rnd: int, step: int) -> float:
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def squared_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
+    """The sum of squares of these parameters' gradients (float64): one side's share of the chain's
+    squared norm, which the two sides of a split add up before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum())
+
+
+def clip_factor(squared_norm: float, max_norm: float) -> float:
+    """What the gradients are multiplied by to clip their global norm to ``max_norm``:
+    ``torch.nn.utils.clip_grad_norm_``'s ``max_norm / (norm + 1e-6)``, at most 1. Both sides of a split
+    compute it from the same chain norm, so they scale by the same factor."""
+    return min(1.0, max_norm / (math.sqrt(squared_norm) + 1e-6))
+
+
+def scale_grads(params: Iterable[torch.nn.Parameter], factor: float) -> None:
+    if factor == 1.0:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward's mixed precision (``train.autocast``); a no-op context for none. Autocast state is
+    per thread: enter it on the thread that computes."""
+    if cfg.train.autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.train.autocast))
+
+
+def check_autocast(cfg: Config, device: torch.device) -> None:
+    """ConfigError when this device cannot run the forward under ``train.autocast`` (float16 on a CPU
+    whose torch build lacks the kernels), found by running one small matmul as the run would."""
+    if cfg.train.autocast == "none":
+        return
+    try:
+        with autocast(cfg, device):
+            x = torch.ones(4, 4, device=device, requires_grad=True)
+            (x @ x).float().sum().backward()
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"train.autocast={cfg.train.autocast}: this {device.type} cannot compute under it ({first}); "
+            "use train.autocast=bfloat16 or none, or run on a GPU"
+        ) from None
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The positions of a batch that have a target (what its loss is averaged over)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def data_seed(cfg: Config, client_index: int) -> int:

@@ -137,6 +137,7 @@ class RoundStats:
     lora_bytes: int  # the adapter this client holds
     train_cores_used: float = 0.0  # cores this process used while it trained
     switch_s: float = 0.0  # clients sharing workers: taking this client (re-cut, replica, data position)
+    grad_norms: list[float] = field(default_factory=list)  # train.max_grad_norm: the chain's, before clipping
 
     # recorded per client in metrics.jsonl (the token counts go into the round's totals instead)
     RECORDED = (
@@ -155,7 +156,11 @@ class RoundStats:
     )
 
     def recorded(self) -> dict:
-        return {k: getattr(self, k) for k in self.RECORDED}
+        """What metrics.jsonl records of this client (with its steps' gradient norms when it clips)."""
+        out = {k: getattr(self, k) for k in self.RECORDED}
+        if self.grad_norms:
+            out["grad_norms"] = self.grad_norms
+        return out
 
     def measured(self, server_s: float | None) -> Measured:
         """What the scheduler learns from this round, with the server's time for this client."""
