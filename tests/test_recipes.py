@@ -1,0 +1,154 @@
+"""Training recipes on both sides of the split and in the unsplit reference: gradient accumulation,
+activation checkpointing and autocast (gradient clipping's parity is in test_distributed).
+
+Each test launches small one-client split runs with real torchrun, RPC and distributed autograd on
+gloo (the fixtures and helpers of test_distributed) and runs ``launch.train_local`` in-process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from runtime.config import ConfigError, load_config
+from runtime.local import run_local
+from tests.test_distributed import common_args, metrics, setup, torchrun  # noqa: F401 (setup: a fixture)
+
+CONFIG = "torchrun_configs/tiny_cpu.yaml"
+
+
+def split_run(setup: dict, out: Path, settings: list[str]) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """A one-client split run: its step losses and its final adapter."""
+    res = torchrun(2, [*common_args(setup, out), *settings])
+    assert res.returncode == 0, res.stdout[-4000:]
+    losses = [x for r in metrics(out) for x in r["clients"]["1"]["step_losses"]]
+    return losses, load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def local_run(setup: dict, out: Path, settings: list[str]) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The unsplit reference (launch.train_local) with the same settings."""
+    records = run_local(load_config(CONFIG, [*common_args(setup, out)[1:], *settings]))
+    losses = [x for r in records for x in r["clients"]["local"]["step_losses"]]
+    return losses, load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same(a: tuple, b: tuple, atol: float) -> None:
+    """Step losses and adapters equal within ``atol`` (0: bit for bit)."""
+    (losses_a, adapter_a), (losses_b, adapter_b) = a, b
+    assert len(losses_a) == len(losses_b) > 0
+    assert max(abs(x - y) for x, y in zip(losses_a, losses_b)) <= atol, (losses_a, losses_b)
+    assert adapter_a.keys() == adapter_b.keys()
+    for key in adapter_a:
+        torch.testing.assert_close(adapter_a[key], adapter_b[key], atol=atol, rtol=0)
+
+
+BASE = ["train.rounds=2", "train.local_steps=4", "lora.r_cut=8", "split.cut_layers=2", "data.partition=iid"]
+
+
+def test_grad_accum_takes_the_steps_of_the_whole_batch(setup, tmp_path):
+    """Batch 4 accumulated over 2 micro-batches takes the steps of batch 8 (float32, within 1e-5) on both
+    sides of the split and in the unsplit reference: every micro-batch's loss is weighted by its share of
+    the step's target tokens (the micro-batches hold different numbers of them), and the server replica
+    steps once per 2 forwards."""
+    accum, whole = ["train.batch_size=4", "train.grad_accum=2"], ["train.batch_size=8"]
+    split_accum = split_run(setup, tmp_path / "sa", [*BASE, *accum])
+    split_whole = split_run(setup, tmp_path / "sw", [*BASE, *whole])
+    assert_same(split_accum, split_whole, 1e-5)
+    local_accum = local_run(setup, tmp_path / "la", [*BASE, *accum])
+    local_whole = local_run(setup, tmp_path / "lw", [*BASE, *whole])
+    assert_same(local_accum, local_whole, 1e-5)
+    assert_same(split_accum, local_accum, 1e-4)  # and the split run is still the unsplit one
+    # Not the same as 2 steps of batch 4: the accumulation is what made them equal.
+    single = local_run(setup, tmp_path / "l4", [*BASE, "train.batch_size=4"])
+    assert max(abs(x - y) for x, y in zip(single[0], local_whole[0])) > 1e-3
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(setup, tmp_path):
+    """Decoder layers that recompute their activations in the backward train bit for bit as those that
+    keep them (float32), with LoRA dropout on (the recomputation draws the masks of the forward): the
+    client's stage and tail and the server replica of a U-shaped split, and the unsplit reference."""
+    settings = [*BASE, "lora.dropout=0.1", "split.mode=u_shape", "split.tail_layers=1"]
+    on = split_run(setup, tmp_path / "on", [*settings, "train.activation_checkpointing=true"])
+    off = split_run(setup, tmp_path / "off", settings)
+    assert_same(on, off, 0.0)
+    local_on = local_run(setup, tmp_path / "lon", [*BASE, "lora.dropout=0.1", "train.activation_checkpointing=true"])
+    local_off = local_run(setup, tmp_path / "loff", [*BASE, "lora.dropout=0.1"])
+    assert_same(local_on, local_off, 0.0)
+
+
+def _count_inner_calls(layer: torch.nn.Module) -> list[int]:
+    """Counts the forwards of a decoder layer's attention (inside the layer: it runs again when the layer
+    is recomputed)."""
+    calls = [0]
+    attn = next(m for name, m in layer.named_children() if "attn" in name)
+    attn.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_checkpointed_layers_recompute_in_the_backward(tmp_path):
+    """With checkpointing the layers of a stage and of the unsplit model run their forward again in the
+    backward (what frees their activations), and give the same gradients, bit for bit, as without."""
+    from models.families import family_of, get_module
+    from models.stages import build_stage, checkpoint_layers, full_model
+    from tests.random_models import save_random_model
+
+    path = save_random_model("llama", tmp_path / "m", n_layers=2, hidden=32)
+    ids = torch.randint(0, 30, (2, 7))
+
+    def stage_grads(checkpointing: bool) -> tuple[int, dict[str, torch.Tensor]]:
+        stage = build_stage(path, 0, 2)
+        stage.checkpointing = checkpointing
+        stage.hf.requires_grad_(True)
+        calls = _count_inner_calls(stage.layers["1"])
+        stage(input_ids=ids).square().mean().backward()
+        return calls[0], {n: p.grad for n, p in stage.named_parameters()}
+
+    def model_grads(checkpointing: bool) -> tuple[int, dict[str, torch.Tensor]]:
+        model = full_model(path)
+        layers = get_module(model, family_of(model.config).layers)
+        if checkpointing:
+            checkpoint_layers(layers)
+        calls = _count_inner_calls(layers[1])
+        model(input_ids=ids, use_cache=False).logits.square().mean().backward()
+        return calls[0], {n: p.grad for n, p in model.named_parameters()}
+
+    for grads in (stage_grads, model_grads):
+        (plain_calls, plain), (ckpt_calls, ckpt) = grads(False), grads(True)
+        assert (plain_calls, ckpt_calls) == (1, 2)
+        assert plain.keys() == ckpt.keys() and all(g is not None for g in plain.values())
+        for name in plain:
+            assert torch.equal(plain[name], ckpt[name]), name
+
+
+def test_bfloat16_autocast_trains_in_float32_weights(setup, tmp_path):
+    """train.autocast=bfloat16: the forward computes in bfloat16 on both sides of the split (the losses
+    move off float32's) while the adapter and its optimizer stay float32; the split run still follows the
+    unsplit reference under the same autocast, and the hidden states can cross in bfloat16 (wire.dtype)."""
+    bf16 = [*BASE, "train.autocast=bfloat16"]
+    split = split_run(setup, tmp_path / "split", bf16)
+    local = local_run(setup, tmp_path / "local", bf16)
+    fp32 = local_run(setup, tmp_path / "fp32", BASE)
+    assert all(t.dtype == torch.float32 for t in split[1].values())
+    assert max(abs(x - y) for x, y in zip(local[0], fp32[0])) > 1e-4  # autocast was on
+    assert max(abs(x - y) for x, y in zip(local[0], fp32[0])) < 0.05 * max(fp32[0])
+    assert_same(split, local, 2e-2)
+    wired = split_run(setup, tmp_path / "wired", [*bf16, "wire.dtype=bfloat16"])
+    assert max(abs(x - y) for x, y in zip(wired[0], fp32[0])) < 0.05 * max(fp32[0])
+
+
+@pytest.mark.parametrize(
+    "setting, field",
+    [
+        ("train.max_grad_norm=0", "train.max_grad_norm=0.0: must be > 0"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0: must be > 0"),
+        ("train.grad_accum=0", "train.grad_accum=0: must be >= 1"),
+        ("train.autocast=fp8", "train.autocast='fp8': use none, bfloat16 or float16"),
+    ],
+)
+def test_bad_recipe_settings_name_their_field(setting, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG, [setting])
+    assert str(err.value).startswith(field) and "\n" not in str(err.value)
