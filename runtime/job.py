@@ -326,7 +326,7 @@ def check_autocast(cfg: Config, device: torch.device) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"train.autocast={cfg.train.autocast}: this {device.type} cannot compute under it ({first}); "
-            "use train.autocast=bfloat16 or none, or run on a GPU"
+            "use train.autocast=none, or a device that has these kernels (a GPU)"
         ) from None
 
 

@@ -50,6 +50,7 @@ from runtime.compute import ComputeThreads, split_graph
 from runtime.config import Config
 from runtime.job import (
     autocast,
+    check_autocast,
     clip_factor,
     learning_rate,
     make_optimizer,
@@ -208,6 +209,7 @@ class ServerReplica:
         """RPC (train.max_grad_norm): the client's squared gradient norm of its round's last step, which no
         later forward brings; the round's flush applies that step with it."""
         with self.lock:
+            self.calls["chain_norm"] += 1  # once a round, not a step
             self.client_sq = client_sq
 
     def _arrived(self, sent: torch.Tensor, probe: torch.Tensor | None, client_sq: float | None) -> torch.Tensor:
@@ -401,6 +403,7 @@ class Server:
         base_start: int | None = None,
     ):
         n_layers = load_config(model_path).num_hidden_layers
+        check_autocast(cfg, device)
         self.compute = compute or ComputeThreads(enabled=False, threads=1)
         self.model_path, self.device, self.cfg = model_path, device, cfg
         # split.mode=u_shape: the top split.tail_layers layers and the head stay on the clients

@@ -146,6 +146,7 @@ def test_bfloat16_autocast_trains_in_float32_weights(setup, tmp_path):
         ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0: must be > 0"),
         ("train.grad_accum=0", "train.grad_accum=0: must be >= 1"),
         ("train.autocast=fp8", "train.autocast='fp8': use none, bfloat16 or float16"),
+        ("train.autocast=float16", "train.autocast=float16: float16 needs a loss scaler"),
     ],
 )
 def test_bad_recipe_settings_name_their_field(setting, field):
