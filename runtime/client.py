@@ -56,14 +56,15 @@ from runtime.job import (
     ClientData,
     autocast,
     check_autocast,
-    clip_factor,
     data_seed,
+    exchanges_norms,
     learning_rate,
     make_optimizer,
     scale_grads,
     set_learning_rate,
     squared_grad_norm,
     stage_kwargs,
+    step_factor,
     target_tokens,
 )
 from runtime.messages import ClientRound, CommBytes, Divergence, RoundStats
@@ -204,6 +205,7 @@ class Client:
         # with the next forward, or at the round's end)
         self.unsent_sq: float | None = None
         self.server_sq = 0.0  # ... and its replica's, of the step in progress (the probe's gradient)
+        self.loss_scale = 1.0  # train.autocast=float16: the step's, as its replica sent it
         self.n_samples = len(data.shard)
         self.stream = BatchStream(
             data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, rank - 1), data.pad_id
@@ -413,14 +415,14 @@ class Client:
         with autocast(self.cfg, self.device):
             logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
         loss, n_tokens = target_loss(self._loss_dtype(logits), shift_targets(batch["labels"]))
-        stats = torch.stack([n_tokens.double(), flag.double()])
+        stats = torch.cat([n_tokens.double().reshape(1), flag.double().reshape(-1)])
         return _Forward(wire, loss, stats, compute_s + time.perf_counter() - t_tail, back, arrived, probe)
 
     def _clipping_extras(self, last: bool) -> tuple[dict, torch.Tensor | None]:
         """train.max_grad_norm: what a training call carries besides the payload (the previous step's
         squared norm of this side; on a step's last micro-batch a probe leaf, whose gradient is the
         replica's squared norm), and the probe."""
-        if self.cfg.train.max_grad_norm is None:
+        if not exchanges_norms(self.cfg):
             return {}, None
         extra: dict = {}
         if self.unsent_sq is not None:
@@ -440,6 +442,9 @@ class Client:
         the step's target tokens (train.grad_accum), by which its loss is scaled."""
         compute_s = fwd.compute_s
         loss = fwd.loss if weight is None else fwd.loss * weight
+        if len(fwd.stats) > 2:  # train.autocast=float16: the loss scale of this step, from the replica
+            self.loss_scale = float(fwd.stats[2])
+            loss = loss * self.loss_scale
         if self.u_shape:
             t_tail = time.perf_counter()
             loss.backward()  # the tail's backward, here; arrived.grad goes up
@@ -462,13 +467,10 @@ class Client:
     def _step(
         self, optimizer: torch.optim.Optimizer, scorer: Sensitivity | None, lr: float, tally: _Tally
     ) -> None:
-        max_norm = self.cfg.train.max_grad_norm
-        if max_norm is not None:  # the chain's norm: this side's and the replica's (self.server_sq)
-            own = squared_grad_norm(self.params)
-            chain = own + self.server_sq
-            tally.grad_norms.append(math.sqrt(chain))
-            scale_grads(self.params, clip_factor(chain, max_norm))
-            self.unsent_sq = own  # the replica scales by the same factor when it has it
+        if exchanges_norms(self.cfg) and not self._scale_step(tally):
+            for p in self.params:  # float16 overflowed on the chain: no step, here or on the replica
+                p.grad = None
+            return
         set_learning_rate(optimizer, lr)
         if scorer is not None:
             for model in self.models:
@@ -476,6 +478,20 @@ class Client:
         optimizer.step()
         for p in self.params:
             p.grad = None
+
+    def _scale_step(self, tally: _Tally) -> bool:
+        """Unscales (float16) and clips (train.max_grad_norm) this side's gradients by the factor of the
+        chain's squared norm (this side's and the replica's, ``self.server_sq``), which the replica
+        takes too when this side's share reaches it; False: the step overflowed and is skipped."""
+        own = squared_grad_norm(self.params)
+        chain = own + self.server_sq
+        self.unsent_sq = own
+        if self.cfg.train.max_grad_norm is not None and math.isfinite(chain):
+            tally.grad_norms.append(math.sqrt(chain) / self.loss_scale)
+        factor = step_factor(chain, self.loss_scale, self.cfg.train.max_grad_norm)
+        if factor is not None:
+            scale_grads(self.params, factor)
+        return factor is not None
 
     def _round_stats(self, steps: int, t: _Tally) -> RoundStats:
         median = lambda xs: sorted(xs)[len(xs) // 2]

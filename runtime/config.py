@@ -123,9 +123,10 @@ class TrainConfig:
     """Decoder layers (clients' and server replicas') keep only their inputs in the forward and recompute
     their activations in the backward: less activation memory for about one more forward."""
     autocast: str = "none"
-    """Mixed precision of the forward: none or bfloat16 (torch.autocast, on the clients, the server
-    replicas and launch.train_local; the loss is taken in float32). The LoRA weights and the optimizer
-    stay in float32. float16 is refused: it needs a loss scaler agreed across the split."""
+    """Mixed precision of the forward: none, bfloat16 or float16 (torch.autocast, on the clients, the
+    server replicas and launch.train_local; the loss is taken in float32). The LoRA weights and the
+    optimizer stay in float32. float16 scales the loss dynamically (GradScaler's rule; each server
+    replica keeps its chain's scale, and the checkpoint keeps it)."""
 
 
 POLICIES = ("fixed", "manual", "resource", "adaptive")
@@ -550,12 +551,6 @@ def validate(cfg: Config) -> None:
     _require(
         t.autocast in AUTOCASTS,
         f"train.autocast={t.autocast!r}: use {', '.join(AUTOCASTS[:-1])} or {AUTOCASTS[-1]}",
-    )
-    _require(
-        t.autocast != "float16",
-        "train.autocast=float16: float16 needs a loss scaler whose skipped steps both sides of the split "
-        "agree on, which this runtime does not have; use train.autocast=bfloat16 (float32's range, no "
-        "scaler needed) or none",
     )
     _require(lo.selection in ("all", "importance"), f"lora.selection={lo.selection!r}: use all or importance")
     _require(

@@ -305,6 +305,43 @@ def scale_grads(params: Iterable[torch.nn.Parameter], factor: float) -> None:
             p.grad.mul_(factor)
 
 
+def exchanges_norms(cfg: Config) -> bool:
+    """Whether the two sides of a split swap their squared gradient norms every step: to clip by the
+    chain's norm, and under float16 to agree on skipping a step whose gradients overflowed."""
+    return cfg.train.max_grad_norm is not None or cfg.train.autocast == "float16"
+
+
+def step_factor(squared_norm: float, scale: float, max_norm: float | None) -> float | None:
+    """What a step's (loss-scaled) gradients are multiplied by before the optimizer step, from the chain's
+    squared norm of them: None (skip the step) when it is not finite under a loss scale (``scale`` > 1:
+    float16 overflowed somewhere on the chain), else ``1 / scale`` (unscaling) times the clipping factor
+    of the unscaled norm."""
+    if scale != 1.0 and not math.isfinite(squared_norm):
+        return None
+    factor = 1.0 / scale
+    if max_norm is not None:
+        factor *= clip_factor(squared_norm / scale**2, max_norm)
+    return factor
+
+
+@dataclass
+class LossScale:
+    """float16's dynamic loss scale, as ``torch.amp.GradScaler`` keeps it (its defaults): halved at a step
+    whose gradients overflowed (the step is skipped), doubled after 2000 steps in a row without. A server
+    replica keeps its chain's, and sends it with every forward's reply; the checkpoint keeps it."""
+
+    scale: float = 2.0**16
+    growth_tracker: int = 0
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.scale, self.growth_tracker = self.scale * 0.5, 0
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == 2000:
+            self.scale, self.growth_tracker = self.scale * 2.0, 0
+
+
 def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
     """The forward's mixed precision (``train.autocast``); a no-op context for none. Autocast state is
     per thread: enter it on the thread that computes."""

@@ -118,6 +118,8 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     forward_kwargs = {"use_cache": False} if cfg.train.activation_checkpointing else {}
     if cfg.train.activation_checkpointing:
         checkpoint_layers(layers)
+    # float16: GradScaler's dynamic loss scale, kept across rounds as a split run's replica keeps it
+    scaler = torch.amp.GradScaler("cpu") if cfg.train.autocast == "float16" else None
     write_adapter(hf, layout, initial_adapter(layout, cfg.seed))
     params = lora_parameters(hf)
     stream = BatchStream(data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, 0), data.pad_id)
@@ -133,7 +135,8 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
         with autocast(cfg, cpu):
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **forward_kwargs).logits
         loss, n_tokens = mean_loss(loss_dtype(logits), b["labels"])
-        (loss if weight is None else loss * weight).backward()
+        root = loss if weight is None else loss * weight
+        (root if scaler is None else scaler.scale(root)).backward()
         return float(loss.detach()), float(n_tokens)
 
     def evaluate() -> tuple[float, float, float]:
@@ -174,12 +177,19 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
                 step_sum += loss * n_tokens
                 step_tokens += n_tokens
                 input_tokens += float(b["attention_mask"].sum())
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if cfg.train.max_grad_norm is not None:
                 squared = squared_grad_norm(params)
-                norms.append(math.sqrt(squared))
-                scale_grads(params, clip_factor(squared, cfg.train.max_grad_norm))
+                if math.isfinite(squared):  # else float16 overflowed: the scaler skips the step
+                    norms.append(math.sqrt(squared))
+                    scale_grads(params, clip_factor(squared, cfg.train.max_grad_norm))
             set_learning_rate(optimizer, learning_rate(cfg, rnd, step))
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_sum / max(step_tokens, 1.0) if n > 1 else loss)
             tokens += step_tokens

@@ -64,6 +64,7 @@ class RunState:
     client_ranks: dict[int, int]  # client -> its own LoRA rank, where it has one
     metrics: list[dict]  # metrics.jsonl's records up to this round
     client_times: dict[int, float] = field(default_factory=dict)  # client -> its last measured train s
+    loss_scales: dict[int, list] = field(default_factory=dict)  # replica -> [scale, growth tracker] (float16)
 
     def to_json(self) -> dict:
         plan = lambda p: None if p is None else {str(c): list(v) for c, v in p.items()}
@@ -79,6 +80,7 @@ class RunState:
             "client_ranks": {str(c): r for c, r in self.client_ranks.items()},
             "metrics": self.metrics,
             "client_times": {str(c): t for c, t in self.client_times.items()},
+            **({"loss_scales": {str(r): v for r, v in self.loss_scales.items()}} if self.loss_scales else {}),
         }
 
     @staticmethod
@@ -96,6 +98,7 @@ class RunState:
             client_ranks={int(c): int(r) for c, r in (d.get("client_ranks") or {}).items()},
             metrics=d.get("metrics", []),
             client_times={int(c): float(t) for c, t in (d.get("client_times") or {}).items()},
+            loss_scales={int(r): [float(v[0]), int(v[1])] for r, v in (d.get("loss_scales") or {}).items()},
         )
 
 

@@ -49,15 +49,17 @@ from runtime import faults
 from runtime.compute import ComputeThreads, split_graph
 from runtime.config import Config
 from runtime.job import (
+    LossScale,
     autocast,
     check_autocast,
-    clip_factor,
+    exchanges_norms,
     learning_rate,
     make_optimizer,
     scale_grads,
     set_learning_rate,
     squared_grad_norm,
     stage_kwargs,
+    step_factor,
 )
 from runtime.simulate import Throttle
 
@@ -131,6 +133,8 @@ class ServerReplica:
         # backward) and its client's (with the client's next call): the chain's norm is their sum
         self.server_sq: float | None = None
         self.client_sq: float | None = None
+        # train.autocast=float16: the chain's loss scale (kept across rounds; the checkpoint keeps it)
+        self.loss_scale = LossScale() if cfg.train.autocast == "float16" else None
         self.calls = Counter()  # RPCs served this round, by method (round trips per step, tested)
         self.wire_dtype = cfg.wire.dtype
         self.hidden_size = base.config.hidden_size
@@ -184,26 +188,39 @@ class ServerReplica:
         if {"start", "end", "forward_s"} <= m.keys():
             self.step_times.append(m["forward_s"] + m["end"] - m["start"])
         m.clear()
-        if self.cfg.train.max_grad_norm is not None:
-            self._clip()
-        if self.scorer is not None:
+        skip = exchanges_norms(self.cfg) and not self._scale_step()
+        if self.scorer is not None and not skip:
             self.scorer.update(named_lora_parameters(self.stage.hf))
         self.stepped += 1  # steps are applied in order: this is the client's step of that number
         set_learning_rate(self.optimizer, learning_rate(self.cfg, self.round, self.stepped))
-        self.optimizer.step()
+        if not skip:
+            self.optimizer.step()
         for p in self.params:
             p.grad = None
         self.pending = False
 
-    def _clip(self) -> None:
-        """Scales this replica's gradients by the factor of the chain's norm, as its client does."""
+    def _scale_step(self) -> bool:
+        """Unscales (float16) and clips (train.max_grad_norm) this replica's gradients by the factor of the
+        chain's norm, as its client does; False: the step overflowed and is skipped on both sides."""
         if self.server_sq is None or self.client_sq is None:
             raise RuntimeError(
-                "train.max_grad_norm: the step's squared gradient norms have not both arrived "
+                "the step's squared gradient norms have not both arrived "
                 f"(replica {self.server_sq}, client {self.client_sq})"
             )
-        scale_grads(self.params, clip_factor(self.server_sq + self.client_sq, self.cfg.train.max_grad_norm))
+        scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
+        factor = step_factor(self.server_sq + self.client_sq, scale, self.cfg.train.max_grad_norm)
         self.server_sq = self.client_sq = None
+        if self.loss_scale is not None:
+            self.loss_scale.update(found_inf=factor is None)
+        if factor is not None:
+            scale_grads(self.params, factor)
+        return factor is not None
+
+    def _scale_reply(self, flag: torch.Tensor) -> torch.Tensor:
+        """The stop flag, and under float16 the loss scale the client multiplies this step's loss by."""
+        if self.loss_scale is None:
+            return flag
+        return torch.stack([flag, flag.new_tensor(self.loss_scale.scale)])
 
     def chain_norm(self, client_sq: float) -> None:
         """RPC (train.max_grad_norm): the client's squared gradient norm of its round's last step, which no
@@ -294,7 +311,7 @@ class ServerReplica:
             loss, n_tokens = split_graph(self.compute, layers, self._arrived(sent, probe, client_sq))
             self._counted()
             flag = n_tokens.new_tensor(float(self.stopping()), dtype=torch.float64)
-            stats = torch.stack([n_tokens.double(), flag])
+            stats = torch.cat([n_tokens.double().reshape(1), self._scale_reply(flag).reshape(-1)])
             if self.received is not None:
                 self.sent.update(_describe(t) for t in (loss, stats))
             return loss, stats
@@ -330,7 +347,7 @@ class ServerReplica:
                 self.sent.add(_describe(back))
                 back.register_hook(lambda g: self.received.add("grad:" + _describe(g)))
                 sent.register_hook(lambda g: self.sent.add("grad:" + _describe(g)))
-            return back, torch.tensor(float(self.stopping()), dtype=torch.float64)
+            return back, self._scale_reply(torch.tensor(float(self.stopping()), dtype=torch.float64))
 
     def u_evaluate(self, sent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         def job() -> torch.Tensor:

@@ -139,6 +139,49 @@ def test_bfloat16_autocast_trains_in_float32_weights(setup, tmp_path):
     assert max(abs(x - y) for x, y in zip(wired[0], fp32[0])) < 0.05 * max(fp32[0])
 
 
+def test_float16_autocast_scales_the_loss_across_the_split(setup, tmp_path):
+    """train.autocast=float16 with clipping: the replica keeps the chain's loss scale and sends it with
+    every reply, both sides unscale and clip by the chain's norm, and the run follows the unsplit
+    reference under torch.amp.GradScaler; the checkpoint keeps the scale and its growth tracker (one
+    per step without overflow), and the adapter stays float32."""
+    import json
+
+    fp16 = [*BASE, "train.autocast=float16", "train.max_grad_norm=0.5"]
+    split = split_run(setup, tmp_path / "split", fp16)
+    local = local_run(setup, tmp_path / "local", fp16)
+    fp32 = local_run(setup, tmp_path / "fp32", [*BASE, "train.max_grad_norm=0.5"])
+    assert all(t.dtype == torch.float32 for t in split[1].values())
+    assert max(abs(x - y) for x, y in zip(local[0], fp32[0])) > 1e-5  # autocast was on
+    assert_same(split, local, 5e-3)
+    norms = [x for r in metrics(tmp_path / "split") for x in r["clients"]["1"]["grad_norms"]]
+    assert len(norms) == 8 and max(norms) > 0.5  # unscaled norms (a scaled one would be ~65536x)
+    last = sorted((tmp_path / "split" / "checkpoint").glob("round-*"))[-1]
+    assert json.loads((last / "state.json").read_text())["loss_scales"] == {"1": [65536.0, 8]}
+
+
+def test_loss_scale_follows_grad_scaler():
+    """LossScale (what a replica keeps) halves and doubles as torch.amp.GradScaler does for the same
+    overflows, its growth after 2000 clean steps included."""
+    from runtime.job import LossScale, step_factor
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([param], lr=0.0)
+    scaler, ours = torch.amp.GradScaler("cpu"), LossScale()
+    overflows = {3, 4, 10}
+    for step in range(2012):
+        scaler.scale(param.sum()).backward()
+        if step in overflows:
+            param.grad[1] = float("inf")
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        squared = float(param.grad.double().pow(2).sum()) * ours.scale**2
+        ours.update(found_inf=step_factor(squared, ours.scale, None) is None)
+        param.grad = None
+        assert ours.scale == scaler.get_scale(), step
+    assert ours.scale == 2.0**14  # three halvings, one doubling
+
+
 @pytest.mark.parametrize(
     "setting, field",
     [
@@ -146,7 +189,6 @@ def test_bfloat16_autocast_trains_in_float32_weights(setup, tmp_path):
         ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0: must be > 0"),
         ("train.grad_accum=0", "train.grad_accum=0: must be >= 1"),
         ("train.autocast=fp8", "train.autocast='fp8': use none, bfloat16 or float16"),
-        ("train.autocast=float16", "train.autocast=float16: float16 needs a loss scaler"),
     ],
 )
 def test_bad_recipe_settings_name_their_field(setting, field):
