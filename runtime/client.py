@@ -15,6 +15,12 @@ norm and the head: ``h2 = replica.u_forward(sent, mask)`` comes back down, the l
 backward are computed here, and ``dist_autograd.backward`` starts from ``dL/dh2`` (:class:`_Inject`).
 ``input_ids`` never leave the client; in the U-shaped split neither do the labels or the logits.
 
+An optimizer step is ``train.grad_accum`` such forward/backward pairs, each micro-batch's loss weighted
+by its share of the step's target tokens. Clipping (``train.max_grad_norm``) and float16's loss scale
+need the chain's gradient norm on both sides, with no extra round trip: a probe sent with the forward
+brings the replica's squared norm back as its gradient, and the client's goes up with its next forward
+(``docs/performance.md``, "Training recipes").
+
 Every tensor op of a client runs on its main thread: distributed autograd only carries gradients
 across the wire (``runtime.compute`` says why one thread matters on CPU).
 """
@@ -136,7 +142,7 @@ class _Forward:
     compute_s: float  # client-side compute so far
     back: torch.Tensor | None = None  # U-shape: the server's top hidden states, as they came back
     arrived: torch.Tensor | None = None  # U-shape: their leaf on this side
-    probe: torch.Tensor | None = None  # train.max_grad_norm: its gradient is the replica's squared norm
+    probe: torch.Tensor | None = None  # its gradient is the replica's squared norm (exchanges_norms)
 
 
 @dataclass
@@ -201,8 +207,8 @@ class Client:
         self.stage_dtype = DTYPES[cfg.model.dtype]
         self.params = self._lora_parameters()
         self.caught: torch.Tensor | None = None  # the gradient at the cut, back from the server
-        # train.max_grad_norm: this client's squared gradient norm of its last step, for its replica (sent
-        # with the next forward, or at the round's end)
+        # train.max_grad_norm or float16 autocast: this client's squared gradient norm of its last step,
+        # for its replica (sent with the next forward, or at the round's end)
         self.unsent_sq: float | None = None
         self.server_sq = 0.0  # ... and its replica's, of the step in progress (the probe's gradient)
         self.loss_scale = 1.0  # train.autocast=float16: the step's, as its replica sent it
@@ -332,6 +338,7 @@ class Client:
         is stepped with it). Step ``s`` steps at ``learning_rate(cfg, rnd, s)`` (round 0: the warm-up's
         constant ``train.lr``)."""
         optimizer = make_optimizer(self.params, self.cfg)
+        self.unsent_sq = None  # the replica starts its round afresh
         tally = _Tally(time.perf_counter())
         server_stopping = False
         bar = StepBar(f"client{self.rank} training", steps) if self.rank == 1 else None
@@ -381,7 +388,7 @@ class Client:
         return loss_sum / max(tokens, 1.0) if n > 1 else loss, tokens, compute_s, stopping
 
     def _settle(self) -> None:
-        """train.max_grad_norm: sends the round's last squared norm, which no later forward carries."""
+        """Sends the round's last squared norm (exchanges_norms), which no later forward carries."""
         if self.unsent_sq is not None:
             self.replica.rpc_sync(timeout=self.timeout_s).chain_norm(self.unsent_sq)
             self.unsent_sq = None
@@ -389,8 +396,8 @@ class Client:
     def _forward(self, batch: dict[str, torch.Tensor], last: bool = True) -> _Forward:
         """This stage's forward, the send across the cut and the server's forward (and, U-shaped, the
         tail's forward here): the step's loss and ``stats`` = [target tokens, the server's stop flag].
-        train.max_grad_norm: the call also carries the previous step's squared norm of this side and,
-        on a step's ``last`` micro-batch, a probe that brings the replica's back (``_Forward.probe``)."""
+        Clipping or float16: the call also carries the previous step's squared norm of this side and, on
+        a step's ``last`` micro-batch, a probe that brings the replica's back (``_Forward.probe``)."""
         t0 = time.perf_counter()
         with autocast(self.cfg, self.device):
             hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -402,7 +409,7 @@ class Client:
         compute_s = time.perf_counter() - t0  # on a GPU: queued kernels finish during the send
         self.comm.activations_up += nsent
         self.link.delay(nsent)
-        extra, probe = self._clipping_extras(last)
+        extra, probe = self._norm_extras(last)
         if not self.u_shape:
             loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload, **extra)
             return _Forward(wire, loss, stats, compute_s, probe=probe)
@@ -418,10 +425,10 @@ class Client:
         stats = torch.cat([n_tokens.double().reshape(1), flag.double().reshape(-1)])
         return _Forward(wire, loss, stats, compute_s + time.perf_counter() - t_tail, back, arrived, probe)
 
-    def _clipping_extras(self, last: bool) -> tuple[dict, torch.Tensor | None]:
-        """train.max_grad_norm: what a training call carries besides the payload (the previous step's
-        squared norm of this side; on a step's last micro-batch a probe leaf, whose gradient is the
-        replica's squared norm), and the probe."""
+    def _norm_extras(self, last: bool) -> tuple[dict, torch.Tensor | None]:
+        """train.max_grad_norm or float16 autocast (``runtime.job.exchanges_norms``): what a training call
+        carries besides the payload (the previous step's squared norm of this side; on a step's last
+        micro-batch a probe leaf, whose gradient is the replica's squared norm), and the probe."""
         if not exchanges_norms(self.cfg):
             return {}, None
         extra: dict = {}

@@ -9,7 +9,9 @@ ends below the clients' tail layers and holds no norm or head.)
 
 A replica's optimizer step costs no call: the replica's part of the distributed backward is a local
 backward (``runtime.compute.split_graph``), which leaves its LoRA gradients on ``.grad``, and the
-step is applied at the replica's next forward call, or when the round ends (``flush``).
+step is applied at the replica's next forward call, or when the round ends (``flush``): after every
+``train.grad_accum`` forwards, unscaled (float16) and clipped by the chain's norm, whose client share
+arrives with that next call.
 
 Every tensor op of the replicas runs on the server's compute threads (``runtime.compute``): on CPU at
 more than one intra-op thread as few as keep OpenMP's workers within the cores (one here), else

@@ -66,6 +66,27 @@ def test_grad_accum_takes_the_steps_of_the_whole_batch(setup, tmp_path):
     assert max(abs(x - y) for x, y in zip(single[0], local_whole[0])) > 1e-3
 
 
+def test_u_shape_clips_and_accumulates_as_the_unsplit_model(setup, tmp_path):
+    """U-shaped (the loss and the tail on the client), clipping by the chain's norm and 2 micro-batches a
+    step together: the split run follows launch.train_local step for step, norms included."""
+    settings = [
+        *BASE,
+        "split.mode=u_shape",
+        "split.tail_layers=1",
+        "train.max_grad_norm=0.5",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+    ]
+    split = split_run(setup, tmp_path / "split", settings)
+    local = local_run(setup, tmp_path / "local", settings)
+    assert_same(split, local, 1e-4)
+    split_norms = [x for r in metrics(tmp_path / "split") for x in r["clients"]["1"]["grad_norms"]]
+    local_norms = [x for r in metrics(tmp_path / "local") for x in r["clients"]["local"]["grad_norms"]]
+    assert len(split_norms) == len(local_norms) == 8
+    assert max(abs(x - y) for x, y in zip(split_norms, local_norms)) < 1e-4 * max(local_norms)
+    assert max(local_norms) > 0.5  # clipping fired
+
+
 def test_activation_checkpointing_changes_nothing_but_memory(setup, tmp_path):
     """Decoder layers that recompute their activations in the backward train bit for bit as those that
     keep them (float32), with LoRA dropout on (the recomputation draws the masks of the forward): the
