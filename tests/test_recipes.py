@@ -7,6 +7,7 @@ gloo (the fixtures and helpers of test_distributed) and runs ``launch.train_loca
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -165,8 +166,6 @@ def test_float16_autocast_scales_the_loss_across_the_split(setup, tmp_path):
     every reply, both sides unscale and clip by the chain's norm, and the run follows the unsplit
     reference under torch.amp.GradScaler; the checkpoint keeps the scale and its growth tracker (one
     per step without overflow), and the adapter stays float32."""
-    import json
-
     fp16 = [*BASE, "train.autocast=float16", "train.max_grad_norm=0.5"]
     split = split_run(setup, tmp_path / "split", fp16)
     local = local_run(setup, tmp_path / "local", fp16)
@@ -178,6 +177,32 @@ def test_float16_autocast_scales_the_loss_across_the_split(setup, tmp_path):
     assert len(norms) == 8 and max(norms) > 0.5  # unscaled norms (a scaled one would be ~65536x)
     last = sorted((tmp_path / "split" / "checkpoint").glob("round-*"))[-1]
     assert json.loads((last / "state.json").read_text())["loss_scales"] == {"1": [65536.0, 8]}
+
+    # Resumed for a third round, the replica continues from the checkpoint's scale and tracker, and the
+    # run is the uninterrupted one's.
+    args = [*common_args(setup, tmp_path / "split"), *fp16]
+    res = torchrun(2, [*args, "train.rounds=3", "runtime.resume=true"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    resumed = [x for r in metrics(tmp_path / "split") for x in r["clients"]["1"]["step_losses"]]
+    whole = split_run(setup, tmp_path / "whole", [*fp16, "train.rounds=3"])
+    assert resumed == whole[0]
+    last = sorted((tmp_path / "split" / "checkpoint").glob("round-*"))[-1]
+    assert json.loads((last / "state.json").read_text())["loss_scales"] == {"1": [65536.0, 12]}
+    resumed_adapter = load_file(str(tmp_path / "split" / "adapter" / "adapter_model.safetensors"))
+    assert_same((resumed, resumed_adapter), whole, 0.0)
+
+
+def test_run_state_carries_the_loss_scales():
+    """The checkpoint state and the start-up message keep each replica's scale; without float16 the
+    state has no such key (a default run's state.json is what it was)."""
+    from runtime import codec
+    from runtime.messages import RunState
+
+    state = RunState(2, 1.0, {}, {1: (2, 8)}, None, {}, {1: {"epoch": 0, "position": 3}}, None, {}, [])
+    assert "loss_scales" not in state.to_json()
+    state.loss_scales = {1: [32768.0, 7]}
+    assert RunState.from_json(json.loads(json.dumps(state.to_json()))).loss_scales == {1: [32768.0, 7]}
+    assert codec.decode(codec.encode(state)).loss_scales == {1: [32768.0, 7]}
 
 
 def test_loss_scale_follows_grad_scaler():
