@@ -138,6 +138,7 @@ def main() -> None:
         "float32": demo_run(tmp / "demo_fp32"),
         "bfloat16": demo_run(tmp / "demo_bf16", "train.autocast=bfloat16"),
     }
+    demo_fp32, demo_bf16 = demo["float32"], demo["bfloat16"]
     result = {
         "command": ".venv/bin/python -m benchmarks.training",
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {platform.python_version()}",
@@ -155,9 +156,8 @@ def main() -> None:
             "server": bf16["server_peak_rss_mb"] / fp32["server_peak_rss_mb"],
         },
         "demo": demo,
-        "demo_bfloat16_eval_loss_change": demo["bfloat16"]["final_eval_loss"] / demo["float32"]["final_eval_loss"]
-        - 1,
-        "demo_bfloat16_tokens_per_s_ratio": demo["bfloat16"]["tokens_per_s"] / demo["float32"]["tokens_per_s"],
+        "demo_bfloat16_eval_loss_change": demo_bf16["final_eval_loss"] / demo_fp32["final_eval_loss"] - 1,
+        "demo_bfloat16_tokens_per_s_ratio": demo_bf16["tokens_per_s"] / demo_fp32["tokens_per_s"],
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "training.json").write_text(json.dumps(result, indent=1) + "\n")

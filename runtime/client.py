@@ -529,7 +529,9 @@ class Client:
                 for batch in self.eval_set:
                     batch = self._to_device(batch)
                     with autocast(self.cfg, self.device):
-                        hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                        hidden = self.stage(
+                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                        )
                     payload = server_payload(batch, encode(hidden, self.wire_dtype), self.u_shape)
                     self.comm.eval_activations_up += sum(nbytes(t) for t in payload)
                     self.link.delay(sum(nbytes(t) for t in payload))

@@ -133,7 +133,9 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     def micro_batch(b: dict[str, torch.Tensor], weight: float | None) -> tuple[float, float]:
         """One micro-batch's forward and backward, its loss scaled by its share of the step's tokens."""
         with autocast(cfg, cpu):
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **forward_kwargs).logits
+            logits = model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], **forward_kwargs
+            ).logits
         loss, n_tokens = mean_loss(loss_dtype(logits), b["labels"])
         root = loss if weight is None else loss * weight
         (root if scaler is None else scaler.scale(root)).backward()

@@ -231,7 +231,9 @@ class ServerReplica:
             self.calls["chain_norm"] += 1  # once a round, not a step
             self.client_sq = client_sq
 
-    def _arrived(self, sent: torch.Tensor, probe: torch.Tensor | None, client_sq: float | None) -> torch.Tensor:
+    def _arrived(
+        self, sent: torch.Tensor, probe: torch.Tensor | None, client_sq: float | None
+    ) -> torch.Tensor:
         """Takes what a training call brings besides the hidden states: the client's squared gradient
         norm of the previous step, and a probe whose gradient carries this replica's back."""
         if client_sq is not None:

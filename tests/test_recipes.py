@@ -96,7 +96,9 @@ def test_activation_checkpointing_changes_nothing_but_memory(setup, tmp_path):
     on = split_run(setup, tmp_path / "on", [*settings, "train.activation_checkpointing=true"])
     off = split_run(setup, tmp_path / "off", settings)
     assert_same(on, off, 0.0)
-    local_on = local_run(setup, tmp_path / "lon", [*BASE, "lora.dropout=0.1", "train.activation_checkpointing=true"])
+    local_on = local_run(
+        setup, tmp_path / "lon", [*BASE, "lora.dropout=0.1", "train.activation_checkpointing=true"]
+    )
     local_off = local_run(setup, tmp_path / "loff", [*BASE, "lora.dropout=0.1"])
     assert_same(local_on, local_off, 0.0)
 
