@@ -8,7 +8,9 @@ checkpoint's safetensors. Module names stay those of the full model (layer ``j``
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from models.families import Family, family_of, get_module, run_layer
@@ -92,6 +95,7 @@ class Stage(nn.Module):
         self.start, self.end = start, end
         self.head = head  # False: a stage ending at the top layer without the norm and head (U-shaped)
         self.lora_ranks: dict[int, int] = {}  # layer -> the LoRA rank this stage holds it at (models.lora)
+        self.checkpointing = False  # recompute each decoder layer's activations in the backward
 
     @property
     def is_first(self) -> bool:
@@ -159,10 +163,31 @@ class Stage(nn.Module):
         if self.end > self.start:
             inputs = self.family.layer_inputs_fn(self.hf, self.config, hidden, attention_mask)
             for index in range(self.start, self.end):
-                hidden = run_layer(self.layers[str(index)], index, hidden, inputs)
+                if self.checkpointing:
+                    hidden = recomputed(run_layer, self.layers[str(index)], index, hidden, inputs)
+                else:
+                    hidden = run_layer(self.layers[str(index)], index, hidden, inputs)
         if self.is_last:
             return self.family.head_fn(self.hf, hidden)
         return hidden
+
+
+def recomputed(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` under activation checkpointing when autograd records: only the inputs are
+    kept, and the forward runs again in the backward, with the random state (dropout's masks) and the
+    autocast state it had. Non-reentrant, so it nests in any backward (a local one inside distributed
+    autograd's) and leaves parameter gradients on ``.grad`` as usual."""
+    if not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+def checkpoint_layers(layers: Iterable[nn.Module]) -> None:
+    """Activation checkpointing of an ordinary HF model's decoder layers (the unsplit reference): each
+    layer's ``forward`` is wrapped, so its hooks run once, at the forward, and not again in the
+    recomputation."""
+    for layer in layers:
+        layer.forward = functools.partial(recomputed, layer.forward)
 
 
 def validate_split(config: PretrainedConfig, start: int, end: int) -> None:

@@ -15,6 +15,12 @@ norm and the head: ``h2 = replica.u_forward(sent, mask)`` comes back down, the l
 backward are computed here, and ``dist_autograd.backward`` starts from ``dL/dh2`` (:class:`_Inject`).
 ``input_ids`` never leave the client; in the U-shaped split neither do the labels or the logits.
 
+An optimizer step is ``train.grad_accum`` such forward/backward pairs, each micro-batch's loss weighted
+by its share of the step's target tokens. Clipping (``train.max_grad_norm``) and float16's loss scale
+need the chain's gradient norm on both sides, with no extra round trip: a probe sent with the forward
+brings the replica's squared norm back as its gradient, and the client's goes up with its next forward
+(``docs/performance.md``, "Training recipes").
+
 Every tensor op of a client runs on its main thread: distributed autograd only carries gradients
 across the wire (``runtime.compute`` says why one thread matters on CPU).
 """
@@ -54,7 +60,21 @@ from models.wire import decode, encode
 from runtime import faults
 from runtime.config import Config
 from runtime.dist import SERVER
-from runtime.job import ClientData, data_seed, learning_rate, make_optimizer, set_learning_rate, stage_kwargs
+from runtime.job import (
+    ClientData,
+    autocast,
+    check_autocast,
+    data_seed,
+    exchanges_norms,
+    learning_rate,
+    make_optimizer,
+    scale_grads,
+    set_learning_rate,
+    squared_grad_norm,
+    stage_kwargs,
+    step_factor,
+    target_tokens,
+)
 from runtime.messages import ClientRound, CommBytes, Divergence, RoundStats
 from runtime.metrics import peak_rss_mb
 from runtime.progress import StepBar
@@ -124,6 +144,7 @@ class _Forward:
     compute_s: float  # client-side compute so far
     back: torch.Tensor | None = None  # U-shape: the server's top hidden states, as they came back
     arrived: torch.Tensor | None = None  # U-shape: their leaf on this side
+    probe: torch.Tensor | None = None  # its gradient is the replica's squared norm (exchanges_norms)
 
 
 @dataclass
@@ -135,6 +156,7 @@ class _Tally:
     tokens: float = 0.0
     input_tokens: float = 0.0
     step_losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)  # train.max_grad_norm: each step's, before clipping
     step_times: list[float] = field(default_factory=list)
     compute_s: list[float] = field(default_factory=list)
 
@@ -167,6 +189,8 @@ class Client:
         self.wire_dtype = cfg.wire.dtype
         self.throttle, self.link = throttle, link
         self.stage = build_stage(model_path, 0, cut, device=device, **stage_kwargs(self.cfg))
+        self.stage.checkpointing = cfg.train.activation_checkpointing
+        check_autocast(cfg, device)
         inject_layers(self.stage, spec, target_ranks(0, cut, spec, cut_rank, cap))
         self._hooks = {j: throttle.attach(self.stage.layers[str(j)]) for j in range(cut)}
         # split.mode=u_shape: the top split.tail_layers layers, the final norm and the head stay here
@@ -178,12 +202,18 @@ class Client:
                 model_path, n - cfg.split.tail_layers, n, device=device, **stage_kwargs(cfg)
             )
             inject_layers(self.tail, spec, self._tail_ranks(spec))
+            self.tail.checkpointing = cfg.train.activation_checkpointing
             for j in range(self.tail.start, self.tail.end):
                 throttle.attach(self.tail.layers[str(j)])
         self.hidden_size = self.stage.config.hidden_size
         self.stage_dtype = DTYPES[cfg.model.dtype]
         self.params = self._lora_parameters()
         self.caught: torch.Tensor | None = None  # the gradient at the cut, back from the server
+        # train.max_grad_norm or float16 autocast: this client's squared gradient norm of its last step,
+        # for its replica (sent with the next forward, or at the round's end)
+        self.unsent_sq: float | None = None
+        self.server_sq = 0.0  # ... and its replica's, of the step in progress (the probe's gradient)
+        self.loss_scale = 1.0  # train.autocast=float16: the step's, as its replica sent it
         self.n_samples = len(data.shard)
         self.stream = BatchStream(
             data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, rank - 1), data.pad_id
@@ -314,36 +344,70 @@ class Client:
         is stepped with it). Step ``s`` steps at ``learning_rate(cfg, rnd, s)`` (round 0: the warm-up's
         constant ``train.lr``)."""
         optimizer = make_optimizer(self.params, self.cfg)
+        self.unsent_sq = None  # the replica starts its round afresh
         tally = _Tally(time.perf_counter())
         server_stopping = False
         bar = StepBar(f"client{self.rank} training", steps) if self.rank == 1 else None
         for step in range(1, steps + 1):
             if server_stopping or stop():
+                self._settle()
                 return None
             t0 = time.perf_counter()
-            cpu_batch = self.stream.next()
-            tally.input_tokens += float(cpu_batch["attention_mask"].sum())  # on CPU: no device sync
-            batch = self._to_device(cpu_batch)
-            with dist_autograd.context() as ctx:
-                fwd = self._forward(batch)
-                if not math.isfinite(float(fwd.loss.detach())):
-                    return Divergence(step=step, loss=float(fwd.loss.detach()))
-                tally.compute_s.append(self._backward(ctx, fwd))
-                # The server steps lazily (at its next forward): no call of its own, no wait here.
-                self._step(optimizer, scorer, learning_rate(self.cfg, rnd, step))
-            tally.add_step(float(fwd.loss.detach()), float(fwd.stats[0]), time.perf_counter() - t0)
-            server_stopping = bool(fwd.stats[1])
+            done = self._accumulate(tally, step)
+            if isinstance(done, Divergence):
+                return done
+            loss, tokens, compute_s, server_stopping = done
+            tally.compute_s.append(compute_s)
+            # The server steps lazily (at its next forward): no call of its own, no wait here.
+            self._step(optimizer, scorer, learning_rate(self.cfg, rnd, step), tally)
+            tally.add_step(loss, tokens, time.perf_counter() - t0)
             if bar is not None:
                 bar.update(step)
             faults.progress.mark(step=step)
             faults.injector.hit("step", step)
+        self._settle()
         return self._round_stats(steps, tally)
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> _Forward:
+    def _accumulate(self, tally: _Tally, step: int) -> tuple[float, float, float, bool] | Divergence:
+        """The forwards and backwards of one optimizer step: ``train.grad_accum`` micro-batches, each
+        one's loss weighted by its share of the step's target tokens, so their gradients add up to those
+        of one batch of all of them. Returns (the step's loss, its target tokens, client-side compute,
+        the server's stop flag), or a Divergence at the first NaN or infinite loss."""
+        n = self.cfg.train.grad_accum
+        cpu_batches = [self.stream.next() for _ in range(n)]
+        total = sum(target_tokens(b) for b in cpu_batches) if n > 1 else None
+        loss_sum = tokens = compute_s = 0.0
+        stopping = False
+        for i, cpu_batch in enumerate(cpu_batches):
+            tally.input_tokens += float(cpu_batch["attention_mask"].sum())  # on CPU: no device sync
+            batch = self._to_device(cpu_batch)
+            with dist_autograd.context() as ctx:
+                fwd = self._forward(batch, last=i == n - 1)
+                loss = float(fwd.loss.detach())
+                if not math.isfinite(loss):
+                    return Divergence(step=step, loss=loss)
+                weight = None if total is None else target_tokens(cpu_batch) / max(total, 1)
+                compute_s += self._backward(ctx, fwd, weight)
+            n_tokens = float(fwd.stats[0])
+            loss_sum += loss * n_tokens
+            tokens += n_tokens
+            stopping = stopping or bool(fwd.stats[1])
+        return loss_sum / max(tokens, 1.0) if n > 1 else loss, tokens, compute_s, stopping
+
+    def _settle(self) -> None:
+        """Sends the round's last squared norm (exchanges_norms), which no later forward carries."""
+        if self.unsent_sq is not None:
+            self.replica.rpc_sync(timeout=self.timeout_s).chain_norm(self.unsent_sq)
+            self.unsent_sq = None
+
+    def _forward(self, batch: dict[str, torch.Tensor], last: bool = True) -> _Forward:
         """This stage's forward, the send across the cut and the server's forward (and, U-shaped, the
-        tail's forward here): the step's loss and ``stats`` = [target tokens, the server's stop flag]."""
+        tail's forward here): the step's loss and ``stats`` = [target tokens, the server's stop flag].
+        Clipping or float16: the call also carries the previous step's squared norm of this side and, on
+        a step's ``last`` micro-batch, a probe that brings the replica's back (``_Forward.probe``)."""
         t0 = time.perf_counter()
-        hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        with autocast(self.cfg, self.device):
+            hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         wire = encode(hidden, self.wire_dtype)
         # a leaf: the server's gradient for it lands in self.caught (none if no LoRA below the cut)
         sent = _Catch.apply(wire.detach().requires_grad_(wire.requires_grad), self)
@@ -352,33 +416,60 @@ class Client:
         compute_s = time.perf_counter() - t0  # on a GPU: queued kernels finish during the send
         self.comm.activations_up += nsent
         self.link.delay(nsent)
+        extra, probe = self._norm_extras(last)
         if not self.u_shape:
-            loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload)
-            return _Forward(wire, loss, stats, compute_s)
-        back, flag = self.replica.rpc_sync(timeout=self.timeout_s).u_forward(*payload)
+            loss, stats = self.replica.rpc_sync(timeout=self.timeout_s).train_forward(*payload, **extra)
+            return _Forward(wire, loss, stats, compute_s, probe=probe)
+        back, flag = self.replica.rpc_sync(timeout=self.timeout_s).u_forward(*payload, **extra)
         self.comm.activations_down += nbytes(back)
         self.link.delay(nbytes(back))
         t_tail = time.perf_counter()
         arrived = back.detach().requires_grad_()
         h2 = decode(arrived, self.wire_dtype, self.hidden_size, self.stage_dtype)
-        logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
-        loss, n_tokens = target_loss(logits, shift_targets(batch["labels"]))
-        stats = torch.stack([n_tokens.double(), flag.double()])
-        return _Forward(wire, loss, stats, compute_s + time.perf_counter() - t_tail, back, arrived)
+        with autocast(self.cfg, self.device):
+            logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
+        loss, n_tokens = target_loss(self._loss_dtype(logits), shift_targets(batch["labels"]))
+        stats = torch.cat([n_tokens.double().reshape(1), flag.double().reshape(-1)])
+        return _Forward(wire, loss, stats, compute_s + time.perf_counter() - t_tail, back, arrived, probe)
 
-    def _backward(self, ctx: int, fwd: _Forward) -> float:
+    def _norm_extras(self, last: bool) -> tuple[dict, torch.Tensor | None]:
+        """train.max_grad_norm or float16 autocast (``runtime.job.exchanges_norms``): what a training call
+        carries besides the payload (the previous step's squared norm of this side; on a step's last
+        micro-batch a probe leaf, whose gradient is the replica's squared norm), and the probe."""
+        if not exchanges_norms(self.cfg):
+            return {}, None
+        extra: dict = {}
+        if self.unsent_sq is not None:
+            extra["client_sq"], self.unsent_sq = self.unsent_sq, None
+        probe = torch.zeros((), dtype=torch.float64, requires_grad=True) if last else None
+        if probe is not None:
+            extra["probe"] = probe
+        return extra, probe
+
+    def _loss_dtype(self, logits: torch.Tensor) -> torch.Tensor:
+        """Under autocast the loss is taken in float32 (the logits come out in the autocast dtype)."""
+        return logits.float() if self.cfg.train.autocast != "none" else logits
+
+    def _backward(self, ctx: int, fwd: _Forward, weight: float | None = None) -> float:
         """The server's backward (distributed autograd brings the gradient at the cut back), then this
-        stage's; returns the step's client-side compute time."""
+        stage's; returns the step's client-side compute time. ``weight``: the micro-batch's share of
+        the step's target tokens (train.grad_accum), by which its loss is scaled."""
         compute_s = fwd.compute_s
+        loss = fwd.loss if weight is None else fwd.loss * weight
+        if len(fwd.stats) > 2:  # train.autocast=float16: the loss scale of this step, from the replica
+            self.loss_scale = float(fwd.stats[2])
+            loss = loss * self.loss_scale
         if self.u_shape:
             t_tail = time.perf_counter()
-            fwd.loss.backward()  # the tail's backward, here; arrived.grad goes up
+            loss.backward()  # the tail's backward, here; arrived.grad goes up
             root = _Inject.apply(fwd.back, fwd.arrived.grad, self)
             compute_s += time.perf_counter() - t_tail
         else:
-            root = fwd.loss
+            root = loss
         self.caught = None
         dist_autograd.backward(ctx, [root])  # the server's part; the gradient at the cut comes back
+        if fwd.probe is not None:
+            self.server_sq = float(dist_autograd.get_gradients(ctx)[fwd.probe])
         t_stage = time.perf_counter()
         if self.caught is not None and self.caught.is_cuda:  # it came on RPC's stream
             torch.cuda.synchronize(self.caught.device)
@@ -387,7 +478,13 @@ class Client:
         self.caught = None
         return compute_s + time.perf_counter() - t_stage
 
-    def _step(self, optimizer: torch.optim.Optimizer, scorer: Sensitivity | None, lr: float) -> None:
+    def _step(
+        self, optimizer: torch.optim.Optimizer, scorer: Sensitivity | None, lr: float, tally: _Tally
+    ) -> None:
+        if exchanges_norms(self.cfg) and not self._scale_step(tally):
+            for p in self.params:  # float16 overflowed on the chain: no step, here or on the replica
+                p.grad = None
+            return
         set_learning_rate(optimizer, lr)
         if scorer is not None:
             for model in self.models:
@@ -395,6 +492,20 @@ class Client:
         optimizer.step()
         for p in self.params:
             p.grad = None
+
+    def _scale_step(self, tally: _Tally) -> bool:
+        """Unscales (float16) and clips (train.max_grad_norm) this side's gradients by the factor of the
+        chain's squared norm (this side's and the replica's, ``self.server_sq``), which the replica
+        takes too when this side's share reaches it; False: the step overflowed and is skipped."""
+        own = squared_grad_norm(self.params)
+        chain = own + self.server_sq
+        self.unsent_sq = own
+        if self.cfg.train.max_grad_norm is not None and math.isfinite(chain):
+            tally.grad_norms.append(math.sqrt(chain) / self.loss_scale)
+        factor = step_factor(chain, self.loss_scale, self.cfg.train.max_grad_norm)
+        if factor is not None:
+            scale_grads(self.params, factor)
+        return factor is not None
 
     def _round_stats(self, steps: int, t: _Tally) -> RoundStats:
         median = lambda xs: sorted(xs)[len(xs) // 2]
@@ -407,6 +518,7 @@ class Client:
             step_time_s=median(t.step_times),
             compute_s=median(t.compute_s),
             step_losses=t.step_losses,
+            grad_norms=t.grad_norms,
             peak_rss_mb=peak_rss_mb(),
             vmdata_mb=vmdata_bytes() / 2**20,
             stage_param_mb=sum(stage_parameter_bytes(st) for st in (self.stage, self.tail) if st) / 2**20,
@@ -433,7 +545,8 @@ class Client:
             for batch in self.eval_set if batches is None else batches:
                 faults.progress.mark()
                 batch = self._to_device(batch)
-                hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                with autocast(self.cfg, self.device):
+                    hidden = self.stage(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 payload = server_payload(batch, encode(hidden, self.wire_dtype), self.u_shape)
                 self.comm.eval_activations_up += sum(nbytes(t) for t in payload)
                 self.link.delay(sum(nbytes(t) for t in payload))
@@ -443,8 +556,9 @@ class Client:
                 back = self.replica.rpc_sync(timeout=self.timeout_s).u_evaluate(*payload)
                 self.link.delay(nbytes(back))
                 h2 = decode(back, self.wire_dtype, self.hidden_size, self.stage_dtype)
-                logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
-                stats = target_stats(logits, shift_targets(batch["labels"]))
+                with autocast(self.cfg, self.device):
+                    logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
+                stats = target_stats(self._loss_dtype(logits), shift_targets(batch["labels"]))
                 totals += torch.stack([t.double() for t in stats]).cpu()
         return totals
 
@@ -453,7 +567,8 @@ class Client:
         row (the server returns only those ids; U-shaped, the tail here computes the logits)."""
         faults.progress.mark()
         input_ids, mask, last = input_ids.to(self.device), mask.to(self.device), last.to(self.device)
-        hidden = self.stage(input_ids=input_ids, attention_mask=mask)
+        with autocast(self.cfg, self.device):
+            hidden = self.stage(input_ids=input_ids, attention_mask=mask)
         sent = encode(hidden, self.wire_dtype)
         m = None if bool(mask.all()) else mask.bool()
         n = nbytes(sent) + nbytes(m)
@@ -464,7 +579,8 @@ class Client:
         back = self.replica.rpc_sync(timeout=self.timeout_s).u_evaluate(sent, m)
         self.link.delay(nbytes(back))
         h2 = decode(back, self.wire_dtype, self.hidden_size, self.stage_dtype)
-        logits = self.tail(hidden=h2, attention_mask=mask)
+        with autocast(self.cfg, self.device):
+            logits = self.tail(hidden=h2, attention_mask=mask)
         return logits[torch.arange(len(last), device=logits.device), last].argmax(-1)
 
     def generate(self, examples: list[Example], tokenizer, pad_id: int) -> torch.Tensor:

@@ -116,10 +116,25 @@ class TrainConfig:
     client_sampling: str = "uniform"
     """How the clients of a round are drawn, without replacement: uniform, or by_samples (in proportion
     to each client's number of training samples)."""
+    max_grad_norm: float | None = None
+    """Clips each optimizer step's LoRA gradients to this global norm, taken over the whole chain (the
+    client's layers and its server replica's together, as the unsplit model would); None: no clipping."""
+    grad_accum: int = 1
+    """Micro-batches of ``batch_size`` per optimizer step; the loss is weighted by target tokens, so
+    batch b with grad_accum n takes the steps of batch b x n (a local step is one optimizer step)."""
+    activation_checkpointing: bool = False
+    """Decoder layers (clients' and server replicas') keep only their inputs in the forward and recompute
+    their activations in the backward: less activation memory for about one more forward."""
+    autocast: str = "none"
+    """Mixed precision of the forward: none, bfloat16 or float16 (torch.autocast, on the clients, the
+    server replicas and launch.train_local; the loss is taken in float32). The LoRA weights and the
+    optimizer stay in float32. float16 scales the loss dynamically (GradScaler's rule; each server
+    replica keeps its chain's scale, and the checkpoint keeps it)."""
 
 
 POLICIES = ("fixed", "manual", "resource", "adaptive")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+AUTOCASTS = ("none", "bfloat16", "float16")
 
 
 @dataclass
@@ -618,6 +633,15 @@ def validate(cfg: Config) -> None:
     _require(
         t.client_sampling in ("uniform", "by_samples"),
         f"train.client_sampling={t.client_sampling!r}: use uniform or by_samples",
+    )
+    _require(
+        t.max_grad_norm is None or t.max_grad_norm > 0,
+        f"train.max_grad_norm={t.max_grad_norm}: must be > 0 (e.g. 1.0), or null for no clipping",
+    )
+    _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1 (1: no accumulation)")
+    _require(
+        t.autocast in AUTOCASTS,
+        f"train.autocast={t.autocast!r}: use {', '.join(AUTOCASTS[:-1])} or {AUTOCASTS[-1]}",
     )
     _require(lo.selection in ("all", "importance"), f"lora.selection={lo.selection!r}: use all or importance")
     _require(

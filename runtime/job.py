@@ -6,19 +6,21 @@ inputs here, so the two see the same data, order and LoRA initialisation.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import random
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PretrainedConfig
 
-from models.datasets import Example, load_examples
+from models.datasets import IGNORE_INDEX, Example, load_examples
 from models.families import FAMILIES, family_of
 from models.generate import has_response
 from models.lora import LoraSpec
@@ -332,6 +334,97 @@ def learning_rate(cfg: Config, rnd: int, step: int) -> float:
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def squared_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
+    """The sum of squares of these parameters' gradients (float64): one side's share of the chain's
+    squared norm, which the two sides of a split add up before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum())
+
+
+def clip_factor(squared_norm: float, max_norm: float) -> float:
+    """What the gradients are multiplied by to clip their global norm to ``max_norm``:
+    ``torch.nn.utils.clip_grad_norm_``'s ``max_norm / (norm + 1e-6)``, at most 1. Both sides of a split
+    compute it from the same chain norm, so they scale by the same factor."""
+    return min(1.0, max_norm / (math.sqrt(squared_norm) + 1e-6))
+
+
+def scale_grads(params: Iterable[torch.nn.Parameter], factor: float) -> None:
+    if factor == 1.0:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def exchanges_norms(cfg: Config) -> bool:
+    """Whether the two sides of a split swap their squared gradient norms every step: to clip by the
+    chain's norm, and under float16 to agree on skipping a step whose gradients overflowed."""
+    return cfg.train.max_grad_norm is not None or cfg.train.autocast == "float16"
+
+
+def step_factor(squared_norm: float, scale: float, max_norm: float | None) -> float | None:
+    """What a step's (loss-scaled) gradients are multiplied by before the optimizer step, from the chain's
+    squared norm of them: None (skip the step) when it is not finite under a loss scale (``scale`` > 1:
+    float16 overflowed somewhere on the chain), else ``1 / scale`` (unscaling) times the clipping factor
+    of the unscaled norm."""
+    if scale != 1.0 and not math.isfinite(squared_norm):
+        return None
+    factor = 1.0 / scale
+    if max_norm is not None:
+        factor *= clip_factor(squared_norm / scale**2, max_norm)
+    return factor
+
+
+@dataclass
+class LossScale:
+    """float16's dynamic loss scale, as ``torch.amp.GradScaler`` keeps it (its defaults): halved at a step
+    whose gradients overflowed (the step is skipped), doubled after 2000 steps in a row without. A server
+    replica keeps its chain's, and sends it with every forward's reply; the checkpoint keeps it."""
+
+    scale: float = 2.0**16
+    growth_tracker: int = 0
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.scale, self.growth_tracker = self.scale * 0.5, 0
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == 2000:
+            self.scale, self.growth_tracker = self.scale * 2.0, 0
+
+
+def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward's mixed precision (``train.autocast``); a no-op context for none. Autocast state is
+    per thread: enter it on the thread that computes."""
+    if cfg.train.autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.train.autocast))
+
+
+def check_autocast(cfg: Config, device: torch.device) -> None:
+    """ConfigError when this device cannot run the forward under ``train.autocast`` (float16 on a CPU
+    whose torch build lacks the kernels), found by running one small matmul as the run would."""
+    if cfg.train.autocast == "none":
+        return
+    try:
+        with autocast(cfg, device):
+            x = torch.ones(4, 4, device=device, requires_grad=True)
+            (x @ x).float().sum().backward()
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"train.autocast={cfg.train.autocast}: this {device.type} cannot compute under it ({first}); "
+            "use train.autocast=none, or a device that has these kernels (a GPU)"
+        ) from None
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The positions of a batch that have a target (what its loss is averaged over)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def data_seed(cfg: Config, client_index: int) -> int:

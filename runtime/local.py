@@ -15,6 +15,7 @@ matches it step for step with dropout on (on CPU: only the CPU generator is swit
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -33,12 +34,15 @@ from models.lora import (
     write_adapter,
 )
 from models.loss import mean_loss, token_stats
-from models.stages import full_model
+from models.stages import checkpoint_layers, full_model
 from runtime import checkpoint
 from runtime.config import Config
 from runtime.job import (
     ClientData,
+    autocast,
+    check_autocast,
     client_data,
+    clip_factor,
     data_seed,
     default_threads,
     learning_rate,
@@ -48,7 +52,10 @@ from runtime.job import (
     model_config,
     resolve_model_path,
     round_seed,
+    scale_grads,
     set_learning_rate,
+    squared_grad_norm,
+    target_tokens,
     tune_malloc,
 )
 from runtime.messages import EvalDetails, GenerationScore
@@ -115,7 +122,16 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     model = get_peft_model(base, lora_config(spec, family_of(mcfg)))
     hf = model.base_model.model  # module names here are the full model's, as in the layout
     cut = reference_cut(cfg, mcfg.num_hidden_layers)
-    streams = None if cut is None else DropoutStreams(get_module(hf, family_of(mcfg).layers), cut, cfg.seed)
+    layers = get_module(hf, family_of(mcfg).layers)
+    streams = None if cut is None else DropoutStreams(layers, cut, cfg.seed)
+    cpu = torch.device("cpu")
+    check_autocast(cfg, cpu)
+    # activation checkpointing: each layer recomputes in the backward, so no layer caches keys and values
+    forward_kwargs = {"use_cache": False} if cfg.train.activation_checkpointing else {}
+    if cfg.train.activation_checkpointing:
+        checkpoint_layers(layers)
+    # float16: GradScaler's dynamic loss scale, kept across rounds as a split run's replica keeps it
+    scaler = torch.amp.GradScaler("cpu") if cfg.train.autocast == "float16" else None
     write_adapter(hf, layout, initial_adapter(layout, cfg.seed))
     params = lora_parameters(hf)
     stream = BatchStream(data.examples, data.shard, cfg.train.batch_size, data_seed(cfg, 0), data.pad_id)
@@ -123,6 +139,20 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     out = Path(cfg.output_dir)
     writer = MetricsWriter(out / "metrics.jsonl", [])
     tensorboard = TensorBoardLog(out / "tensorboard", 1) if cfg.runtime.tensorboard else None
+
+    def loss_dtype(logits: torch.Tensor) -> torch.Tensor:
+        return logits.float() if cfg.train.autocast != "none" else logits
+
+    def micro_batch(b: dict[str, torch.Tensor], weight: float | None) -> tuple[float, float]:
+        """One micro-batch's forward and backward, its loss scaled by its share of the step's tokens."""
+        with autocast(cfg, cpu):
+            logits = model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], **forward_kwargs
+            ).logits
+        loss, n_tokens = mean_loss(loss_dtype(logits), b["labels"])
+        root = loss if weight is None else loss * weight
+        (root if scaler is None else scaler.scale(root)).backward()
+        return float(loss.detach()), float(n_tokens)
 
     heldout = eval_batches(data.examples, data.heldout, cfg.train.eval_batch_size, data.pad_id)
     tokenizer = load_tokenizer(model_path) if cfg.eval.generate else None
@@ -132,10 +162,10 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
         model.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
-            evaluation = _loss(model, evals)
+            evaluation = _loss(model, evals, cfg, cpu)
             details = EvalDetails(time_s=time.perf_counter() - t0)
             if heldout:  # the one client of this run: client 1, as in a one-client split run
-                details.clients[1] = _loss(model, heldout)
+                details.clients[1] = _loss(model, heldout, cfg, cpu)
             if tokenizer is not None:
                 t1 = time.perf_counter()
                 totals = _generate(
@@ -155,20 +185,35 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
             streams.start_round(rnd)
         optimizer = make_optimizer(params, cfg)
         usage = CpuUsage()
-        losses, tokens, weighted, input_tokens = [], 0.0, 0.0, 0.0
+        losses, tokens, weighted, input_tokens, norms = [], 0.0, 0.0, 0.0, []
         t_steps = time.perf_counter()
+        n = cfg.train.grad_accum
         for step in range(1, cfg.train.local_steps + 1):
-            b = stream.next()
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss, n_tokens = mean_loss(logits, b["labels"])
-            loss.backward()
+            batches = [stream.next() for _ in range(n)]
+            total = sum(target_tokens(b) for b in batches) if n > 1 else None
+            step_sum = step_tokens = 0.0
+            for b in batches:
+                loss, n_tokens = micro_batch(b, None if total is None else target_tokens(b) / max(total, 1))
+                step_sum += loss * n_tokens
+                step_tokens += n_tokens
+                input_tokens += float(b["attention_mask"].sum())
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.train.max_grad_norm is not None:
+                squared = squared_grad_norm(params)
+                if math.isfinite(squared):  # else float16 overflowed: the scaler skips the step
+                    norms.append(math.sqrt(squared))
+                    scale_grads(params, clip_factor(squared, cfg.train.max_grad_norm))
             set_learning_rate(optimizer, learning_rate(cfg, rnd, step))
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            tokens += float(n_tokens)
-            weighted += losses[-1] * float(n_tokens)
-            input_tokens += float(b["attention_mask"].sum())
+            losses.append(step_sum / max(step_tokens, 1.0) if n > 1 else loss)
+            tokens += step_tokens
+            weighted += losses[-1] * step_tokens
         cores_used = usage.stop()["train_cores_used"]
         train_time = time.perf_counter() - t_steps
         evaluation, details = None, None  # eval.every: a round not evaluated measures nothing
@@ -194,6 +239,7 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
                     "peak_rss_mb": peak_rss_mb(),
                     "train_cores_used": cores_used,
                     "train_time_s": train_time,
+                    **({"grad_norms": norms} if norms else {}),
                 }
             },
         )
@@ -211,11 +257,16 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     return records
 
 
-def _loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, float]:
-    """(loss, token accuracy, tokens) of ``model`` over ``batches``."""
+def _loss(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], cfg: Config, device: torch.device
+) -> tuple[float, float, float]:
+    """(loss, token accuracy, tokens) of ``model`` over ``batches`` (under ``train.autocast``, the loss in
+    float32)."""
     totals = torch.zeros(3, dtype=torch.float64)
     for b in batches:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        with autocast(cfg, device):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = logits.float() if cfg.train.autocast != "none" else logits
         totals += torch.stack([t.double() for t in token_stats(logits, b["labels"])])
     loss_sum, tokens, correct = totals.tolist()
     return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
@@ -225,7 +276,8 @@ def _generate(model: torch.nn.Module, cfg: Config, examples: list, tokenizer) ->
     """[exact matches, ROUGE-L sum, samples] of greedy decoding, as ``Client.generate`` scores it."""
 
     def next_tokens(ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        with autocast(cfg, ids.device):
+            logits = model(input_ids=ids, attention_mask=mask).logits
         return logits[torch.arange(len(last)), last].argmax(-1)
 
     e = cfg.eval

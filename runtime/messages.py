@@ -64,6 +64,7 @@ class RunState:
     client_ranks: dict[int, int]  # client -> its own LoRA rank, where it has one
     metrics: list[dict]  # metrics.jsonl's records up to this round
     client_times: dict[int, float] = field(default_factory=dict)  # client -> its last measured train s
+    loss_scales: dict[int, list] = field(default_factory=dict)  # replica -> [scale, growth tracker] (float16)
 
     def to_json(self) -> dict:
         plan = lambda p: None if p is None else {str(c): list(v) for c, v in p.items()}
@@ -79,6 +80,7 @@ class RunState:
             "client_ranks": {str(c): r for c, r in self.client_ranks.items()},
             "metrics": self.metrics,
             "client_times": {str(c): t for c, t in self.client_times.items()},
+            **({"loss_scales": {str(r): v for r, v in self.loss_scales.items()}} if self.loss_scales else {}),
         }
 
     @staticmethod
@@ -96,6 +98,7 @@ class RunState:
             client_ranks={int(c): int(r) for c, r in (d.get("client_ranks") or {}).items()},
             metrics=d.get("metrics", []),
             client_times={int(c): float(t) for c, t in (d.get("client_times") or {}).items()},
+            loss_scales={int(r): [float(v[0]), int(v[1])] for r, v in (d.get("loss_scales") or {}).items()},
         )
 
 
@@ -137,6 +140,7 @@ class RoundStats:
     lora_bytes: int  # the adapter this client holds
     train_cores_used: float = 0.0  # cores this process used while it trained
     switch_s: float = 0.0  # clients sharing workers: taking this client (re-cut, replica, data position)
+    grad_norms: list[float] = field(default_factory=list)  # train.max_grad_norm: the chain's, before clipping
 
     # recorded per client in metrics.jsonl (the token counts go into the round's totals instead)
     RECORDED = (
@@ -155,7 +159,11 @@ class RoundStats:
     )
 
     def recorded(self) -> dict:
-        return {k: getattr(self, k) for k in self.RECORDED}
+        """What metrics.jsonl records of this client (with its steps' gradient norms when it clips)."""
+        out = {k: getattr(self, k) for k in self.RECORDED}
+        if self.grad_norms:
+            out["grad_norms"] = self.grad_norms
+        return out
 
     def measured(self, server_s: float | None) -> Measured:
         """What the scheduler learns from this round, with the server's time for this client."""

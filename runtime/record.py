@@ -133,4 +133,9 @@ def run_state(role: ServerRole, o: RoundOutcome, elapsed: float) -> RunState:
         client_ranks={c: r for c, r in role.caps.items() if r is not None},
         metrics=role.records,
         client_times=role.client_times,
+        loss_scales={
+            r: [rep.loss_scale.scale, rep.loss_scale.growth_tracker]
+            for r, rep in role.server.replicas.items()
+            if rep.loss_scale is not None
+        },
     )

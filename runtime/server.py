@@ -9,7 +9,9 @@ ends below the clients' tail layers and holds no norm or head.)
 
 A replica's optimizer step costs no call: the replica's part of the distributed backward is a local
 backward (``runtime.compute.split_graph``), which leaves its LoRA gradients on ``.grad``, and the
-step is applied at the replica's next forward call, or when the round ends (``flush``).
+step is applied at the replica's next forward call, or when the round ends (``flush``): after every
+``train.grad_accum`` forwards, unscaled (float16) and clipped by the chain's norm, whose client share
+arrives with that next call.
 
 Every tensor op of the replicas runs on the server's compute threads (``runtime.compute``): on CPU at
 more than one intra-op thread as few as keep OpenMP's workers within the cores (one here), else
@@ -48,7 +50,19 @@ from models.wire import decode, encode
 from runtime import faults
 from runtime.compute import ComputeThreads, split_graph
 from runtime.config import Config
-from runtime.job import learning_rate, make_optimizer, set_learning_rate, stage_kwargs
+from runtime.job import (
+    LossScale,
+    autocast,
+    check_autocast,
+    exchanges_norms,
+    learning_rate,
+    make_optimizer,
+    scale_grads,
+    set_learning_rate,
+    squared_grad_norm,
+    stage_kwargs,
+    step_factor,
+)
 from runtime.simulate import Throttle
 
 
@@ -65,6 +79,24 @@ class _Mark(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         ctx.marks[ctx.key] = time.perf_counter()
         return grad, None, None
+
+
+class _Report(torch.autograd.Function):
+    """Identity on the hidden states that arrived, with the client's probe (a float64 scalar) as a second
+    input. Its backward runs when the replica's own backward is done (the hidden states' gradient is its
+    last product), so the replica's LoRA gradients are all on ``.grad``: it takes their squared norm and
+    sends it back as the probe's gradient, with the gradient at the cut, in the same round trip."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, probe: torch.Tensor, replica: ServerReplica) -> torch.Tensor:
+        ctx.replica = replica
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        replica = ctx.replica
+        replica.server_sq = replica.compute.run(lambda: squared_grad_norm(replica.params))
+        return grad, torch.tensor(replica.server_sq, dtype=torch.float64), None
 
 
 class ServerReplica:
@@ -88,6 +120,7 @@ class ServerReplica:
         for index in range(base.start, cut):
             del owned[str(index)]
         self.stage = Stage(hf, base.family, base.config, cut, base.end, base.head)
+        self.stage.checkpointing = cfg.train.activation_checkpointing
         add_lora(self.stage, spec, cut_rank=False)
         self.stage.to(device)
         self.device = device
@@ -97,6 +130,13 @@ class ServerReplica:
         self.watch_parameters()
         self.optimizer = make_optimizer(self.params, cfg)
         self.pending = False  # gradients of the last step are on .grad, not yet applied
+        self.micro = 0  # forwards this round (train.grad_accum of them make a step)
+        # train.max_grad_norm: the squared norms of the pending step's gradients, this replica's (from its
+        # backward) and its client's (with the client's next call): the chain's norm is their sum
+        self.server_sq: float | None = None
+        self.client_sq: float | None = None
+        # train.autocast=float16: the chain's loss scale (kept across rounds; the checkpoint keeps it)
+        self.loss_scale = LossScale() if cfg.train.autocast == "float16" else None
         self.calls = Counter()  # RPCs served this round, by method (round trips per step, tested)
         self.wire_dtype = cfg.wire.dtype
         self.hidden_size = base.config.hidden_size
@@ -129,6 +169,8 @@ class ServerReplica:
         for p in self.params:
             p.grad = None
         self.pending = False
+        self.micro = 0
+        self.server_sq = self.client_sq = None
         self.optimizer = make_optimizer(self.params, self.cfg)
         self.steps = 0
         self.stepped = 0
@@ -148,14 +190,60 @@ class ServerReplica:
         if {"start", "end", "forward_s"} <= m.keys():
             self.step_times.append(m["forward_s"] + m["end"] - m["start"])
         m.clear()
-        if self.scorer is not None:
+        skip = exchanges_norms(self.cfg) and not self._scale_step()
+        if self.scorer is not None and not skip:
             self.scorer.update(named_lora_parameters(self.stage.hf))
         self.stepped += 1  # steps are applied in order: this is the client's step of that number
         set_learning_rate(self.optimizer, learning_rate(self.cfg, self.round, self.stepped))
-        self.optimizer.step()
+        if not skip:
+            self.optimizer.step()
         for p in self.params:
             p.grad = None
         self.pending = False
+
+    def _scale_step(self) -> bool:
+        """Unscales (float16) and clips (train.max_grad_norm) this replica's gradients by the factor of the
+        chain's norm, as its client does; False: the step overflowed and is skipped on both sides."""
+        if self.server_sq is None or self.client_sq is None:
+            raise RuntimeError(
+                "the step's squared gradient norms have not both arrived "
+                f"(replica {self.server_sq}, client {self.client_sq})"
+            )
+        scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
+        factor = step_factor(self.server_sq + self.client_sq, scale, self.cfg.train.max_grad_norm)
+        self.server_sq = self.client_sq = None
+        if self.loss_scale is not None:
+            self.loss_scale.update(found_inf=factor is None)
+        if factor is not None:
+            scale_grads(self.params, factor)
+        return factor is not None
+
+    def _scale_reply(self, flag: torch.Tensor) -> torch.Tensor:
+        """The stop flag, and under float16 the loss scale the client multiplies this step's loss by."""
+        if self.loss_scale is None:
+            return flag
+        return torch.stack([flag, flag.new_tensor(self.loss_scale.scale)])
+
+    def chain_norm(self, client_sq: float) -> None:
+        """RPC (train.max_grad_norm): the client's squared gradient norm of its round's last step, which no
+        later forward brings; the round's flush applies that step with it."""
+        with self.lock:
+            self.calls["chain_norm"] += 1  # once a round, not a step
+            self.client_sq = client_sq
+
+    def _arrived(
+        self, sent: torch.Tensor, probe: torch.Tensor | None, client_sq: float | None
+    ) -> torch.Tensor:
+        """Takes what a training call brings besides the hidden states: the client's squared gradient
+        norm of the previous step, and a probe whose gradient carries this replica's back."""
+        if client_sq is not None:
+            self.client_sq = client_sq
+        return sent if probe is None else _Report.apply(sent, probe, self)
+
+    def _counted(self) -> None:
+        """One more forward; the step is due (pending) after every train.grad_accum of them."""
+        self.micro += 1
+        self.pending = self.micro % self.cfg.train.grad_accum == 0
 
     def relora(self, spec: LoraSpec) -> None:
         """Replaces this replica's LoRA by ``spec``'s (after the importance selection)."""
@@ -192,11 +280,20 @@ class ServerReplica:
             self.throttle_layers()
             self.new_round()
 
-    def train_forward(self, sent: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor):
+    def train_forward(
+        self,
+        sent: torch.Tensor,
+        mask: torch.Tensor | None,
+        targets: torch.Tensor,
+        probe: torch.Tensor | None = None,
+        client_sq: float | None = None,
+    ):
         """Applies the previous step (lazily), runs the rest of the model and returns (loss, [tokens,
         stopping]); autograd spans the RPC. ``sent`` is the hidden states in the wire's format,
         ``targets`` the shifted labels (int32). ``stopping`` tells the client that the server was asked
-        to stop (a signal). A step is this call and the distributed backward: two round trips."""
+        to stop (a signal). A step is this call and the distributed backward: two round trips.
+        train.max_grad_norm: ``client_sq`` is the client's squared gradient norm of the previous step,
+        and ``probe``'s gradient brings this replica's of this step back (:class:`_Report`)."""
         with self.lock:
             self.calls["train_forward"] += 1
             self.steps += 1
@@ -209,20 +306,27 @@ class ServerReplica:
                 self._apply_step()
                 t0 = time.perf_counter()
                 hidden = decode(x, self.wire_dtype, self.hidden_size, self.stage_dtype)
-                logits = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
-                loss, n_tokens = target_loss(logits, targets)
+                with autocast(self.cfg, self.device):
+                    logits = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
+                loss, n_tokens = target_loss(self._loss_dtype(logits), targets)
                 self.marks["forward_s"] = time.perf_counter() - t0
                 return _Mark.apply(loss, self.marks, "start"), n_tokens
 
-            loss, n_tokens = split_graph(self.compute, layers, sent)
-            self.pending = True
+            loss, n_tokens = split_graph(self.compute, layers, self._arrived(sent, probe, client_sq))
+            self._counted()
             flag = n_tokens.new_tensor(float(self.stopping()), dtype=torch.float64)
-            stats = torch.stack([n_tokens.double(), flag])
+            stats = torch.cat([n_tokens.double().reshape(1), self._scale_reply(flag).reshape(-1)])
             if self.received is not None:
                 self.sent.update(_describe(t) for t in (loss, stats))
             return loss, stats
 
-    def u_forward(self, sent: torch.Tensor, mask: torch.Tensor | None):
+    def u_forward(
+        self,
+        sent: torch.Tensor,
+        mask: torch.Tensor | None,
+        probe: torch.Tensor | None = None,
+        client_sq: float | None = None,
+    ):
         """U-shaped split: applies the previous step, runs this replica's layers and returns their output in
         the wire's format (and the stopping flag); the client's tail and head compute the loss, so nothing
         here sees labels, token ids or logits. Two round trips a step, as in the standard split."""
@@ -235,32 +339,35 @@ class ServerReplica:
                 self._apply_step()
                 t0 = time.perf_counter()
                 hidden = decode(x, self.wire_dtype, self.hidden_size, self.stage_dtype)
-                out = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
+                with autocast(self.cfg, self.device):
+                    out = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
                 self.marks["forward_s"] = time.perf_counter() - t0
                 return (encode(_Mark.apply(out, self.marks, "start"), self.wire_dtype),)
 
-            (back,) = split_graph(self.compute, layers, sent)
-            self.pending = True
+            (back,) = split_graph(self.compute, layers, self._arrived(sent, probe, client_sq))
+            self._counted()
             if self.received is not None:
                 self.received.update(_describe(t) for t in (sent, mask))
                 self.sent.add(_describe(back))
                 back.register_hook(lambda g: self.received.add("grad:" + _describe(g)))
                 sent.register_hook(lambda g: self.sent.add("grad:" + _describe(g)))
-            return back, torch.tensor(float(self.stopping()), dtype=torch.float64)
+            return back, self._scale_reply(torch.tensor(float(self.stopping()), dtype=torch.float64))
 
     def u_evaluate(self, sent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         def job() -> torch.Tensor:
             hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
-            return encode(self.stage(hidden=hidden, attention_mask=mask), self.wire_dtype)
+            with autocast(self.cfg, self.device):
+                out = self.stage(hidden=hidden, attention_mask=mask)
+            return encode(out, self.wire_dtype)
 
         return self._evaluating(job)
 
     def evaluate(self, sent: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
         def job() -> torch.Tensor:
             hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
-            loss_sum, n_tokens, correct = target_stats(
-                self.stage(hidden=hidden, attention_mask=mask), targets
-            )
+            with autocast(self.cfg, self.device):
+                logits = self.stage(hidden=hidden, attention_mask=mask)
+            loss_sum, n_tokens, correct = target_stats(self._loss_dtype(logits), targets)
             return torch.stack([loss_sum.double(), n_tokens.double(), correct.double()])
 
         return self._evaluating(job)
@@ -270,10 +377,15 @@ class ServerReplica:
 
         def job() -> torch.Tensor:
             hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
-            logits = self.stage(hidden=hidden, attention_mask=mask)
+            with autocast(self.cfg, self.device):
+                logits = self.stage(hidden=hidden, attention_mask=mask)
             return logits[torch.arange(len(last), device=logits.device), last].argmax(-1)
 
         return self._evaluating(job)
+
+    def _loss_dtype(self, logits: torch.Tensor) -> torch.Tensor:
+        """Under autocast the loss is taken in float32 (the logits come out in the autocast dtype)."""
+        return logits.float() if self.cfg.train.autocast != "none" else logits
 
     def _evaluating(self, job: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``job()`` through the global adapter, in eval mode, without grad, on the compute thread."""
@@ -323,6 +435,7 @@ class Server:
         base_start: int | None = None,
     ):
         n_layers = load_config(model_path).num_hidden_layers
+        check_autocast(cfg, device)
         self.compute = compute or ComputeThreads(enabled=False, threads=1)
         self.model_path, self.device, self.cfg = model_path, device, cfg
         # split.mode=u_shape: the top split.tail_layers layers and the head stay on the clients

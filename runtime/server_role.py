@@ -20,6 +20,7 @@ from runtime.compute import ComputeThreads
 from runtime.config import Config, fingerprint
 from runtime.debug import dump_copies
 from runtime.explain import describe_plan, describe_replan
+from runtime.job import LossScale
 from runtime.messages import Assignment, Decision, EvalDetails, RunState, ServerReport, UserError
 from runtime.metrics import (
     CpuUsage,
@@ -189,6 +190,9 @@ class ServerRole(Role):
     def load(self, flat: torch.Tensor, resume: RunState | None) -> None:
         for _, model, _ in self.holders():
             write_adapter(model, self.layout, flat)
+        for r, (scale, tracker) in (resume.loss_scales if resume is not None else {}).items():
+            if r in self.server.replicas and self.server.replicas[r].loss_scale is not None:
+                self.server.replicas[r].loss_scale = LossScale(scale, tracker)  # train.autocast=float16
 
     def baseline(self, evaluation: Evaluation, details: EvalDetails) -> None:
         write_baseline(self.out, evaluation, details)

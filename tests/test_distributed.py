@@ -88,16 +88,24 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+CLIP = 0.5  # train.max_grad_norm of the clipped parity run: below the chain norm of its first steps here
+
+
 @pytest.mark.parametrize(
     "schedule",
-    [[], ["train.lr_schedule=cosine", "train.warmup_steps=4", "train.min_lr_ratio=0.1"]],
-    ids=["constant", "cosine_warmup"],
+    [
+        [],
+        ["train.lr_schedule=cosine", "train.warmup_steps=4", "train.min_lr_ratio=0.1"],
+        [f"train.max_grad_norm={CLIP}"],
+    ],
+    ids=["constant", "cosine_warmup", "clipped"],
 )
 def test_one_client_split_matches_unsplit_step_for_step(setup, tmp_path, schedule):
     """Parity: 1 client cut at 2 vs launch.train_local, 20 steps, same seed and data order, at a constant
-    learning rate and under a warm-up and cosine schedule (the client's and the server replica's steps
-    take the rate of the same global step). At 2 intra-op threads the server computes on its compute
-    thread (runtime.compute), the client on its main thread."""
+    learning rate, under a warm-up and cosine schedule (the client's and the server replica's steps
+    take the rate of the same global step) and with gradient clipping by the whole chain's norm (the
+    client's and its replica's LoRA gradients together, as the unsplit model clips). At 2 intra-op
+    threads the server computes on its compute thread (runtime.compute), the client on its main thread."""
     from runtime.config import load_config
     from runtime.job import learning_rate
     from runtime.local import run_local
@@ -118,6 +126,12 @@ def test_one_client_split_matches_unsplit_step_for_step(setup, tmp_path, schedul
     assert len(split_losses) == len(local_losses) == 20
     assert max(abs(a - b) for a, b in zip(split_losses, local_losses)) < 1e-4
     assert local_losses[-1] < local_losses[0]  # it trained
+    if any("max_grad_norm" in x for x in schedule):  # clipping fired, on the same norms on both sides
+        split_norms = [x for r in metrics(tmp_path / "split") for x in r["clients"]["1"]["grad_norms"]]
+        local_norms = [x for r in local for x in r["clients"]["local"]["grad_norms"]]
+        assert len(split_norms) == len(local_norms) == 20
+        assert max(abs(a - b) for a, b in zip(split_norms, local_norms)) < 1e-4 * max(local_norms)
+        assert sum(x > CLIP for x in local_norms) >= 3, local_norms
     cfg = load_config("torchrun_configs/tiny_cpu.yaml", [*common_args(setup, tmp_path / "x")[1:], *settings])
     for rnd, (a, b) in enumerate(zip(metrics(tmp_path / "split"), local), start=1):
         assert a["lr"] == b["lr"] == learning_rate(cfg, rnd, 10)
