@@ -271,7 +271,7 @@ def test_the_federation_is_the_same_on_one_two_or_four_workers(files, tmp_path):
     """Four clients (cuts 1, 2, 3, 2), three drawn a round, on four workers (one each), on two and on
     one (each worker trains its clients one after another, re-cut to each client's cut): the same
     draws, the same step losses, eval losses and adapter within 1e-5 (the all-reduce sums in another
-    grouping). The two-worker run is also killed after round 2 and resumed: each client's data
+    grouping). The two-worker run is also stopped after round 2 and resumed: each client's data
     position comes back from the checkpoint."""
     fed = [
         "split.clients=4",
@@ -304,34 +304,6 @@ def test_the_federation_is_the_same_on_one_two_or_four_workers(files, tmp_path):
         assert adapter.keys() == ref_adapter.keys()
         for k in adapter:
             torch.testing.assert_close(adapter[k], ref_adapter[k], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("rule", ["stack", "svd"])
-def test_the_exact_rules_give_the_same_federation_on_two_workers_as_on_four(files, tmp_path, rule):
-    """stack and svd sum each client's blocks (stack also merges each round's delta into every holder's
-    frozen weights, and a worker that gains a layer takes its merged weights from the server): four
-    clients, three a round, on four workers and on two give the same eval losses and adapter."""
-    fed = [
-        "split.clients=4",
-        "split.cut_layers=[1,2,3,2]",
-        "train.clients_per_round=3",
-        "train.local_steps=2",
-    ]
-    fed += [f"train.aggregation={rule}", "train.rounds=3"]
-    runs = {}
-    for m in (4, 2):
-        out = tmp_path / f"m{m}"
-        res = run_ranks(m + 1, _argv(files, out, *fed), tmp_path / f"logs-m{m}")
-        assert res.codes == [0] * (m + 1), res.log[-6000:]
-        runs[m] = _metrics(out), out
-    for a, b in zip(runs[4][0], runs[2][0]):
-        assert a["participants"] == b["participants"]
-        assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-5
-    if rule == "svd":  # stack's model is the merged weights (launch.export --merged), not adapter/
-        wa = load_file(str(runs[4][1] / "adapter" / "adapter_model.safetensors"))
-        wb = load_file(str(runs[2][1] / "adapter" / "adapter_model.safetensors"))
-        for k in wa:
-            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
 
 
 def test_clients_sharing_workers_are_planned_by_resource_with_a_drawn_slowdown(files, tmp_path):
