@@ -884,12 +884,6 @@ def _check_shared_workers(cfg: Config, n_clients: int, n_workers: int) -> None:
         (not cfg.split.schedule, "split.schedule", "no split.schedule"),
         (cfg.split.mode == "standard", f"split.mode={cfg.split.mode}", "split.mode=standard"),
         (cfg.lora.selection == "all", f"lora.selection={cfg.lora.selection}", "lora.selection=all"),
-        (
-            cfg.lora.client_ranks != "auto",
-            "lora.client_ranks=auto (a rank from each client's memory: the planner knows only the workers' "
-            "probes, not each client's)",
-            "a list of one rank per client, or lora.client_ranks=null",
-        ),
     ]
     for ok, what, fix in unsupported:
         _require(

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from runtime.checkpoint import merged_weights
-from runtime.config import ConfigError, load_config, validate_for_world
+from runtime.config import load_config, validate_for_world
 from runtime.faults import EXIT_USER_ERROR
 from runtime.simulate import client_memory_message, is_out_of_memory, limit_shortfall
 from tests.ranks import run_ranks
@@ -37,16 +37,14 @@ FEDERATION = [
 ]
 
 
-def test_per_client_ranks_run_on_shared_workers_but_auto_ranks_are_refused_by_name():
-    """8 clients on 4 workers: a list of 8 ranks is accepted; ``auto`` (a rank from each client's memory,
-    which the planner does not know when clients share workers) is named with the fix."""
+def test_per_client_ranks_and_auto_ranks_run_on_shared_workers():
+    """8 clients on 4 workers: a list of 8 ranks is accepted, and so is ``auto`` (each client's rank from
+    the memory of the worker whose probe it is planned on)."""
     base = ["split.clients=8", "split.cut_layers=2"]
     cfg = load_config("torchrun_configs/tiny_cpu.yaml", [*base, "lora.client_ranks=[8,4,2,4,8,4,2,4]"])
     assert validate_for_world(cfg, 5, 4) == [2] * 8
     cfg = load_config("torchrun_configs/tiny_cpu.yaml", [*base, "lora.client_ranks=auto"])
-    with pytest.raises(ConfigError) as e:
-        validate_for_world(cfg, 5, 4)
-    assert "lora.client_ranks=auto" in str(e.value) and "a list of one rank per client" in str(e.value)
+    assert validate_for_world(cfg, 5, 4) == [2] * 8
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
