@@ -23,6 +23,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from models.lora import build_layout
+from models.stages import checkpoint_mismatches
 from runtime import checkpoint, outdir
 from runtime.config import (
     Config,
@@ -228,6 +229,37 @@ def check_weights(model_path: Path) -> None:
             ) from None
 
 
+LEARNED_POSITIONS = ("gpt2", "gpt_neo", "opt")
+"""Families whose positions are an embedding table: a longer sequence indexes past it (rotary ones
+only extrapolate)."""
+
+
+def check_model_agrees(cfg: Config, model_path: Path, mcfg, tokenizer) -> None:
+    """The model folder's files agree with each other, and the data fit the model: the weights have the
+    shapes config.json implies, the tokenizer's ids fit the embedding, and a sequence fits a learned
+    position table. Reads the weights' headers only."""
+    where = f"model.path={str(model_path)!r}"
+    found = checkpoint_mismatches(model_path)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise ConfigError(
+            f"{where}: the weights do not match config.json: {found[0]}{more}; use the config.json saved "
+            "with these weights (save_pretrained writes both)"
+        )
+    vocab = getattr(mcfg, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab} "
+            f"rows, so ids from {vocab} up would index past it; use the tokenizer saved with this model"
+        )
+    limit = getattr(mcfg, "max_position_embeddings", None)
+    if mcfg.model_type in LEARNED_POSITIONS and limit is not None and cfg.data.max_seq_len > limit:
+        raise ConfigError(
+            f"data.max_seq_len={cfg.data.max_seq_len} is longer than the {limit} positions the model has "
+            f"learned ({where}); set data.max_seq_len={limit} or less"
+        )
+
+
 def check(cfg: Config, world_size: int, output_dir: bool | None = None) -> Path:
     """What every rank can check before a process group exists: config, output_dir, device, model (a
     supported causal LM with weights and a tokenizer), LoRA targets.
@@ -244,7 +276,7 @@ def check(cfg: Config, world_size: int, output_dir: bool | None = None) -> Path:
     model_path = resolve_model_path(cfg)
     check_weights(model_path)
     mcfg = model_config(model_path)
-    load_tokenizer(model_path)
+    check_model_agrees(cfg, model_path, mcfg, load_tokenizer(model_path))
     cuts = validate_for_world(cfg, world_size, mcfg.num_hidden_layers)
     build_layout(mcfg, lora_spec(cfg, mcfg), cuts or [])  # unknown lora.targets fail here, on the meta device
     if rank_0:  # after the launch checks: a checkpoint is compared with a config that can run

@@ -60,11 +60,39 @@ class CheckpointReader:
     def keys(self) -> set[str]:
         return set(self.files)
 
-    def get(self, key: str) -> torch.Tensor:
+    def _file(self, key: str):
         file = self.files[key]
         if file not in self._open:
             self._open[file] = safe_open(file, framework="pt")
-        return self._open[file].get_tensor(key)  # type: ignore[attr-defined]
+        return self._open[file]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._file(key).get_tensor(key)  # type: ignore[attr-defined]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape, from its file's header (nothing is read)."""
+        return tuple(self._file(key).get_slice(key).get_shape())  # type: ignore[attr-defined]
+
+
+def checkpoint_mismatches(model_dir: str | Path) -> list[str]:
+    """Where a checkpoint's weights disagree with its config.json: each parameter the config implies
+    that no weights file holds, or holds at another shape (e.g. a config.json of another size copied
+    beside the weights). Reads the files' headers only."""
+    config = load_config(model_dir)
+    with init_empty_weights(include_buffers=False):
+        hf = AutoModelForCausalLM.from_config(config)
+    reader = CheckpointReader(model_dir)
+    keys = reader.keys()
+    tied = dict(getattr(hf, "_tied_weights_keys", None) or {})
+    prefix = getattr(hf, "base_model_prefix", "")
+    found = []
+    for name, param in hf.named_parameters(remove_duplicate=False):
+        key = _checkpoint_key(name, keys, prefix, tied)
+        if key is None:
+            found.append(f"no weights file holds {name}")
+        elif (shape := reader.shape(key)) != tuple(param.shape):
+            found.append(f"{key} is {list(shape)} in the weights, {list(param.shape)} by config.json")
+    return found
 
 
 def _checkpoint_key(name: str, keys: set[str], prefix: str, tied: dict[str, str]) -> str | None:

@@ -31,7 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, random_model) -> dict[str, Path]:
     """Good and bad model folders, data files and config files, made once."""
-    from transformers import BertConfig, BertModel, GPTJConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPTJConfig, PreTrainedTokenizerFast
+
+    from tests.random_models import random_config
 
     root = tmp_path_factory.mktemp("bad_inputs")
     good = random_model("llama")
@@ -66,6 +68,18 @@ def inputs(tmp_path_factory, random_model) -> dict[str, Path]:
     weights = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a copy cut short
     p["truncated"] = truncated
+    other_config = root / "other_config"  # weights of one size beside the config.json of another
+    shutil.copytree(good, other_config)
+    config = json.loads((other_config / "config.json").read_text())
+    (other_config / "config.json").write_text(
+        json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]})
+    )
+    p["other_config"] = other_config
+    small_vocab = root / "small_vocab"  # a tokenizer with more ids than the embedding has rows
+    AutoModelForCausalLM.from_config(random_config("llama", hidden=32, vocab=8)).save_pretrained(small_vocab)
+    build_char_tokenizer().save_pretrained(small_vocab)
+    p["small_vocab"] = small_vocab
+    p["gpt2"] = random_model("gpt2")  # learned positions: 256
     no_pad = root / "no_pad_no_eos"
     shutil.copytree(good, no_pad, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
     tok = build_char_tokenizer()
@@ -132,6 +146,27 @@ ROWS = [
     ("unknown model_type", ["model.path={odd_type}"], 0, 2, ["config.json cannot be read", "no-such-model"]),
     ("model without weights", ["model.path={weightless}"], 0, 2, ["no model.safetensors", "save_pretrained"]),
     ("damaged weights", ["model.path={truncated}"], 0, 2, ["model.safetensors is damaged", "copy it again"]),
+    (
+        "weights and config.json disagree",
+        ["model.path={other_config}"],
+        0,
+        2,
+        ["the weights do not match config.json", "mlp.gate_proj.weight is [", "by config.json", "more)"],
+    ),
+    (
+        "tokenizer beyond the embedding",
+        ["model.path={small_vocab}"],
+        0,
+        2,
+        ["the tokenizer has", "embedding only 8 rows", "use the tokenizer saved with this model"],
+    ),
+    (
+        "sequences beyond learned positions",
+        ["model.path={gpt2}", "data.max_seq_len=512"],
+        0,
+        2,
+        ["data.max_seq_len=512 is longer than the 256 positions", "data.max_seq_len=256 or less"],
+    ),
     (
         "stall timeout NaN",
         ["runtime.stall_timeout_s=.nan"],
