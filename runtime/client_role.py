@@ -242,8 +242,10 @@ class ClientRole(Role):
         own ranks (``lora.client_ranks`` caps the stage's layers; the replica's hold ``lora.r``, as with
         one client per worker), its data position and its simulated speed and bandwidth."""
         k, cut_rank = self.plan[c]
-        rpc.rpc_sync(SERVER, serve_client, args=(self.world.rank, k), timeout=self.client.timeout_s)
+        # the replica re-cuts on the server while this stage re-cuts here; both before the first step
+        served = rpc.rpc_async(SERVER, serve_client, args=(self.world.rank, k), timeout=self.client.timeout_s)
         self.client.recut(k, cut_rank, self.layout, self.flat, self.caps[c])
+        served.wait()
         slowdown, _, bandwidth = self.cfg.simulate.for_client(c - 1, self.rnd)
         self.throttle.set(slowdown)
         self.link.bandwidth_mbps = bandwidth

@@ -131,3 +131,29 @@ def test_a_hang_fault_blocks_only_the_main_thread_and_only_where_asked(monkeypat
 def test_a_timeout_at_its_extremes_is_refused_in_one_line(field, value):
     with pytest.raises(ConfigError, match=rf"^{re.escape(field)}=\S+: must be a finite number"):
         load_config(None, [f"{field}={value}"])
+
+
+def test_a_full_disk_and_an_out_of_memory_are_named_as_failures_a_restart_would_repeat():
+    """What ``launch.train`` turns into exit 2 and the marker that stops later attempts: a full disk
+    anywhere in the error's chain, a MemoryError, or the server's out-of-memory seen over RPC (named as
+    rank 0's); an ordinary error is not one of them."""
+    import errno
+
+    from runtime.faults import unrecoverable
+
+    place = lambda r: f"cut {r}"
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("writing round 3's checkpoint failed") from inner
+    except RuntimeError as e:
+        disk = unrecoverable(e, 2, place)
+    assert disk is not None and disk.kind == "disk"
+    assert "the disk is full on rank 2 (client2)" in str(disk) and "runtime.keep_checkpoints" in str(disk)
+    memory = unrecoverable(MemoryError("cannot allocate"), 1, place)
+    assert memory.kind == "memory" and "out of memory on rank 1 (cut 1)" in str(memory)
+    assert "lower its cut" in str(memory)
+    remote = unrecoverable(RuntimeError("On WorkerInfo(id=0, name=server): OutOfMemoryError: ..."), 3, place)
+    assert "out of memory on rank 0 (cut 0)" in str(remote) and "raise the cuts" in str(remote)
+    assert unrecoverable(ValueError("a bug"), 1, place) is None
