@@ -438,7 +438,8 @@ class FaultInjector:
                 )
                 for handler in logging.getLogger().handlers:
                     handler.flush()
-                _block()
+                _block()  # for good under torchrun (it ends the process with its agent)
+                return
             sig = signal.Signals[f"SIG{os.environ.get('SPLITFT_FAULT_SIGNAL', 'KILL')}"]
             verb = "killing" if sig == signal.SIGKILL else f"sending {sig.name} to"
             log.warning(

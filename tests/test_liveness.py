@@ -117,10 +117,17 @@ def test_a_hang_fault_blocks_only_the_main_thread_and_only_where_asked(monkeypat
     injector.round = 1
     injector.hit("hang")  # round 1: passes
     injector.round = 2
+    # the block itself (a loop that ends the process with its torchrun agent) runs under torchrun in
+    # test_recovery; here it waits on an event, so the blocked thread does not outlive the test
+    released = threading.Event()
+    monkeypatch.setattr(faults, "_block", released.wait)
     blocked = threading.Thread(target=injector.hit, args=("hang",), daemon=True)
     blocked.start()
     blocked.join(timeout=0.5)
-    assert blocked.is_alive()  # still blocked (a daemon thread: it ends with the test process)
+    assert blocked.is_alive()  # still blocked
+    released.set()
+    blocked.join(timeout=5)
+    assert not blocked.is_alive()
     assert faults.FaultInjector(2, "startup@2").target == ("startup", 2, 0, None)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert faults.FaultInjector(1, "hang@1:2").target is None  # a restarted attempt runs through

@@ -7,6 +7,7 @@ import math
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,8 +96,10 @@ def test_throttle_backward_runs_when_input_needs_no_grad(layer_stage, monkeypatc
     hidden = torch.randn(BATCH, SEQ, HIDDEN)  # as after a frozen embedding
     _, ref_grads, _ = fwd_bwd(layer_stage, hidden)
     sleeps = []
-    real_sleep = time.sleep
-    monkeypatch.setattr(simulate.time, "sleep", lambda s: (sleeps.append(s), real_sleep(s)))
+    real_sleep, me = time.sleep, threading.get_ident()  # the process's sleep: count this thread's only
+    monkeypatch.setattr(
+        simulate.time, "sleep", lambda s: (threading.get_ident() == me and sleeps.append(s), real_sleep(s))
+    )
     handles = Throttle(2).attach(layer_stage.layers["1"])
     _, grads, _ = fwd_bwd(layer_stage, hidden)
     Throttle.detach(handles)

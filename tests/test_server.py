@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from models.lora import build_layout, lora_modules
@@ -53,7 +55,11 @@ def test_the_server_slowdown_stretches_every_replica_layer_and_follows_a_move(ra
     server = Server(path, {1: 2}, spec, torch.device("cpu"), cfg, throttle=throttle)
     replica = server.replicas[1]
     sleeps: list[float] = []
-    monkeypatch.setattr(simulate.time, "sleep", lambda s: sleeps.append(s))
+    # time.sleep is the process's: count this thread's calls only, and let any other thread sleep
+    me, real_sleep = threading.get_ident(), simulate.time.sleep
+    monkeypatch.setattr(
+        simulate.time, "sleep", lambda s: sleeps.append(s) if threading.get_ident() == me else real_sleep(s)
+    )
     hidden = torch.randn(2, 6, 32, requires_grad=True)
 
     def fwd_bwd():
