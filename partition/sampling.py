@@ -44,16 +44,50 @@ def assign_clients(
     participants: list[int], predicted_s: dict[int, float], workers: list[int]
 ) -> tuple[dict[int, list[int]], dict[int, float]]:
     """Which worker trains which of the round's clients, one after another: the longest predicted client
-    first onto the least loaded worker (LPT; ties: the lower client id, the lower worker). Returns each
-    worker's clients in the order it trains them, and its predicted busy time. Depends only on its
-    arguments, so every rank that computes it gets the same assignment."""
+    first onto the least loaded worker (LPT; ties: the lower client id, the lower worker), then single
+    moves and pairwise swaps off the busiest worker while one lowers the round's predicted time (LPT
+    alone can be a third over the best; the search ends at a point no move or swap improves). Returns
+    each worker's clients in the order it trains them (longest first), and its predicted busy time.
+    Depends only on its arguments, so every rank that computes it gets the same assignment."""
     load = {w: 0.0 for w in workers}
     assigned: dict[int, list[int]] = {w: [] for w in workers}
     for c in sorted(participants, key=lambda c: (-predicted_s[c], c)):
         w = min(workers, key=lambda w: (load[w], w))
         assigned[w].append(c)
         load[w] += predicted_s[c]
+    for _ in range(len(participants) ** 2):  # each step lowers the busiest load or the count at it
+        if not _improve(assigned, load, predicted_s):
+            break
+    for w in workers:
+        assigned[w].sort(key=lambda c: (-predicted_s[c], c))
     return assigned, load
+
+
+def _improve(assigned: dict[int, list[int]], load: dict[int, float], t: dict[int, float]) -> bool:
+    """One move or swap that takes work off the busiest worker without making another as busy (the
+    first found, in worker and client id order); False if there is none."""
+    busiest = max(sorted(load), key=lambda w: load[w])
+    top = load[busiest]
+    eps = 1e-9 * max(top, 1.0)
+    for w in sorted(load):
+        if w == busiest:
+            continue
+        for c in sorted(assigned[busiest]):
+            if load[w] + t[c] < top - eps:
+                assigned[busiest].remove(c)
+                assigned[w].append(c)
+                load[busiest] -= t[c]
+                load[w] += t[c]
+                return True
+            for d in sorted(assigned[w]):
+                gain = t[c] - t[d]
+                if gain > eps and load[w] + gain < top - eps:
+                    assigned[busiest][assigned[busiest].index(c)] = d
+                    assigned[w][assigned[w].index(d)] = c
+                    load[busiest] -= gain
+                    load[w] += gain
+                    return True
+    return False
 
 
 def round_robin(participants: list[int], workers: list[int]) -> dict[int, list[int]]:

@@ -153,8 +153,9 @@ class SplitConfig:
     each client's cut; each client keeps its own data shard, data position and cut."""
     assignment: str = "predicted"
     """Clients sharing workers: how rank 0 assigns a round's clients to workers. predicted: the longest
-    first onto the least loaded worker, by each client's measured training time when it has trained
-    before, else the cost model's prediction; round_robin: in client order, one worker after another."""
+    first onto the least loaded worker, then moves and swaps off the busiest, by each client's measured
+    training time when it has trained before, else the cost model's prediction; round_robin: in client
+    order, one worker after another."""
     replan_every: int = 2
     """adaptive: re-plan after every this many rounds."""
     hysteresis: float = 0.1

@@ -296,7 +296,10 @@ class ServerRole(Role):
             how = "split.assignment=round_robin"
         else:
             workers, load = assign_clients(self.participants, predicted, self.workers)
-            how = "longest client first onto the least loaded worker, by measured or predicted time"
+            how = (
+                "longest client first onto the least loaded worker, then moves and swaps off the busiest, "
+                "by measured or predicted time"
+            )
         self.predicted_round_s = max(load.values())
         log.info(
             "round %d: %s (%s)",

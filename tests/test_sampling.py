@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 from collections import Counter
 
 import pytest
@@ -60,3 +62,39 @@ def test_a_client_not_yet_measured_is_estimated_in_the_measured_clients_seconds(
     assert client_estimates(modelled, {}) == modelled
     # measured over modelled: 0.25 and 1.5; their median (the upper one of two) scales client 3
     assert client_estimates(modelled, {1: 0.5, 2: 3.0}) == {1: 0.5, 2: 3.0, 3: 4.0 * 1.5}
+
+
+def test_moves_and_swaps_take_the_assignment_below_lpt_and_never_above_it():
+    # LPT's classic bad case: 3,3,2,2,2 on two workers is 7 against the best 6 (3+3 | 2+2+2)
+    predicted = {1: 3.0, 2: 3.0, 3: 2.0, 4: 2.0, 5: 2.0}
+    assigned, load = assign_clients(list(predicted), predicted, [1, 2])
+    assert max(load.values()) == 6.0
+    assert sorted(map(sorted, assigned.values())) == [[1, 2], [3, 4, 5]]
+    rng = random.Random(0)
+    ours, theirs = [], []  # each instance's time over the best, for this search and for LPT alone
+    for _ in range(300):  # random instances: never worse than LPT, always a point no move or swap improves
+        n, m = rng.randint(1, 9), rng.randint(1, 4)
+        t = {c: round(rng.lognormvariate(0, 1), 3) for c in range(1, n + 1)}
+        workers = list(range(1, m + 1))
+        got, load = assign_clients(list(t), t, workers)
+        assert sorted(c for cs in got.values() for c in cs) == list(t)
+        for w, cs in got.items():
+            assert load[w] == pytest.approx(sum(t[c] for c in cs))
+            assert cs == sorted(cs, key=lambda c: (-t[c], c))  # longest first on each worker
+        lpt = [0.0] * m
+        for c in sorted(t, key=lambda c: (-t[c], c)):
+            lpt[lpt.index(min(lpt))] += t[c]
+        assert max(load.values()) <= max(lpt) + 1e-9
+        best = (
+            min(  # brute force over every assignment
+                max(sum(t[c] for c, w in zip(t, ws) if w == k) for k in range(m))
+                for ws in itertools.product(range(m), repeat=n)
+            )
+            if m**n <= 6561
+            else None
+        )
+        if best is not None:
+            assert max(load.values()) <= 4 / 3 * best + 1e-9
+            ours.append(max(load.values()) / best)
+            theirs.append(max(lpt) / best)
+    assert sum(ours) < sum(theirs) and max(ours) < max(theirs)  # the search finds what LPT misses
