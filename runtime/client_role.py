@@ -242,9 +242,16 @@ class ClientRole(Role):
         own ranks (``lora.client_ranks`` caps the stage's layers; the replica's hold ``lora.r``, as with
         one client per worker), its data position and its simulated speed and bandwidth."""
         k, cut_rank = self.plan[c]
+        moved = self.moved_from.get(c) if self.rnd == self.moved_round else None
         # the replica re-cuts on the server while this stage re-cuts here; both before the first step
-        served = rpc.rpc_async(SERVER, serve_client, args=(self.world.rank, k), timeout=self.client.timeout_s)
-        self.client.recut(k, cut_rank, self.layout, self.flat, self.caps[c])
+        served = rpc.rpc_async(
+            SERVER, serve_client, args=(self.world.rank, k, moved), timeout=self.client.timeout_s
+        )
+        if moved is None:
+            self.client.recut(k, cut_rank, self.layout, self.flat, self.caps[c])
+        else:  # its first round at a new cut: from its old stage, as a worker of its own moves it
+            self.client.recut(*moved, self.layout, self.flat, self.caps[c])
+            self.client.move(k, cut_rank, self.layout, self.flat)
         served.wait()
         slowdown, _, bandwidth = self.cfg.simulate.for_client(c - 1, self.rnd)
         self.throttle.set(slowdown)

@@ -95,6 +95,10 @@ class Role:
         self.full_layout = build_layout(self.mcfg, self.spec, [])
         self.throttle, self.link = Throttle(1.0), Link(None)
         self.plan: Plan = {}
+        # Clients sharing workers: the (cut, cut rank) each client had before the move decided at the end
+        # of round moved_round - 1; in moved_round its worker moves it from there, as its own worker would
+        self.moved_from: Plan = {}
+        self.moved_round = 0
         self.layout: AdapterLayout = self.full_layout
         self.flat = torch.zeros(0)
         self.counts: dict[int, int] = {}  # client -> its training samples
@@ -181,7 +185,7 @@ class Role:
         if resume and resume.next_plan:  # the move decided at the end of that round, replayed
             self.move(resume.next_plan)
             dist.barrier(w)
-            self.plan = dict(resume.next_plan)
+            self.take_plan(dict(resume.next_plan), done + 1)
         dist.barrier(w)
         self.t_start = time.perf_counter() - (resume.elapsed_s if resume else 0.0)
         if done == 0:
@@ -253,7 +257,17 @@ class Role:
             )
         )
         if new_plan is not None:
-            self.plan = new_plan
+            self.take_plan(new_plan, rnd + 1)
+
+    def take_plan(self, new_plan: Plan, rnd: int) -> None:
+        """The plan from round ``rnd`` on. A client whose cut it changes starts round ``rnd`` moved from its
+        old cut (``moved_from``): with one client per worker its stage moved at once (``move``); a worker
+        that shares clients moves the client when it switches to it, if it trains in round ``rnd``, so its
+        first steps at the new cut start where its own worker's would (after that round every client
+        holds the global adapter at its cut either way)."""
+        self.moved_from = {c: self.plan[c] for c, (k, _) in new_plan.items() if k != self.plan[c][0]}
+        self.moved_round = rnd
+        self.plan = new_plan
 
     def settle(self, rnd: int, trained: ClientRound) -> None:
         """The round counts only if every rank finished it with finite losses: one stops all."""

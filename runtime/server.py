@@ -463,12 +463,18 @@ class Server:
         self.copy_vector: Callable[[int, list[nn.Module], float], torch.Tensor] | None = None  # the role's
         self.finished: dict[int, tuple[float | None, dict[str, int]]] = {}  # client -> (step s, calls)
 
-    def serve(self, worker: int, cut: int) -> None:
+    def serve(self, worker: int, cut: int, moved: tuple[int, int] | None = None) -> None:
         """Replica ``worker`` takes its next client: that client's cut and the global adapter, a fresh
-        optimizer. Layers it gains are shared from the base, which holds every client's layers."""
+        optimizer. Layers it gains are shared from the base, which holds every client's layers. ``moved``:
+        the client's (cut, cut rank) before a move this round; the replica takes the old cut and moves
+        from it, as the client's own replica did when the move was decided."""
         rep = self.replicas[worker]
         layout, flat = rep.global_adapter
-        if cut != rep.stage.start:
+        if moved is not None:
+            old, old_rank = moved
+            self.serve(worker, old)
+            rep.move(cut, self.base, layout, flat, {old - 1: old_rank})
+        elif cut != rep.stage.start:
             rep.move(cut, self.base, layout, flat, {})  # loads the global adapter into every layer
         else:
             with rep.lock:
@@ -576,9 +582,9 @@ def merged_weights(names: list[str]) -> dict[str, torch.Tensor]:
     return _SERVER.merged_weights(_SERVER.layout, names)
 
 
-def serve_client(worker: int, cut: int) -> None:
+def serve_client(worker: int, cut: int, moved: tuple[int, int] | None = None) -> None:
     """RPC target: worker ``worker`` goes on to a client cut at ``cut`` (``Server.serve``)."""
-    _SERVER.serve(worker, cut)
+    _SERVER.serve(worker, cut, moved)
 
 
 def finish_client(worker: int, client: int, weight: float) -> None:

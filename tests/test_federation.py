@@ -54,21 +54,27 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 def test_a_worker_killed_with_sampling_on_is_restarted_and_ends_equal(setup, tmp_path):
     """Worker 1 is killed after its first step of round 2 (SPLITFT_FAULT, first attempt only);
     torchrun --max-restarts=1 starts every rank again, which resume after round 1: each client's data
-    position and measured time come back from the checkpoint. Each round draws the same clients, and the
-    eval losses and the adapter are the uninterrupted run's: exactly where the same workers trained the
-    same clients up to that round; otherwise the eval losses within 1e-6 and the adapter within 1e-5
+    position and measured time come back from the checkpoint, and so does the move split.schedule
+    decided at the end of round 1 (every client's cut changes; round 2's clients move from their old
+    cuts). Each round draws the same clients, and the eval losses and the adapter are the uninterrupted
+    run's: exactly where the same workers trained the same clients up to that round; otherwise the eval
+    losses within 1e-6 and the adapter within 1e-5
     (which worker trains which client follows the measured times, so the float32 all-reduce may add the
     same copies in another grouping; seen: 8e-8 and 2.2e-6)."""
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    code, log = launch([*common_args(setup, ref), *FEDERATION])
+    fed = [*FEDERATION, "split.schedule={1: [2, 3, 1, 3]}"]
+    code, log = launch([*common_args(setup, ref), *fed])
     assert code == 0, log[-6000:]
-    code, log = launch([*common_args(setup, out), *FEDERATION], restarts=1, fault="step@1:2:1")
+    code, log = launch([*common_args(setup, out), *fed], restarts=1, fault="step@1:2:1")
     assert code == 0, log[-6000:]
     assert "SPLITFT_FAULT: killing rank 1 at step, round 2" in log
     assert "resuming after round 1 " in log
 
     ours, theirs = metrics(out), metrics(ref)
     assert [r["round"] for r in ours] == [r["round"] for r in theirs] == [1, 2, 3]
+    assert [r["cut_layers"] for r in ours] == [r["cut_layers"] for r in theirs]
+    moved = {"1": 2, "2": 3, "3": 1, "4": 3}  # the scheduled cuts, for round 2's clients
+    assert ours[1]["cut_layers"] == {str(c): moved[str(c)] for c in ours[1]["participants"]}
     same_grouping = True  # so far: every round's clients on the same workers as in the reference
     for a, b in zip(ours, theirs):
         assert a["participants"] == b["participants"] and len(a["participants"]) == 3
@@ -115,6 +121,43 @@ def test_per_client_ranks_give_the_same_federation_on_two_workers_as_on_four(fil
             held[c] = b["clients"][str(c)]["lora_bytes"]
     assert len(set(held.values())) > 1  # the clients' stages really hold different ranks
     if rule == "stack":  # the model is the merged weights (launch.export --merged)
+        wa, wb = merged_weights(out4 / "checkpoint", 3), merged_weights(out2 / "checkpoint", 3)
+    else:
+        wa = load_file(str(out4 / "adapter" / "adapter_model.safetensors"))
+        wb = load_file(str(out2 / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "stack"])
+def test_forced_moves_give_the_same_federation_on_two_workers_as_on_four(files, tmp_path, rule):  # noqa: F811
+    """split.schedule moves every client after rounds 1 and 2 (up and down, through the reduced rank at
+    the cut), 3 of 4 clients drawn a round: on four workers each stage moves at once; on two a worker
+    moves a client from its old cut when it next trains it. Participants, cuts, eval losses and the model
+    are the same within 1e-5. (A restart with a move pending: the kill test above.)"""
+    fed = [
+        "split.clients=4",
+        "split.cut_layers=[1,2,3,2]",
+        "split.schedule={1: [3, 1, 2, 3], 2: [2, 3, 1, 1]}",
+        "train.clients_per_round=3",
+        "train.local_steps=2",
+        f"train.aggregation={rule}",
+    ]
+    runs = {}
+    for m in (4, 2):
+        out = tmp_path / f"m{m}"
+        res = run_ranks(m + 1, _argv(files, out, *fed, "train.rounds=3"), tmp_path / f"logs-m{m}")
+        assert res.codes == [0] * (m + 1), res.log[-6000:]
+        runs[m] = _metrics(out), out
+    (four, out4), (two, out2) = runs[4], runs[2]
+    schedule = {2: [3, 1, 2, 3], 3: [2, 3, 1, 1]}  # every client's cut changes after rounds 1 and 2
+    for a, b in zip(four, two):
+        assert a["participants"] == b["participants"] and a["cut_layers"] == b["cut_layers"]
+        assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-5, (a["round"], a["eval_loss"], b["eval_loss"])
+        if a["round"] in schedule:  # so every client of rounds 2 and 3 trains its first round at a new cut
+            assert a["cut_layers"] == {str(c): schedule[a["round"]][c - 1] for c in a["participants"]}
+    if rule == "stack":
         wa, wb = merged_weights(out4 / "checkpoint", 3), merged_weights(out2 / "checkpoint", 3)
     else:
         wa = load_file(str(out4 / "adapter" / "adapter_model.safetensors"))
