@@ -90,6 +90,65 @@ def _improve(assigned: dict[int, list[int]], load: dict[int, float], t: dict[int
     return False
 
 
+class WorkQueue:
+    """A round's assignment as workers take it up (``split.assignment=dynamic``): each worker takes the
+    next client of its own list; a worker whose list is done takes a client that has not started from
+    the worker predicted to finish last, if it would finish that client no later than that worker would
+    finish everything. With exact predictions that never ends the round later; a client much slower
+    than predicted (one not measured yet) no longer holds up the clients queued behind it.
+
+    Times are seconds from the round's start, in the predictions' units (measured training times).
+    Pure: the caller serialises calls and passes the clock."""
+
+    def __init__(self, assigned: dict[int, list[int]], predicted_s: dict[int, float]) -> None:
+        self.queued = {w: list(cs) for w, cs in assigned.items()}
+        self.t = predicted_s
+        self.running: dict[int, tuple[int, float]] = {}  # worker -> (client, when it started)
+        self.trained_by: dict[int, int] = {}  # client -> the worker that took it
+        self.moved: list[tuple[int, int, int]] = []  # (client, from worker, to worker)
+
+    def predicted_end(self, w: int, now: float) -> float:
+        """When worker ``w`` is predicted to finish its current client and its queue (a client running
+        past its prediction is taken to end now)."""
+        end = now
+        if w in self.running:
+            c, start = self.running[w]
+            end = max(now, start + self.t[c])
+        return end + sum(self.t[c] for c in self.queued[w])
+
+    def take(self, worker: int, now: float) -> tuple[int | None, float]:
+        """What ``worker``, free at ``now``, does next: ``(client, 0)`` trains that client; ``(None, s)``:
+        nothing is worth taking now, ask again in ``s`` seconds (when a running client is predicted to
+        end); ``(None, 0)``: nothing is left for it this round."""
+        self.running.pop(worker, None)
+        if self.queued[worker]:
+            c = self.queued[worker].pop(0)
+        else:
+            others = [w for w in sorted(self.queued) if w != worker and self.queued[w]]
+            if not others:
+                return None, 0.0
+            c = self._steal(worker, others, now)
+            if c is None:  # worth asking again once the soonest running client should have ended
+                ends = [
+                    self.running[w][1] + self.t[self.running[w][0]] - now for w in others if w in self.running
+                ]
+                return None, max(1e-3, min(ends, default=1e-3))
+        self.running[worker] = (c, now)
+        self.trained_by[c] = worker
+        return c, 0.0
+
+    def _steal(self, worker: int, others: list[int], now: float) -> int | None:
+        victim = max(others, key=lambda w: (self.predicted_end(w, now), -w))
+        end = self.predicted_end(victim, now)
+        # the client whose move ends both soonest: max(the victim's end without it, now + its time)
+        c = min(self.queued[victim], key=lambda c: (max(end - self.t[c], now + self.t[c]), c))
+        if now + self.t[c] > end:
+            return None  # taking it would end the round later
+        self.queued[victim].remove(c)
+        self.moved.append((c, victim, worker))
+        return c
+
+
 def round_robin(participants: list[int], workers: list[int]) -> dict[int, list[int]]:
     """The baseline assignment: the round's clients in id order, dealt to the workers in turn."""
     assigned: dict[int, list[int]] = {w: [] for w in workers}

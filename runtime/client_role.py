@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from runtime.messages import (
 )
 from runtime.metrics import CpuUsage
 from runtime.protocol import Plan, Role
-from runtime.server import finish_client, serve_client
+from runtime.server import finish_client, next_client, serve_client
 from runtime.simulate import (
     Link,
     MemoryLimit,
@@ -188,7 +189,7 @@ class ClientRole(Role):
         simulated memory, or None if stopped."""
         rank = self.world.rank
         reports = []
-        for c in self.assignment.workers.get(rank, []):
+        for c in self.my_clients():
             if self.stop.requested:
                 return None
             t_switch = time.perf_counter()
@@ -210,6 +211,23 @@ class ClientRole(Role):
             )
             reports.append(ClientReport(trained, self.client.take_comm(), self.client.stream.state_dict(), c))
         return reports
+
+    def my_clients(self) -> Iterator[int]:
+        """This worker's clients of the round, in turn: its list in the assignment, or under
+        ``split.assignment=dynamic`` whatever rank 0's queue gives it each time it is free."""
+        if self.cfg.split.assignment != "dynamic":
+            yield from self.assignment.workers.get(self.world.rank, [])
+            return
+        while not self.stop.requested:
+            c, wait_s = rpc.rpc_sync(
+                SERVER, next_client, args=(self.world.rank,), timeout=self.client.timeout_s
+            )
+            if c is not None:
+                yield c
+            elif wait_s > 0:
+                time.sleep(wait_s)  # a client elsewhere may run late: then one queued behind it is ours
+            else:
+                return
 
     def train_client(self, c: int) -> ClientRound | UserError:
         """Client ``c``'s steps of the round, under its own simulated memory limit if it has one (the worker's

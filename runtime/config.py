@@ -154,8 +154,11 @@ class SplitConfig:
     assignment: str = "predicted"
     """Clients sharing workers: how rank 0 assigns a round's clients to workers. predicted: the longest
     first onto the least loaded worker, then moves and swaps off the busiest, by each client's measured
-    training time when it has trained before, else the cost model's prediction; round_robin: in client
-    order, one worker after another."""
+    training time when it has trained before, else the cost model's prediction; dynamic: predicted, and
+    a worker that has trained its own clients takes one not yet started from the worker predicted to
+    end last, when it would end it no later (a client slower than predicted, such as one not measured
+    yet, no longer holds up those queued behind it; which worker trains whom then follows the clock);
+    round_robin: in client order, one worker after another."""
     replan_every: int = 2
     """adaptive: re-plan after every this many rounds."""
     hysteresis: float = 0.1
@@ -628,8 +631,8 @@ def validate(cfg: Config) -> None:
         f"train.clients_per_round={t.clients_per_round}: must be >= 1 (or null: every client, every round)",
     )
     _require(
-        cfg.split.assignment in ("predicted", "round_robin"),
-        f"split.assignment={cfg.split.assignment!r}: use predicted or round_robin",
+        cfg.split.assignment in ("predicted", "dynamic", "round_robin"),
+        f"split.assignment={cfg.split.assignment!r}: use predicted, dynamic or round_robin",
     )
     _require(
         t.client_sampling in ("uniform", "by_samples"),

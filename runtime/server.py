@@ -21,6 +21,7 @@ the calling thread (an RPC thread, or distributed autograd's for a backward).
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import threading
 import time
@@ -47,6 +48,7 @@ from models.loss import target_loss, target_stats
 from models.moves import restage
 from models.stages import DTYPES, Stage, build_layers, build_stage, load_config, read_tensors
 from models.wire import decode, encode
+from partition.sampling import WorkQueue
 from runtime import faults
 from runtime.compute import ComputeThreads, split_graph
 from runtime.config import Config
@@ -64,6 +66,8 @@ from runtime.job import (
     step_factor,
 )
 from runtime.simulate import Throttle
+
+log = logging.getLogger("splitft")
 
 
 class _Mark(torch.autograd.Function):
@@ -462,6 +466,26 @@ class Server:
         self.contributions: dict[int, torch.Tensor] = {}  # client -> its replica part's share of the sum
         self.copy_vector: Callable[[int, list[nn.Module], float], torch.Tensor] | None = None  # the role's
         self.finished: dict[int, tuple[float | None, dict[str, int]]] = {}  # client -> (step s, calls)
+        self.work: WorkQueue | None = (
+            None  # split.assignment=dynamic: the round's clients as workers take them
+        )
+        self.work_lock = threading.Lock()
+        self.work_started = 0.0
+
+    def start_work(self, work: WorkQueue) -> None:
+        """The round's queue (before the assignment reaches the workers); its clock starts now."""
+        with self.work_lock:
+            self.work, self.work_started = work, time.perf_counter()
+
+    def next_client(self, worker: int) -> tuple[int | None, float]:
+        """``worker`` is free: the client it trains next (``WorkQueue.take``)."""
+        with self.work_lock:
+            moved = len(self.work.moved)
+            taken = self.work.take(worker, time.perf_counter() - self.work_started)
+            if len(self.work.moved) > moved:
+                c, frm, _ = self.work.moved[-1]
+                log.info("worker %d takes client %d, queued on worker %d, which runs late", worker, c, frm)
+            return taken
 
     def serve(self, worker: int, cut: int, moved: tuple[int, int] | None = None) -> None:
         """Replica ``worker`` takes its next client: that client's cut and the global adapter, a fresh
@@ -585,6 +609,11 @@ def merged_weights(names: list[str]) -> dict[str, torch.Tensor]:
 def serve_client(worker: int, cut: int, moved: tuple[int, int] | None = None) -> None:
     """RPC target: worker ``worker`` goes on to a client cut at ``cut`` (``Server.serve``)."""
     _SERVER.serve(worker, cut, moved)
+
+
+def next_client(worker: int) -> tuple[int | None, float]:
+    """RPC target: worker ``worker`` is free; what it does next (``Server.next_client``)."""
+    return _SERVER.next_client(worker)
 
 
 def finish_client(worker: int, client: int, weight: float) -> None:

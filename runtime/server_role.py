@@ -13,7 +13,7 @@ from models.aggregation import StackLayout
 from models.importance import Sensitivity, allocate_ranks, combine, uniform_params
 from models.lora import AdapterLayout, LoraSpec, reducible, write_adapter
 from partition.planner import PlanError
-from partition.sampling import assign_clients, client_estimates, round_robin
+from partition.sampling import WorkQueue, assign_clients, client_estimates, round_robin
 from runtime import checkpoint, dist, faults
 from runtime.checkpoint import CheckpointMismatch
 from runtime.compute import ComputeThreads
@@ -277,6 +277,9 @@ class ServerRole(Role):
 
     def report(self, trained: None) -> ServerReport:
         if self.multiplexed:  # what each replica left when its worker finished a client
+            if self.server.work is not None:  # split.assignment=dynamic: who really trained whom
+                self.worker_of = dict(self.server.work.trained_by)
+                self.server.work = None
             finished, self.server.finished = self.server.finished, {}
             for rep in self.server.replicas.values():
                 rep.take_step_time()
@@ -300,6 +303,9 @@ class ServerRole(Role):
                 "longest client first onto the least loaded worker, then moves and swaps off the busiest, "
                 "by measured or predicted time"
             )
+        if self.cfg.split.assignment == "dynamic":
+            self.server.start_work(WorkQueue(workers, predicted))
+            how += "; a worker that runs out takes clients queued on one that runs late"
         self.predicted_round_s = max(load.values())
         log.info(
             "round %d: %s (%s)",

@@ -314,7 +314,7 @@ def test_learning_rate_schedules_warm_up_then_fall_to_their_floor():
         ("train.warmup_steps=-1", "train.warmup_steps=-1: must be >= 0"),
         ("train.min_lr_ratio=1.5", "train.min_lr_ratio=1.5: must be in [0, 1]"),
         ("train.lr_schedule=step", "train.lr_schedule='step': use constant, linear or cosine"),
-        ("split.assignment=random", "split.assignment='random': use predicted or round_robin"),
+        ("split.assignment=random", "split.assignment='random': use predicted, dynamic or round_robin"),
         ("train.clients_per_round=0", "train.clients_per_round=0: must be >= 1"),
         ("train.client_sampling=weighted", "train.client_sampling='weighted': use uniform or by_samples"),
     ],

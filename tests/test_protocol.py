@@ -306,6 +306,32 @@ def test_the_federation_is_the_same_on_one_two_or_four_workers(files, tmp_path):
             torch.testing.assert_close(adapter[k], ref_adapter[k], atol=1e-5, rtol=0)
 
 
+def test_a_worker_that_runs_out_takes_the_clients_queued_behind_a_slow_one(files, tmp_path):
+    """split.assignment=dynamic, 4 clients on 2 workers, all 4 a round, client 2 forty times slower than
+    the rest (a simulated slowdown the planner does not read): in round 1 nothing is measured, so the
+    lists are balanced on the cost model alone and client 2 holds up a client queued behind it; the
+    other worker takes that one (the log says so). The federation is still the one-worker-per-client
+    run's: eval losses and adapter within 1e-5."""
+    fed = ["split.clients=4", "split.cut_layers=[1,2,3,2]", "train.local_steps=2", "train.rounds=2"]
+    ref_out, out = tmp_path / "m4", tmp_path / "dynamic"
+    res = run_ranks(5, _argv(files, ref_out, *fed), tmp_path / "logs-m4")
+    assert res.codes == [0] * 5, res.log[-6000:]
+    slow = ["split.assignment=dynamic", "simulate.slowdown=[1,40,1,1]"]
+    res = run_ranks(3, _argv(files, out, *fed, *slow), tmp_path / "logs-dynamic")
+    assert res.codes == [0] * 3, res.log[-6000:]
+    took = [line for line in res.logs[0].splitlines() if "takes client" in line]
+    assert took, res.logs[0][-4000:]
+    first = _metrics(out)[0]
+    w2 = first["workers"]["2"]
+    assert [c for c, w in first["workers"].items() if w == w2] == ["2"]  # client 2's worker trained it alone
+    for a, b in zip(_metrics(ref_out), _metrics(out)):
+        assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-5
+    ref_adapter = load_file(str(ref_out / "adapter" / "adapter_model.safetensors"))
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    for k in adapter:
+        torch.testing.assert_close(adapter[k], ref_adapter[k], atol=1e-5, rtol=0)
+
+
 def test_clients_sharing_workers_are_planned_by_resource_with_a_drawn_slowdown(files, tmp_path):
     """Five clients on two workers, three a round, under ``split.policy=resource`` and a seeded lognormal
     slowdown: rank 0 plans the two workers' probes and gives every client its worker's cut (clients 1, 3
