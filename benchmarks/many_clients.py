@@ -10,12 +10,15 @@ workers  the same federation (8 clients, all 8 each round, cuts 1-3, 3 rounds) o
 scale    N = 10, 100 and 1,000 clients, 8 drawn a round, on 2 workers: the server's peak RSS (goal: flat
          in N within 5%), the start-up time (launch to the first round's start; goal: grows less than
          linearly in N: the data are tokenised once, not once per client) and the per-client switch cost
-         (re-cut, replica, data position) as a share of that client's training time (goal: <= 5%).
+         (re-cut, replica, data position) as a share of that client's training time (goal: <= 5%), at
+         3 local steps and, for N = 100, at 10.
 hetero   100 clients with the seeded simulated slowdown {lognormal: 1} (the fastest at 1x), 8 drawn a round,
          on 2 workers, 24 rounds: split.assignment=predicted (longest measured-or-predicted client first
-         onto the least loaded worker) against round_robin; the mean round time of rounds 13-24, when most
-         drawn clients have trained before and their measured times are known (goal: at least 1.2x
-         faster), with the predicted and measured training spans (the busiest worker's).
+         onto the least loaded worker, then moves and swaps) and dynamic (the same lists, and a worker
+         that runs out takes queued clients off one that runs late) against round_robin; the mean round
+         time of rounds 13-24 (goal: at least 1.2x faster), with the predicted and measured training
+         spans (the busiest worker's) and the share of those rounds' clients that had trained before
+         (whose times are known; the others are estimated from their worker's probe).
 
 The model is a random 4-layer Llama (hidden 64) and the data the generated sort task, so the figures
 are about the runtime, not the model.
@@ -116,8 +119,16 @@ def scale_part(root: Path) -> dict:
             "switch_share_of_training": switch / trained,
             "median_switch_s": statistics.median(c["switch_s"] for r in recs for c in r["clients"].values()),
         }
+    # the switch's share at a longer local round: the same switch against more steps of training
+    fed = ["split.clients=100", "split.cut_layers=2", "train.clients_per_round=8"]
+    _, recs = launch(
+        3, base_args(root, root / "scale-steps10", *fed, "train.rounds=2", "train.local_steps=10")
+    )
+    switch = sum(c["switch_s"] for r in recs for c in r["clients"].values())
+    trained = sum(c["train_time_s"] for r in recs for c in r["clients"].values())
     rss = [out[n]["server_peak_rss_mb"] for n in out]
     return {
+        "switch_share_of_training_n100_10_steps": switch / trained,
         "by_clients": out,
         "server_rss_spread": max(rss) / min(rss) - 1,
         "startup_ratio_1000_over_10": out[1000]["startup_s"] / out[10]["startup_s"],
@@ -135,9 +146,16 @@ def hetero_part(root: Path) -> dict:
         'simulate.slowdown={"lognormal": 1}',  # the runtime's seeded draw: the fastest client at 1x
     ]
     out = {}
-    for how in ("predicted", "round_robin"):
+    for how in ("predicted", "dynamic", "round_robin"):
         _, recs = launch(3, base_args(root, root / f"hetero-{how}", *fed, f"split.assignment={how}"))
         late = recs[12:]
+        seen: set[str] = set()
+        known = []  # per round: the drawn clients that had trained before, as a share
+        for r in recs:
+            drawn = {str(c) for c in r["participants"]}
+            if r["round"] > 12:
+                known.append(len(drawn & seen) / len(drawn))
+            seen |= drawn
         spans = []
         for r in late:
             busy: dict[int, float] = {}
@@ -150,8 +168,9 @@ def hetero_part(root: Path) -> dict:
             "mean_predicted_training_span_s": statistics.mean(
                 r["plan"]["assigned_round_time_s"] for r in late
             ),
+            "share_of_clients_measured_before": statistics.mean(known),
         }
-    p, rr = out["predicted"], out["round_robin"]
+    rr = out["round_robin"]
     return {
         "slowdown": {
             "distribution": "simulate.slowdown={lognormal: 1}: exp(z), z ~ N(0, 1) seeded, over the smallest",
@@ -160,8 +179,14 @@ def hetero_part(root: Path) -> dict:
             ],
         },
         "by_assignment": out,
-        "round_time_speedup": rr["mean_round_time_s_rounds_13_24"] / p["mean_round_time_s_rounds_13_24"],
-        "training_span_speedup": rr["mean_measured_training_span_s"] / p["mean_measured_training_span_s"],
+        **{
+            f"{how}_{what}_speedup": rr[key] / out[how][key]
+            for how in ("predicted", "dynamic")
+            for what, key in (
+                ("round_time", "mean_round_time_s_rounds_13_24"),
+                ("training_span", "mean_measured_training_span_s"),
+            )
+        },
     }
 
 
