@@ -7,7 +7,8 @@ typed message of ``runtime.messages``:
 
     start      probe every process one at a time, plan the cuts (or take the checkpoint's): a
                ``Decision`` or a ``UserError`` from rank 0; build the stages; load the initial or
-               checkpointed adapter (replaying a move it recorded)
+               checkpointed adapter (replaying a move it recorded); ``lora.selection=importance``:
+               round 0's draw of clients warms up, rank 0 chooses the weights (``select``)
     train      clients take ``local_steps`` steps through their server replicas, all at once
     settle     every rank says whether it was asked to stop (SIGTERM/SIGUSR1) or diverged
                (``Settled``): one stops all
