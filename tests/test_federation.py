@@ -289,3 +289,29 @@ def test_each_client_trains_under_its_own_memory_limit_and_one_that_does_not_fit
         for c in rec["participants"]:
             assert f"client {c} trains under its simulated memory limit of {limits[c - 1]:g} GiB" in workers
             assert rec["clients"][str(c)]["vmdata_mb"] < limits[c - 1] * 1024
+
+
+def test_a_warmup_client_that_does_not_fit_its_memory_limit_is_named(files, tmp_path):  # noqa: F811
+    """Importance selection with four clients on two workers: the warm-up's clients (round 0's draw, 1, 3
+    and 4 under seed 0) warm up under their own memory limits like any round's; client 3's limit is below
+    what its worker uses, and every rank stops before round 1 with one line naming client 3, its cut
+    and its limit (exit code 2); no round and no selection is recorded."""
+    fed = [
+        "split.clients=4",
+        "split.cut_layers=[1,2,3,2]",
+        "train.clients_per_round=3",
+        "train.local_steps=2",
+        "train.rounds=1",
+        "lora.selection=importance",
+        "lora.warmup_steps=2",
+        "simulate.memory_limit_gb=[3,2.5,0.25,2]",
+    ]
+    out = tmp_path / "tight"
+    res = run_ranks(3, _argv(files, out, *fed), tmp_path / "logs")
+    assert res.codes == [EXIT_USER_ERROR] * 3, res.log[-6000:]
+    assert "importance warm-up: 2 steps of clients [1, 3, 4] " in res.logs[0]
+    said = [line for text in res.logs for line in text.splitlines() if "plan error" in line]
+    assert len(said) == 1, res.log[-6000:]
+    assert "client 3 (cut at layer 3) does not fit its simulated memory" in said[0]
+    assert "gives it 0.25 GiB" in said[0]
+    assert _metrics(out) == [] and not (out / "checkpoint").exists() and not (out / "selection.json").exists()
