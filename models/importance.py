@@ -10,8 +10,8 @@ ICLR 2023, eqs. 8-10): per trainable entry ``w`` of the module's LoRA factors,
     U_bar = b2 * U_bar + (1 - b2) * |I - I_bar|   (its uncertainty)
     score = mean over the module's entries of I_bar * U_bar
 
-Every client scores the weights its chain trains (its layers on the client, the rest on its
-server replica); the server combines the clients' scores weighted by their sample counts.
+Every warm-up client scores the weights its chain trains (its layers on the client, the rest on
+its server replica); the server combines the clients' scores weighted by their sample counts.
 
 Step 2, ranks under a budget. The budget is a number of trainable parameters: ``lora.budget``
 times what rank ``r`` on every ``lora.targets`` module costs (the uniform placement). Each

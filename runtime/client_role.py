@@ -32,10 +32,11 @@ from runtime.messages import (
     SatOut,
     Settled,
     UserError,
+    WarmupScores,
 )
 from runtime.metrics import CpuUsage
 from runtime.protocol import Plan, Role
-from runtime.server import finish_client, next_client, serve_client
+from runtime.server import finish_client, finish_warmup, next_client, serve_client
 from runtime.simulate import (
     Link,
     MemoryLimit,
@@ -145,10 +146,12 @@ class ClientRole(Role):
     def load(self, flat: torch.Tensor, resume: RunState | None) -> None:
         for model in self.client.models:
             write_adapter(model, self.layout, flat)
-        if resume is not None and not self.multiplexed:  # shared workers: positions come with each Assignment
+        if resume is None:
+            return
+        if not self.multiplexed:  # shared workers: positions come with each Assignment
             self.client.stream.load_state_dict(resume.data_positions[self.world.rank])
-            if self.cfg.train.aggregation == "stack":
-                self.client.fetch_merged(self.layout, self.client.layers)
+        if self.cfg.train.aggregation == "stack":  # the stage was read from disk: the merged weights
+            self.client.fetch_merged(self.layout, self.client.layers)
 
     def holders(self) -> list[tuple[int, torch.nn.Module, float]]:
         r = self.world.rank
@@ -158,11 +161,34 @@ class ClientRole(Role):
         self.client.global_adapter = (self.layout, self.flat.to(self.world.device))
 
     # ------------------------------------------------------------------ importance selection (HSplitLoRA)
-    def warmup(self) -> dict:
+    def warmup(self) -> WarmupScores | UserError:
+        if self.multiplexed:
+            return self.warmup_clients()
+        if self.world.rank not in self.participants:  # not drawn for the warm-up
+            return WarmupScores()
         scorer = Sensitivity()
         self.client.train_round(self.cfg.lora.warmup_steps, lambda: False, scorer)
         self.client.take_comm()
-        return scorer.scores()
+        return WarmupScores({self.world.rank: scorer.scores()})
+
+    def warmup_clients(self) -> WarmupScores | UserError:
+        """Clients sharing workers: warms up this worker's warm-up clients one after another, each as a
+        worker of its own would (its cut and ranks, its data from the start, its own seed and simulated
+        profile, a fresh scorer here and on the replica), so each client's scores do not depend on which
+        worker ran it. Returns them with where each client's data stopped, or the user error of a client
+        that does not fit its simulated memory."""
+        rank, out = self.world.rank, WarmupScores()
+        for c in self.assignment.workers.get(rank, []):
+            self.switch_to(c)
+            torch.manual_seed(round_seed(self.cfg.seed, c, 0))
+            scorer = Sensitivity()
+            trained = self.train_client(c, self.cfg.lora.warmup_steps, scorer)
+            if isinstance(trained, UserError):
+                return trained
+            rpc.rpc_sync(SERVER, finish_warmup, args=(rank, c), timeout=self.client.timeout_s)
+            out.scores[c], out.streams[c] = scorer.scores(), self.client.stream.state_dict()
+        self.client.take_comm()
+        return out
 
     def relora(self) -> None:
         self.client.relora(self.spec)
@@ -229,14 +255,16 @@ class ClientRole(Role):
             else:
                 return
 
-    def train_client(self, c: int) -> ClientRound | UserError:
-        """Client ``c``'s steps of the round, under its own simulated memory limit if it has one (the worker's
-        own limit is back afterwards, whatever happened): a client whose cut does not fit that limit, before
-        or while it trains, is a user error naming the client, its cut and its limit."""
-        train = lambda: self.client.train_round(
-            self.cfg.train.local_steps, lambda: self.stop.requested, rnd=self.rnd
-        )
-        _, limit_gb, _ = self.cfg.simulate.for_client(c - 1, self.rnd)
+    def train_client(
+        self, c: int, steps: int | None = None, scorer: Sensitivity | None = None
+    ) -> ClientRound | UserError:
+        """Client ``c``'s steps of the round (``train.local_steps``; the importance warm-up's ``steps``,
+        scored by ``scorer``), under its own simulated memory limit if it has one (the worker's own limit
+        is back afterwards, whatever happened): a client whose cut does not fit that limit, before or while
+        it trains, is a user error naming the client, its cut and its limit."""
+        n = self.cfg.train.local_steps if steps is None else steps
+        train = lambda: self.client.train_round(n, lambda: self.stop.requested, scorer, rnd=self.rnd)
+        _, limit_gb, _ = self.cfg.simulate.for_client(c - 1, self.simulated_round)
         if self.memory is None or limit_gb is None:
             return train()
         try:
@@ -271,7 +299,7 @@ class ClientRole(Role):
             self.client.recut(*moved, self.layout, self.flat, self.caps[c])
             self.client.move(k, cut_rank, self.layout, self.flat)
         served.wait()
-        slowdown, _, bandwidth = self.cfg.simulate.for_client(c - 1, self.rnd)
+        slowdown, _, bandwidth = self.cfg.simulate.for_client(c - 1, self.simulated_round)
         self.throttle.set(slowdown)
         self.link.bandwidth_mbps = bandwidth
         stream = self.streams[c]
@@ -279,6 +307,12 @@ class ClientRole(Role):
         if position is not None:
             stream.load_state_dict(position)
         self.client.stream = stream
+
+    @property
+    def simulated_round(self) -> int:
+        """The round whose simulated profile applies: the importance warm-up (round 0) runs at round 1's,
+        as a worker per client does."""
+        return max(self.rnd, 1)
 
     def take_contributions(self) -> dict[int, torch.Tensor]:
         parts, self.contributions = self.contributions, {}

@@ -44,6 +44,7 @@ TYPES: dict[str, type] = {
         messages.ClientReport,
         messages.ServerReport,
         messages.Assignment,
+        messages.WarmupScores,
         ResourceProfile,
         Measured,
         RankReport,

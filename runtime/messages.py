@@ -4,7 +4,8 @@ the scheduler and to the round's record.
 Every phase of ``runtime.protocol.Role`` that gathers or broadcasts sends one of these (or a list of
 them), so a reader can see what crosses the process group without following string keys:
 
-    start      rank 0 broadcasts a :class:`Decision` (the plan) or a :class:`UserError`
+    start      rank 0 broadcasts a :class:`Decision` (the plan) or a :class:`UserError`; under
+               ``lora.selection=importance`` every rank gathers its :class:`WarmupScores`
     train      a client's :class:`ClientRound` is :class:`RoundStats`, or a :class:`Divergence`
     settle     every rank gathers a :class:`Settled`
     record     the clients gather a :class:`ClientReport`, the server a :class:`ServerReport`
@@ -243,6 +244,16 @@ class Assignment:
 
     workers: dict[int, list[int]]  # worker -> the clients it trains this round, one after another
     positions: dict[int, dict | None]  # client -> its BatchStream state (None: from the start)
+
+
+@dataclass
+class WarmupScores:
+    """What a worker's importance warm-up gives rank 0 (``lora.selection=importance``): each warm-up
+    client's scores of the weights its stage trained, and, when clients share workers, where each one's
+    data stream stopped (rank 0 hands it to whichever worker trains that client next)."""
+
+    scores: dict[int, dict[str, float]] = field(default_factory=dict)  # client -> module -> score
+    streams: dict[int, dict] = field(default_factory=dict)  # client -> its BatchStream state
 
 
 @dataclass

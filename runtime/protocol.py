@@ -7,7 +7,8 @@ typed message of ``runtime.messages``:
 
     start      probe every process one at a time, plan the cuts (or take the checkpoint's): a
                ``Decision`` or a ``UserError`` from rank 0; build the stages; load the initial or
-               checkpointed adapter (replaying a move it recorded)
+               checkpointed adapter (replaying a move it recorded); ``lora.selection=importance``:
+               round 0's draw of clients warms up, rank 0 chooses the weights (``select``)
     train      clients take ``local_steps`` steps through their server replicas, all at once
     settle     every rank says whether it was asked to stop (SIGTERM/SIGUSR1) or diverged
                (``Settled``): one stops all
@@ -60,6 +61,7 @@ from runtime.messages import (
     RunState,
     Settled,
     UserError,
+    WarmupScores,
     first_divergence,
 )
 from runtime.probe import ResourceProfile, probe
@@ -172,7 +174,7 @@ class Role:
         for per_rank in dist.gather_objects(w, self.n_samples()):  # workers sharing clients all say all
             self.counts.update(per_rank)
         self.participants = sorted(self.counts)
-        self.weights = round_weights(self.counts, self.participants)  # the warm-up's: every client
+        self.weights = round_weights(self.counts, self.participants)  # until a round (or the warm-up) draws
         self.announce([self.counts[c] for c in self.participants])
         dist.barrier(w)  # replicas exist before any client asks for its RRef
         self.connect()
@@ -317,17 +319,32 @@ class Role:
 
     def select(self) -> None:
         """HSplitLoRA step 1 and 2: a warm-up scores every candidate weight, rank 0 allocates ranks under
-        the budget, and every holder starts again with LoRA on the chosen weights only."""
-        w = self.world
+        the budget, and every holder starts again with LoRA on the chosen weights only.
+
+        The warm-up's clients are round 0's draw (``train.clients_per_round`` of them, seeded as every
+        round's; every client when it is unset), weighted by their shares of the drawn samples: what a
+        round trains, so the warm-up costs one round's clients whatever N is, and its clients and
+        weights do not depend on the workers. Clients sharing workers warm up one after another on
+        the worker rank 0 assigns them, as they train."""
+        w, t = self.world, self.cfg.train
+        self.participants = sample_clients(
+            self.cfg.seed, 0, self.counts, t.clients_per_round, t.client_sampling
+        )
+        self.weights = round_weights(self.counts, self.participants)
         log.info(
-            "importance warm-up: %d steps scoring %d weights",
+            "importance warm-up: %d steps of clients %s scoring %d weights",
             self.cfg.lora.warmup_steps,
+            self.participants,
             len(self.layout.slots),
         )
         self.prepare_warmup()
+        if self.multiplexed:
+            self.assignment = dist.broadcast_object(w, self.assign(0))
         dist.barrier(w)
         scores = dist.gather_objects(w, self.warmup())
-        selection = dist.broadcast_object(w, self.choose(scores))
+        selection: dict | UserError = dist.broadcast_object(w, self.choose(scores))
+        if isinstance(selection, UserError):
+            raise selection.exception()
         self.use_selection(selection)
         self.relora()
         self.flat = initial_adapter(self.layout, self.cfg.seed)
@@ -506,10 +523,10 @@ class Role:
     def prepare_warmup(self) -> None:
         pass
 
-    def warmup(self) -> dict | None:
+    def warmup(self) -> WarmupScores | UserError | None:
         return None
 
-    def choose(self, scores: list[dict | None]) -> dict | None:
+    def choose(self, scores: list[WarmupScores | UserError | None]) -> dict | UserError | None:
         return None
 
     def relora(self) -> None:

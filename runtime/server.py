@@ -466,9 +466,9 @@ class Server:
         self.contributions: dict[int, torch.Tensor] = {}  # client -> its replica part's share of the sum
         self.copy_vector: Callable[[int, list[nn.Module], float], torch.Tensor] | None = None  # the role's
         self.finished: dict[int, tuple[float | None, dict[str, int]]] = {}  # client -> (step s, calls)
-        self.work: WorkQueue | None = (
-            None  # split.assignment=dynamic: the round's clients as workers take them
-        )
+        self.warmup_scores: dict[int, dict[str, float]] = {}  # lora.selection=importance: client -> scores
+        # split.assignment=dynamic: the round's clients as workers take them
+        self.work: WorkQueue | None = None
         self.work_lock = threading.Lock()
         self.work_started = 0.0
 
@@ -515,6 +515,16 @@ class Server:
                 lambda: self.copy_vector(client, [rep.stage.hf], weight)
             )
             self.finished[client] = (rep.take_step_time(), dict(rep.calls))
+
+    def finish_warmup(self, worker: int, client: int) -> None:
+        """Replica ``worker`` is done with ``client``'s importance warm-up: its last step applied and
+        scored, that client's scores kept, a fresh scorer for the worker's next client."""
+        rep = self.replicas[worker]
+        rep.flush()
+        with rep.lock:
+            self.warmup_scores[client] = rep.scorer.scores()
+            rep.scorer = Sensitivity()
+            rep.take_step_time()
 
     def init_shadow(self, layout: AdapterLayout) -> None:
         """stack: the base weights of the target modules outside the shared base (below it, and a U-shaped
@@ -619,6 +629,11 @@ def next_client(worker: int) -> tuple[int | None, float]:
 def finish_client(worker: int, client: int, weight: float) -> None:
     """RPC target: worker ``worker`` finished ``client``'s steps (``Server.finish``)."""
     _SERVER.finish(worker, client, weight)
+
+
+def finish_warmup(worker: int, client: int) -> None:
+    """RPC target: worker ``worker`` finished ``client``'s importance warm-up (``Server.finish_warmup``)."""
+    _SERVER.finish_warmup(worker, client)
 
 
 def replica_rref(rank: int) -> rpc.RRef:

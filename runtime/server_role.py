@@ -21,7 +21,15 @@ from runtime.config import Config, fingerprint
 from runtime.debug import dump_copies
 from runtime.explain import describe_plan, describe_replan
 from runtime.job import LossScale
-from runtime.messages import Assignment, Decision, EvalDetails, RunState, ServerReport, UserError
+from runtime.messages import (
+    Assignment,
+    Decision,
+    EvalDetails,
+    RunState,
+    ServerReport,
+    UserError,
+    WarmupScores,
+)
 from runtime.metrics import (
     CpuUsage,
     MetricsWriter,
@@ -203,16 +211,26 @@ class ServerRole(Role):
         for replica in self.server.replicas.values():
             replica.scorer = Sensitivity()
 
-    def choose(self, scores: list[dict | None]) -> dict:
-        """Combines every chain's scores (client part + its replica's) and allocates the ranks."""
-        chains = []
+    def choose(self, scores: list[WarmupScores | UserError | None]) -> dict | UserError:
+        """Combines the warm-up clients' chain scores (client part + its replica's), weighted, summed in
+        client order (so the sum does not depend on which worker ran whom), and allocates the ranks."""
+        error = next((s for s in scores if isinstance(s, UserError)), None)
+        if error is not None:  # a client that did not fit its simulated memory: every rank stops
+            return error
+        parts = [s for s in scores if isinstance(s, WarmupScores)]
+        clients = {c: part for s in parts for c, part in s.scores.items()}
+        for s in parts:  # clients sharing workers: where the warm-up left each client's data
+            self.positions.update(s.streams)
+        replicas = self.server.warmup_scores
         for r, replica in sorted(self.server.replicas.items()):
             replica.flush()
-            chains.append(({**scores[r], **replica.scorer.scores()}, self.weights[r]))
+            if not self.multiplexed:  # one client per worker: the replica is client r's
+                replicas[r] = replica.scorer.scores()
             replica.scorer = None
             replica.take_step_time()
             replica.new_round()
-        combined = combine(chains)
+        self.server.warmup_scores = {}
+        combined = combine([({**clients[c], **replicas[c]}, self.weights[c]) for c in sorted(clients)])
         shapes = {s.name: (s.in_features, s.out_features) for s in self.full_layout.slots}
         suffix = lambda name: name.rsplit(".", 1)[-1]
         reference = {n: v for n, v in shapes.items() if suffix(n) in self.reference_targets}

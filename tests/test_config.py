@@ -351,6 +351,8 @@ def test_a_federation_the_workers_cannot_run_is_named_before_it_starts(overrides
 def test_more_clients_than_workers_is_a_federation_of_the_clients():
     cfg = load_config("torchrun_configs/tiny_cpu.yaml", ["split.clients=8", "split.cut_layers=2"])
     assert cfg.n_clients(5) == 8 and validate_for_world(cfg, 5, 4) == [2] * 8
+    importance = ["split.clients=8", "split.cut_layers=2", "lora.selection=importance"]
+    assert validate_for_world(load_config("torchrun_configs/tiny_cpu.yaml", importance), 5, 4) == [2] * 8
     assert load_config("torchrun_configs/tiny_cpu.yaml", []).n_clients(5) == 4
 
 

@@ -3,7 +3,8 @@ another, re-cut to each client's cut and ranks.
 
 Under a real torchrun: a worker killed mid-round under ``--max-restarts`` with client sampling on, and
 the restarted job ends where an uninterrupted one does. With the ranks as processes of the test
-(tests/ranks.py): per-client LoRA ranks give the same federation on two workers as on four.
+(tests/ranks.py): per-client LoRA ranks, and HSplitLoRA's importance selection, give the same
+federation on two workers as on four.
 """
 
 from __future__ import annotations
@@ -167,6 +168,77 @@ def test_forced_moves_give_the_same_federation_on_two_workers_as_on_four(files, 
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
 
 
+def _selection(out: Path, rnd: int) -> dict:
+    """The importance selection in round ``rnd``'s checkpoint (what a resumed run replays)."""
+    state = json.loads((out / "checkpoint" / f"round-{rnd:06d}" / "state.json").read_text())
+    return state["selection"]
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "stack"])
+def test_importance_selection_gives_the_same_federation_on_two_workers_as_on_four(files, tmp_path, rule):  # noqa: F811
+    """HSplitLoRA's importance selection with four clients cut at 1, 2, 3, 2, three drawn a round: the
+    warm-up's clients are round 0's draw, on four workers each on its own, on two one after another
+    (re-cut to each client's cut). The selection (every weight's rank; its score within 1e-9 of the
+    largest) is the same, in the metrics and in the checkpoint; then every client trains the chosen
+    weights at its own cut (the same LoRA bytes, which differ between cuts), and each round's clients,
+    eval losses (within 1e-5) and the model (the adapter; under stack the merged weights; within 1e-5)
+    are the same. The two-worker run is stopped after round 2 and resumed: the selection comes back from
+    the checkpoint, the warm-up is not redone."""
+    fed = [
+        "split.clients=4",
+        "split.cut_layers=[1,2,3,2]",
+        "train.clients_per_round=3",
+        "train.local_steps=2",
+        "lora.selection=importance",
+        "lora.warmup_steps=3",
+        f"train.aggregation={rule}",
+    ]
+    runs, logs = {}, {}
+    for m, rounds in ((4, [3]), (2, [2, 3])):
+        out = tmp_path / f"m{m}"
+        for n in rounds:
+            res = run_ranks(m + 1, _argv(files, out, *fed, f"train.rounds={n}"), tmp_path / f"logs-m{m}-{n}")
+            assert res.codes == [0] * (m + 1), res.log[-6000:]
+            logs[m, n] = res.logs[0]
+        runs[m] = _metrics(out), out
+    (four, out4), (two, out2) = runs[4], runs[2]
+    (warmup,) = [x for x in logs[2, 2].splitlines() if "importance warm-up" in x]
+    start = warmup.index("clients [") + 8
+    drawn = json.loads(warmup[start : warmup.index("]", start) + 1])
+    assert len(drawn) == 3 and f"of clients {drawn} " in logs[4, 3]  # round 0's draw, on any M
+    said = [x for x in logs[2, 2].splitlines() if "round 0: worker" in x]
+    assert len(said) == 1 and "worker 1 trains clients" in said[0] and "worker 2 trains clients" in said[0]
+    assert "importance warm-up" not in logs[2, 3] and "resuming after round 2 " in logs[2, 3]
+
+    chosen4, chosen2 = four[0]["lora_selection"], two[0]["lora_selection"]
+    assert chosen4 == chosen2 and 0 < chosen4["trainable_params"] <= chosen4["budget_params"]
+    assert len(set(chosen4["ranks"].values())) > 1  # weights at different ranks
+    sel4, sel2 = _selection(out4, 3), _selection(out2, 3)
+    assert sel4["ranks"] == sel2["ranks"] and sel4["scores"].keys() == sel2["scores"].keys()
+    top = max(sel4["scores"].values())
+    assert top > 0
+    for name, score in sel4["scores"].items():
+        assert abs(score - sel2["scores"][name]) <= 1e-9 * top, (name, score, sel2["scores"][name])
+
+    assert [r["round"] for r in two] == [1, 2, 3]
+    assert len({c for r in two for c in r["workers"].values()}) == 2
+    held = {}
+    for a, b in zip(four, two):
+        assert a["participants"] == b["participants"] and len(a["participants"]) == 3
+        assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-5, (a["round"], a["eval_loss"], b["eval_loss"])
+        for c in a["participants"]:
+            assert a["clients"][str(c)]["lora_bytes"] == b["clients"][str(c)]["lora_bytes"]
+            held[c] = b["clients"][str(c)]["lora_bytes"]
+    assert len(set(held.values())) > 1  # the clients' stages hold the chosen weights of their own cuts
+    if rule == "stack":  # the model is the merged weights (launch.export --merged)
+        wa, wb = merged_weights(out4 / "checkpoint", 3), merged_weights(out2 / "checkpoint", 3)
+    else:
+        wa, wb = _adapter(out4), _adapter(out2)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------- per-client memory limits
 
 
@@ -261,3 +333,29 @@ def test_each_client_trains_under_its_own_memory_limit_and_one_that_does_not_fit
         for c in rec["participants"]:
             assert f"client {c} trains under its simulated memory limit of {limits[c - 1]:g} GiB" in workers
             assert rec["clients"][str(c)]["vmdata_mb"] < limits[c - 1] * 1024
+
+
+def test_a_warmup_client_that_does_not_fit_its_memory_limit_is_named(files, tmp_path):  # noqa: F811
+    """Importance selection with four clients on two workers: the warm-up's clients (round 0's draw, 1, 3
+    and 4 under seed 0) warm up under their own memory limits like any round's; client 3's limit is below
+    what its worker uses, and every rank stops before round 1 with one line naming client 3, its cut
+    and its limit (exit code 2); no round and no selection is recorded."""
+    fed = [
+        "split.clients=4",
+        "split.cut_layers=[1,2,3,2]",
+        "train.clients_per_round=3",
+        "train.local_steps=2",
+        "train.rounds=1",
+        "lora.selection=importance",
+        "lora.warmup_steps=2",
+        "simulate.memory_limit_gb=[3,2.5,0.25,2]",
+    ]
+    out = tmp_path / "tight"
+    res = run_ranks(3, _argv(files, out, *fed), tmp_path / "logs")
+    assert res.codes == [EXIT_USER_ERROR] * 3, res.log[-6000:]
+    assert "importance warm-up: 2 steps of clients [1, 3, 4] " in res.logs[0]
+    said = [line for text in res.logs for line in text.splitlines() if "plan error" in line]
+    assert len(said) == 1, res.log[-6000:]
+    assert "client 3 (cut at layer 3) does not fit its simulated memory" in said[0]
+    assert "gives it 0.25 GiB" in said[0]
+    assert _metrics(out) == [] and not (out / "checkpoint").exists() and not (out / "selection.json").exists()
