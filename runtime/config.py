@@ -882,7 +882,6 @@ def _check_shared_workers(cfg: Config, n_clients: int, n_workers: int) -> None:
     where = f"split.clients={n_clients} on {n_workers} workers"
     unsupported = [
         (not cfg.split.schedule, "split.schedule", "no split.schedule"),
-        (cfg.split.mode == "standard", f"split.mode={cfg.split.mode}", "split.mode=standard"),
         (cfg.lora.selection == "all", f"lora.selection={cfg.lora.selection}", "lora.selection=all"),
     ]
     for ok, what, fix in unsupported:
