@@ -146,8 +146,8 @@ class ClientRole(Role):
             write_adapter(model, self.layout, flat)
         if resume is not None and not self.multiplexed:  # shared workers: positions come with each Assignment
             self.client.stream.load_state_dict(resume.data_positions[self.world.rank])
-            if self.cfg.train.aggregation == "stack":
-                self.client.fetch_merged(self.layout, self.client.layers)
+        if resume is not None and self.cfg.train.aggregation == "stack":  # the layers read from disk
+            self.client.fetch_merged(self.layout, self.client.layers)
 
     def holders(self) -> list[tuple[int, torch.nn.Module, float]]:
         r = self.world.rank

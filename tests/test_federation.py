@@ -133,7 +133,9 @@ def test_u_shape_gives_the_same_federation_on_two_workers_as_on_four(files, tmp_
     three drawn a round, on four workers (one each) and on two (each worker's stage re-cut, and its tail
     given the global adapter at the client's own rank, for every client it trains): the same draws, eval
     losses and model (the adapter; under stack the merged weights, the tail's among them) within 1e-5.
-    Dealt round-robin, so that a worker trains clients of both cuts in one round (the first)."""
+    Dealt round-robin, so that a worker trains clients of both cuts in one round (the first). The
+    two-worker run is stopped after round 2 and resumed (under stack its workers take the merged
+    weights of every layer they hold from the server)."""
     cuts = [1, 2, 1, 2]
     fed = [
         "split.mode=u_shape",
@@ -143,18 +145,18 @@ def test_u_shape_gives_the_same_federation_on_two_workers_as_on_four(files, tmp_
         "split.assignment=round_robin",
         "train.clients_per_round=3",
         "train.local_steps=2",
-        "train.rounds=3",
         f"train.aggregation={rule}",
         *([ranks] if ranks else []),
     ]
     runs = {}
-    for m in (4, 2):
+    for m, rounds in ((4, [3]), (2, [2, 3])):
         out = tmp_path / f"m{m}"
-        res = run_ranks(m + 1, _argv(files, out, *fed), tmp_path / f"logs-m{m}")
-        assert res.codes == [0] * (m + 1), res.log[-6000:]
+        for n in rounds:
+            res = run_ranks(m + 1, _argv(files, out, *fed, f"train.rounds={n}"), tmp_path / f"logs-m{m}-{n}")
+            assert res.codes == [0] * (m + 1), res.log[-6000:]
         runs[m] = _metrics(out), out
     (four, out4), (two, out2) = runs[4], runs[2]
-    assert len(four) == len(two) == 3
+    assert [r["round"] for r in four] == [r["round"] for r in two] == [1, 2, 3]
     mixed = [
         {cuts[int(c) - 1] for c, w in r["workers"].items() if w == worker}
         for r in two
