@@ -3,7 +3,8 @@ another, re-cut to each client's cut and ranks.
 
 Under a real torchrun: a worker killed mid-round under ``--max-restarts`` with client sampling on, and
 the restarted job ends where an uninterrupted one does. With the ranks as processes of the test
-(tests/ranks.py): per-client LoRA ranks give the same federation on two workers as on four.
+(tests/ranks.py): per-client LoRA ranks, and the U-shaped split, give the same federation on two
+workers as on four.
 """
 
 from __future__ import annotations
