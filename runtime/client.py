@@ -259,13 +259,18 @@ class Client:
         ``lora.r``), holding the global adapter at those ranks: what a worker does when it goes on to the
         next of its clients (``split.clients`` > workers). The stage is then what one built for that
         client would be; unlike :meth:`move`, the model need not stay the same function (the previous
-        client's trained adapter is dropped), so any cut rank and cap are allowed."""
+        client's trained adapter is dropped), so any cut rank and cap are allowed. U-shaped, the tail
+        takes the global adapter too, at the new cap."""
         old = self.cut
         if (cut, cut_rank, cap) == (old, self.cut_rank, self.cap):
             for model in self.models:
                 write_adapter(model, layout, flat.to(self.device))
             return
+        retail = self.tail is not None and cap != self.cap  # the tail's layers take the new client's rank
         self.cap = cap
+        if retail:
+            strip_layers(self.tail, list(range(self.tail.start, self.tail.end)))
+            inject_layers(self.tail, self.spec, self._tail_ranks(self.spec))
         strip_layers(self.stage, list(range(old)))
         if cut < old:
             self.stage.drop_layers(list(range(cut, old)))
@@ -275,7 +280,8 @@ class Client:
             )
         self._rehook(list(range(cut, old)), list(range(old, cut)))
         inject_layers(self.stage, self.spec, target_ranks(0, cut, self.spec, cut_rank, self.cap))
-        write_adapter(self.stage.hf, layout, flat.to(self.device))
+        for model in self.models:
+            write_adapter(model, layout, flat.to(self.device))
         self.cut, self.cut_rank = cut, cut_rank
         self.params = self._lora_parameters()
         if self.cfg.train.aggregation == "stack" and cut > old:  # the layers read from disk: merged weights

@@ -836,9 +836,7 @@ def check_clients(cfg: Config, world_size: int) -> int:
 def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int] | None:
     """Checks the config against the launch and the model; returns each client's cut layer (None when
     the resource or adaptive policy will choose them)."""
-    n_clients, n_workers = check_clients(cfg, world_size), world_size - 1
-    if n_clients > n_workers:
-        _check_shared_workers(cfg, n_clients, n_workers)
+    n_clients = check_clients(cfg, world_size)
     k = cfg.train.clients_per_round
     if k is not None:
         _require(
@@ -878,21 +876,6 @@ def validate_for_world(cfg: Config, world_size: int, n_layers: int) -> list[int]
     cuts = cfg.cut_layers_for(n_clients)
     _check_cuts(cuts, n_clients, n_layers, "split.cut_layers", tail)
     return cuts
-
-
-def _check_shared_workers(cfg: Config, n_clients: int, n_workers: int) -> None:
-    """What a run of more clients than workers supports (each worker trains its clients one after
-    another, on one stage that it re-cuts to each client's cut)."""
-    where = f"split.clients={n_clients} on {n_workers} workers"
-    unsupported = [
-        (cfg.split.mode == "standard", f"split.mode={cfg.split.mode}", "split.mode=standard"),
-    ]
-    for ok, what, fix in unsupported:
-        _require(
-            ok,
-            f"{where}: {what} is not supported when clients share workers; use {fix}, or launch one worker "
-            f"per client (--nproc_per_node={n_clients + 1})",
-        )
 
 
 def _check_cuts(cuts: list[int], n_clients: int, n_layers: int, where: str, tail: int = 0) -> None:

@@ -333,10 +333,6 @@ def test_a_schedule_that_cannot_run_is_named(override, message):
             ["split.clients=8", "train.clients_per_round=9"],
             "train.clients_per_round=9 but the run has 8 clients",
         ),
-        (
-            ["split.clients=8", "split.mode=u_shape", "split.tail_layers=1"],
-            "split.mode=u_shape is not supported",
-        ),
         (["split.clients=8", "simulate.slowdown=[1,2,3,4]"], "simulate.slowdown has 4 entries for 8 clients"),
         (["split.clients=8", "split.cut_layers=[1,2,3,2]"], "split.cut_layers has 4 entries for 8 clients"),
     ],
@@ -353,6 +349,11 @@ def test_more_clients_than_workers_is_a_federation_of_the_clients():
     assert cfg.n_clients(5) == 8 and validate_for_world(cfg, 5, 4) == [2] * 8
     importance = ["split.clients=8", "split.cut_layers=2", "lora.selection=importance"]
     assert validate_for_world(load_config("torchrun_configs/tiny_cpu.yaml", importance), 5, 4) == [2] * 8
+    u_shape = ["split.clients=8", "split.cut_layers=[1,2,1,2,1,2,1,2]", "split.mode=u_shape"]
+    cfg = load_config("torchrun_configs/tiny_cpu.yaml", [*u_shape, "split.tail_layers=1"])
+    assert validate_for_world(cfg, 5, 4) == [1, 2] * 4  # U-shaped on shared workers too
+    forced = ["split.clients=8", "split.cut_layers=2", "split.schedule={1: [1, 2, 3, 1, 2, 3, 1, 2]}"]
+    assert validate_for_world(load_config("torchrun_configs/tiny_cpu.yaml", forced), 5, 4) == [2] * 8
     assert load_config("torchrun_configs/tiny_cpu.yaml", []).n_clients(5) == 4
 
 

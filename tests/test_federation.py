@@ -3,8 +3,8 @@ another, re-cut to each client's cut and ranks.
 
 Under a real torchrun: a worker killed mid-round under ``--max-restarts`` with client sampling on, and
 the restarted job ends where an uninterrupted one does. With the ranks as processes of the test
-(tests/ranks.py): per-client LoRA ranks, and HSplitLoRA's importance selection, give the same
-federation on two workers as on four.
+(tests/ranks.py): per-client LoRA ranks, forced moves, HSplitLoRA's importance selection and the
+U-shaped split give the same federation on two workers as on four.
 """
 
 from __future__ import annotations
@@ -235,6 +235,61 @@ def test_importance_selection_gives_the_same_federation_on_two_workers_as_on_fou
     else:
         wa, wb = _adapter(out4), _adapter(out2)
     assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "rule, ranks",
+    [("stack", None), ("fedavg", "lora.client_ranks=[8,4,2,4]")],  # svd shares stack's per-chain blocks
+)
+def test_u_shape_gives_the_same_federation_on_two_workers_as_on_four(files, tmp_path, rule, ranks):  # noqa: F811
+    """U-shaped (each client keeps the top layer, the norm and the head): four clients cut at 1, 2, 1, 2,
+    three drawn a round, on four workers (one each) and on two (each worker's stage re-cut, and its tail
+    given the global adapter at the client's own rank, for every client it trains): the same draws, eval
+    losses and model (the adapter; under stack the merged weights, the tail's among them) within 1e-5.
+    Dealt round-robin, so that a worker trains clients of both cuts in one round (the first). The
+    two-worker run is stopped after round 2 and resumed (under stack its workers take the merged
+    weights of every layer they hold from the server)."""
+    cuts = [1, 2, 1, 2]
+    fed = [
+        "split.mode=u_shape",
+        "split.tail_layers=1",
+        "split.clients=4",
+        f"split.cut_layers={cuts}".replace(" ", ""),
+        "split.assignment=round_robin",
+        "train.clients_per_round=3",
+        "train.local_steps=2",
+        f"train.aggregation={rule}",
+        *([ranks] if ranks else []),
+    ]
+    runs = {}
+    for m, rounds in ((4, [3]), (2, [2, 3])):
+        out = tmp_path / f"m{m}"
+        for n in rounds:
+            res = run_ranks(m + 1, _argv(files, out, *fed, f"train.rounds={n}"), tmp_path / f"logs-m{m}-{n}")
+            assert res.codes == [0] * (m + 1), res.log[-6000:]
+        runs[m] = _metrics(out), out
+    (four, out4), (two, out2) = runs[4], runs[2]
+    assert [r["round"] for r in four] == [r["round"] for r in two] == [1, 2, 3]
+    mixed = [
+        {cuts[int(c) - 1] for c, w in r["workers"].items() if w == worker}
+        for r in two
+        for worker in set(r["workers"].values())
+    ]
+    assert {1, 2} in mixed  # a worker went from a client cut at 1 to one cut at 2 within a round
+    for a, b in zip(four, two):
+        assert a["participants"] == b["participants"] and len(a["participants"]) == 3
+        assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-5, (a["round"], a["eval_loss"], b["eval_loss"])
+        for c in a["participants"]:
+            assert a["clients"][str(c)]["lora_bytes"] == b["clients"][str(c)]["lora_bytes"]
+    if rule == "stack":  # the model is the merged weights (launch.export --merged)
+        wa, wb = merged_weights(out4 / "checkpoint", 3), merged_weights(out2 / "checkpoint", 3)
+    else:
+        wa = load_file(str(out4 / "adapter" / "adapter_model.safetensors"))
+        wb = load_file(str(out2 / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert any("layers.3." in k for k in wa)  # the clients' tail layer is part of the model compared
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
 
