@@ -321,7 +321,7 @@ class ServerRole(Role):
                 "longest client first onto the least loaded worker, then moves and swaps off the busiest, "
                 "by measured or predicted time"
             )
-        if self.cfg.split.assignment == "dynamic":
+        if self.cfg.split.assignment == "dynamic" and rnd > 0:  # the importance warm-up keeps its lists
             self.server.start_work(WorkQueue(workers, predicted))
             how += "; a worker that runs out takes clients queued on one that runs late"
         self.predicted_round_s = max(load.values())
