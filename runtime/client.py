@@ -67,13 +67,14 @@ from runtime.job import (
     data_seed,
     exchanges_norms,
     learning_rate,
+    loss_logits,
     make_optimizer,
+    micro_weights,
     scale_grads,
     set_learning_rate,
     squared_grad_norm,
     stage_kwargs,
     step_factor,
-    target_tokens,
 )
 from runtime.messages import ClientRound, CommBytes, Divergence, RoundStats
 from runtime.metrics import peak_rss_mb
@@ -381,10 +382,9 @@ class Client:
         the server's stop flag), or a Divergence at the first NaN or infinite loss."""
         n = self.cfg.train.grad_accum
         cpu_batches = [self.stream.next() for _ in range(n)]
-        total = sum(target_tokens(b) for b in cpu_batches) if n > 1 else None
         loss_sum = tokens = compute_s = 0.0
         stopping = False
-        for i, cpu_batch in enumerate(cpu_batches):
+        for i, (cpu_batch, weight) in enumerate(zip(cpu_batches, micro_weights(cpu_batches))):
             tally.input_tokens += float(cpu_batch["attention_mask"].sum())  # on CPU: no device sync
             batch = self._to_device(cpu_batch)
             with dist_autograd.context() as ctx:
@@ -392,7 +392,6 @@ class Client:
                 loss = float(fwd.loss.detach())
                 if not math.isfinite(loss):
                     return Divergence(step=step, loss=loss)
-                weight = None if total is None else target_tokens(cpu_batch) / max(total, 1)
                 compute_s += self._backward(ctx, fwd, weight)
             n_tokens = float(fwd.stats[0])
             loss_sum += loss * n_tokens
@@ -434,7 +433,7 @@ class Client:
         h2 = decode(arrived, self.wire_dtype, self.hidden_size, self.stage_dtype)
         with autocast(self.cfg, self.device):
             logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
-        loss, n_tokens = target_loss(self._loss_dtype(logits), shift_targets(batch["labels"]))
+        loss, n_tokens = target_loss(loss_logits(self.cfg, logits), shift_targets(batch["labels"]))
         stats = torch.cat([n_tokens.double().reshape(1), flag.double().reshape(-1)])
         return _Forward(wire, loss, stats, compute_s + time.perf_counter() - t_tail, back, arrived, probe)
 
@@ -451,10 +450,6 @@ class Client:
         if probe is not None:
             extra["probe"] = probe
         return extra, probe
-
-    def _loss_dtype(self, logits: torch.Tensor) -> torch.Tensor:
-        """Under autocast the loss is taken in float32 (the logits come out in the autocast dtype)."""
-        return logits.float() if self.cfg.train.autocast != "none" else logits
 
     def _backward(self, ctx: int, fwd: _Forward, weight: float | None = None) -> float:
         """The server's backward (distributed autograd brings the gradient at the cut back), then this
@@ -564,7 +559,7 @@ class Client:
                 h2 = decode(back, self.wire_dtype, self.hidden_size, self.stage_dtype)
                 with autocast(self.cfg, self.device):
                     logits = self.tail(hidden=h2, attention_mask=batch["attention_mask"])
-                stats = target_stats(self._loss_dtype(logits), shift_targets(batch["labels"]))
+                stats = target_stats(loss_logits(self.cfg, logits), shift_targets(batch["labels"]))
                 totals += torch.stack([t.double() for t in stats]).cpu()
         return totals
 

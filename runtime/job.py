@@ -405,6 +405,11 @@ def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMan
     return torch.autocast(device.type, dtype=getattr(torch, cfg.train.autocast))
 
 
+def loss_logits(cfg: Config, logits: torch.Tensor) -> torch.Tensor:
+    """The logits a loss is taken of: float32 under ``train.autocast`` (they come out in its dtype)."""
+    return logits.float() if cfg.train.autocast != "none" else logits
+
+
 def check_autocast(cfg: Config, device: torch.device) -> None:
     """ConfigError when this device cannot run the forward under ``train.autocast`` (float16 on a CPU
     whose torch build lacks the kernels), found by running one small matmul as the run would."""
@@ -425,6 +430,16 @@ def check_autocast(cfg: Config, device: torch.device) -> None:
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
     """The positions of a batch that have a target (what its loss is averaged over)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def micro_weights(batches: list[dict[str, torch.Tensor]]) -> list[float | None]:
+    """``train.grad_accum``: each micro-batch's share of the step's target tokens, by which its loss is
+    scaled so that the gradients add up to those of one batch of all of them (None: a single batch,
+    unscaled)."""
+    if len(batches) == 1:
+        return [None]
+    total = max(sum(target_tokens(b) for b in batches), 1)
+    return [target_tokens(b) / total for b in batches]
 
 
 def data_seed(cfg: Config, client_index: int) -> int:

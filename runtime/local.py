@@ -48,14 +48,15 @@ from runtime.job import (
     learning_rate,
     load_tokenizer,
     lora_spec,
+    loss_logits,
     make_optimizer,
+    micro_weights,
     model_config,
     resolve_model_path,
     round_seed,
     scale_grads,
     set_learning_rate,
     squared_grad_norm,
-    target_tokens,
     tune_malloc,
 )
 from runtime.messages import EvalDetails, GenerationScore
@@ -140,16 +141,13 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
     writer = MetricsWriter(out / "metrics.jsonl", [])
     tensorboard = TensorBoardLog(out / "tensorboard", 1) if cfg.runtime.tensorboard else None
 
-    def loss_dtype(logits: torch.Tensor) -> torch.Tensor:
-        return logits.float() if cfg.train.autocast != "none" else logits
-
     def micro_batch(b: dict[str, torch.Tensor], weight: float | None) -> tuple[float, float]:
         """One micro-batch's forward and backward, its loss scaled by its share of the step's tokens."""
         with autocast(cfg, cpu):
             logits = model(
                 input_ids=b["input_ids"], attention_mask=b["attention_mask"], **forward_kwargs
             ).logits
-        loss, n_tokens = mean_loss(loss_dtype(logits), b["labels"])
+        loss, n_tokens = mean_loss(loss_logits(cfg, logits), b["labels"])
         root = loss if weight is None else loss * weight
         (root if scaler is None else scaler.scale(root)).backward()
         return float(loss.detach()), float(n_tokens)
@@ -190,10 +188,9 @@ def run_local(cfg: Config, data: ClientData | None = None) -> list[dict]:
         n = cfg.train.grad_accum
         for step in range(1, cfg.train.local_steps + 1):
             batches = [stream.next() for _ in range(n)]
-            total = sum(target_tokens(b) for b in batches) if n > 1 else None
             step_sum = step_tokens = 0.0
-            for b in batches:
-                loss, n_tokens = micro_batch(b, None if total is None else target_tokens(b) / max(total, 1))
+            for b, weight in zip(batches, micro_weights(batches)):
+                loss, n_tokens = micro_batch(b, weight)
                 step_sum += loss * n_tokens
                 step_tokens += n_tokens
                 input_tokens += float(b["attention_mask"].sum())
@@ -266,8 +263,7 @@ def _loss(
     for b in batches:
         with autocast(cfg, device):
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        logits = logits.float() if cfg.train.autocast != "none" else logits
-        totals += torch.stack([t.double() for t in token_stats(logits, b["labels"])])
+        totals += torch.stack([t.double() for t in token_stats(loss_logits(cfg, logits), b["labels"])])
     loss_sum, tokens, correct = totals.tolist()
     return loss_sum / max(tokens, 1.0), correct / max(tokens, 1.0), tokens
 

@@ -58,6 +58,7 @@ from runtime.job import (
     check_autocast,
     exchanges_norms,
     learning_rate,
+    loss_logits,
     make_optimizer,
     scale_grads,
     set_learning_rate,
@@ -312,7 +313,7 @@ class ServerReplica:
                 hidden = decode(x, self.wire_dtype, self.hidden_size, self.stage_dtype)
                 with autocast(self.cfg, self.device):
                     logits = self.stage(hidden=_Mark.apply(hidden, self.marks, "end"), attention_mask=mask)
-                loss, n_tokens = target_loss(self._loss_dtype(logits), targets)
+                loss, n_tokens = target_loss(loss_logits(self.cfg, logits), targets)
                 self.marks["forward_s"] = time.perf_counter() - t0
                 return _Mark.apply(loss, self.marks, "start"), n_tokens
 
@@ -371,7 +372,7 @@ class ServerReplica:
             hidden = decode(sent, self.wire_dtype, self.hidden_size, self.stage_dtype)
             with autocast(self.cfg, self.device):
                 logits = self.stage(hidden=hidden, attention_mask=mask)
-            loss_sum, n_tokens, correct = target_stats(self._loss_dtype(logits), targets)
+            loss_sum, n_tokens, correct = target_stats(loss_logits(self.cfg, logits), targets)
             return torch.stack([loss_sum.double(), n_tokens.double(), correct.double()])
 
         return self._evaluating(job)
@@ -386,10 +387,6 @@ class ServerReplica:
             return logits[torch.arange(len(last), device=logits.device), last].argmax(-1)
 
         return self._evaluating(job)
-
-    def _loss_dtype(self, logits: torch.Tensor) -> torch.Tensor:
-        """Under autocast the loss is taken in float32 (the logits come out in the autocast dtype)."""
-        return logits.float() if self.cfg.train.autocast != "none" else logits
 
     def _evaluating(self, job: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``job()`` through the global adapter, in eval mode, without grad, on the compute thread."""

@@ -52,6 +52,19 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
+def _assert_same_model(out_a: Path, out_b: Path, rule: str) -> dict[str, torch.Tensor]:
+    """The two runs' models agree within 1e-5: the adapter, or under stack the merged weights of round
+    3's checkpoint (what ``launch.export --merged`` writes). Returns the first run's."""
+    if rule == "stack":
+        wa, wb = merged_weights(out_a / "checkpoint", 3), merged_weights(out_b / "checkpoint", 3)
+    else:
+        wa, wb = _adapter(out_a), _adapter(out_b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+    return wa
+
+
 def test_a_worker_killed_with_sampling_on_is_restarted_and_ends_equal(setup, tmp_path):
     """Worker 1 is killed after its first step of round 2 (SPLITFT_FAULT, first attempt only);
     torchrun --max-restarts=1 starts every rank again, which resume after round 1: each client's data
@@ -121,14 +134,7 @@ def test_per_client_ranks_give_the_same_federation_on_two_workers_as_on_four(fil
             assert a["clients"][str(c)]["lora_bytes"] == b["clients"][str(c)]["lora_bytes"]
             held[c] = b["clients"][str(c)]["lora_bytes"]
     assert len(set(held.values())) > 1  # the clients' stages really hold different ranks
-    if rule == "stack":  # the model is the merged weights (launch.export --merged)
-        wa, wb = merged_weights(out4 / "checkpoint", 3), merged_weights(out2 / "checkpoint", 3)
-    else:
-        wa = load_file(str(out4 / "adapter" / "adapter_model.safetensors"))
-        wb = load_file(str(out2 / "adapter" / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys() and wa
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+    _assert_same_model(out4, out2, rule)
 
 
 @pytest.mark.parametrize("rule", ["fedavg", "stack"])
@@ -158,14 +164,7 @@ def test_forced_moves_give_the_same_federation_on_two_workers_as_on_four(files, 
         assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-5, (a["round"], a["eval_loss"], b["eval_loss"])
         if a["round"] in schedule:  # so every client of rounds 2 and 3 trains its first round at a new cut
             assert a["cut_layers"] == {str(c): schedule[a["round"]][c - 1] for c in a["participants"]}
-    if rule == "stack":
-        wa, wb = merged_weights(out4 / "checkpoint", 3), merged_weights(out2 / "checkpoint", 3)
-    else:
-        wa = load_file(str(out4 / "adapter" / "adapter_model.safetensors"))
-        wb = load_file(str(out2 / "adapter" / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys() and wa
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+    _assert_same_model(out4, out2, rule)
 
 
 def _selection(out: Path, rnd: int) -> dict:
@@ -230,13 +229,7 @@ def test_importance_selection_gives_the_same_federation_on_two_workers_as_on_fou
             assert a["clients"][str(c)]["lora_bytes"] == b["clients"][str(c)]["lora_bytes"]
             held[c] = b["clients"][str(c)]["lora_bytes"]
     assert len(set(held.values())) > 1  # the clients' stages hold the chosen weights of their own cuts
-    if rule == "stack":  # the model is the merged weights (launch.export --merged)
-        wa, wb = merged_weights(out4 / "checkpoint", 3), merged_weights(out2 / "checkpoint", 3)
-    else:
-        wa, wb = _adapter(out4), _adapter(out2)
-    assert wa.keys() == wb.keys() and wa
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+    _assert_same_model(out4, out2, rule)
 
 
 @pytest.mark.parametrize(
@@ -283,15 +276,8 @@ def test_u_shape_gives_the_same_federation_on_two_workers_as_on_four(files, tmp_
         assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-5, (a["round"], a["eval_loss"], b["eval_loss"])
         for c in a["participants"]:
             assert a["clients"][str(c)]["lora_bytes"] == b["clients"][str(c)]["lora_bytes"]
-    if rule == "stack":  # the model is the merged weights (launch.export --merged)
-        wa, wb = merged_weights(out4 / "checkpoint", 3), merged_weights(out2 / "checkpoint", 3)
-    else:
-        wa = load_file(str(out4 / "adapter" / "adapter_model.safetensors"))
-        wb = load_file(str(out2 / "adapter" / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys()
+    wa = _assert_same_model(out4, out2, rule)
     assert any("layers.3." in k for k in wa)  # the clients' tail layer is part of the model compared
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------- per-client memory limits
