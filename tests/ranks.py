@@ -1,10 +1,11 @@
 """The ranks of a split run as processes of the test, on a ``TCPStore(port=0)`` the test holds: the
 round protocol with real RPC, distributed autograd and gloo, without torchrun's agent.
 
-Each rank is a spawned process that sets the environment torchrun would give it (rank, world size,
-the store's address, ``TORCHELASTIC_USE_AGENT_STORE``) and runs ``launch.train.main``, the entry
-point torchrun runs. The store plays torchrun's agent store: the ranks rendezvous on it under a
-prefix of their attempt (``runtime.dist``). Every rank has a timeout; none outlives the call.
+Each rank is a process forked from a fork server that has imported the job's code once (``_context``).
+It takes the test's environment and the one torchrun would give it (rank, world size, the store's
+address, ``TORCHELASTIC_USE_AGENT_STORE``) and runs ``launch.train.main``, the entry point torchrun
+runs. The store plays torchrun's agent store: the ranks rendezvous on it under a prefix of their
+attempt (``runtime.dist``). Every rank has a timeout; none outlives the call.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ class Ranks:
         return "\n".join(f"--- rank {r}\n{text}" for r, text in enumerate(self.logs))
 
 
-def _rank_main(rank: int, world_size: int, port: int, run_id: str, argv: list[str], log_path: str) -> None:
+def _rank_main(
+    rank: int, world_size: int, port: int, run_id: str, argv: list[str], log_path: str, env: dict[str, str]
+) -> None:
+    os.environ.clear()  # the test's environment now, as a spawned process would have it (not the fork
+    os.environ.update(env)  # server's, taken when it started)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -64,16 +69,45 @@ def _rank_main(rank: int, world_size: int, port: int, run_id: str, argv: list[st
     main(argv)
 
 
+_CONTEXT: mp.context.ForkServerContext | None = None
+
+
+def _context() -> mp.context.ForkServerContext:
+    """A fork server that has imported ``launch.train`` (torch, transformers, peft: seconds of CPU a
+    process) once, with one OpenMP thread as torchrun's ranks have; every rank forks from it. It
+    imports and nothing more (no thread pool, no process group), so each rank starts as a spawned
+    one would, without the import. It ends with the test session."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["launch.train"])
+        before = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"  # read by OpenMP when the fork server loads torch
+        try:
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
+        finally:
+            if before is None:
+                os.environ.pop("OMP_NUM_THREADS")
+            else:
+                os.environ["OMP_NUM_THREADS"] = before
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
 def run_ranks(world_size: int, argv: list[str], log_dir: Path, timeout_s: float = 240) -> Ranks:
     """Runs ``launch.train`` with ``argv`` on ``world_size`` ranks; returns when all have exited."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     run_id = uuid.uuid4().hex
     log_dir.mkdir(parents=True, exist_ok=True)
     logs = [log_dir / f"rank{r}.log" for r in range(world_size)]
     procs = [
         ctx.Process(
-            target=_rank_main, args=(r, world_size, store.port, run_id, argv, str(logs[r])), daemon=True
+            target=_rank_main,
+            args=(r, world_size, store.port, run_id, argv, str(logs[r]), dict(os.environ)),
+            daemon=True,
         )
         for r in range(world_size)
     ]
