@@ -13,7 +13,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -63,6 +65,7 @@ def _rank_main(
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    os.chdir(REPO)  # where torchrun's launches in the tests run: config paths are relative to it
     sys.path.insert(0, str(REPO))
     from launch.train import main
 
@@ -129,3 +132,13 @@ def run_ranks(world_size: int, argv: list[str], log_dir: Path, timeout_s: float 
         codes=[None if r in killed else p.exitcode for r, p in enumerate(procs)],
         logs=[path.read_text(errors="replace") if path.is_file() else "" for path in logs],
     )
+
+
+def launch(n_procs: int, argv: list[str], timeout_s: float = 240) -> subprocess.CompletedProcess:
+    """What ``torchrun --standalone --nproc_per_node=N -m launch.train ARGV`` returns for a run that needs
+    no restart, from ``run_ranks``: exit code 0 when every rank ended with 0, else 1 (torchrun's), and
+    the ranks' logs as its output."""
+    with tempfile.TemporaryDirectory(prefix="ranks-") as logs:
+        res = run_ranks(n_procs, argv, Path(logs), timeout_s)
+    code = 0 if all(c == 0 for c in res.codes) else 1
+    return subprocess.CompletedProcess(["launch.train", *argv], code, res.log, "")

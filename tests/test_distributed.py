@@ -1,4 +1,5 @@
-"""Multi-process tests: real torchrun, real RPC and distributed autograd, gloo on CPU.
+"""Multi-process tests: real RPC and distributed autograd, gloo on CPU; real torchrun where the launch
+is part of what is tested, else the ranks of ``tests.ranks.launch`` (torchrun's environment, no agent).
 
 Few and small: a 4-layer random Llama, a generated sort dataset, a handful of steps. Each
 launch gets a free port (torchrun --standalone), a timeout, and its own process group that is
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 
 from models.tiny import generate_examples, write_jsonl
 from tests.random_models import save_random_model
+from tests.ranks import launch
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT_S = 240
@@ -112,7 +114,7 @@ def test_one_client_split_matches_unsplit_step_for_step(setup, tmp_path, schedul
 
     settings = ["train.rounds=2", "train.local_steps=10", "lora.r_cut=8", "split.cut_layers=2", *schedule]
     settings.append("runtime.intra_op_threads=2")
-    split = torchrun(2, [*common_args(setup, tmp_path / "split"), *settings])
+    split = launch(2, [*common_args(setup, tmp_path / "split"), *settings])
     assert split.returncode == 0, split.stdout[-4000:]
     assert re.search(r"the replicas compute on \d+ thread\(s\) of 2 intra-op threads", split.stdout)
     local = run_local(
@@ -270,7 +272,7 @@ def test_forced_replan_moves_layers_and_the_loss_is_continuous(setup, tmp_path):
         "split.schedule={1: [3, 1]}",
         "runtime.debug=true",
     ]
-    res = torchrun(3, [*args, "train.rounds=2"])
+    res = launch(3, [*args, "train.rounds=2"])
     assert res.returncode == 0, res.stdout[-4000:]
     records = metrics(out)
     assert [r["cut_layers"] for r in records] == [{"1": 1, "2": 3}, {"1": 3, "2": 1}]
@@ -287,7 +289,7 @@ def test_forced_replan_moves_layers_and_the_loss_is_continuous(setup, tmp_path):
     assert (out / "profiles.json").is_file()
 
     # Resume after the move: the checkpoint's plan, not the configured cuts, is the one in force.
-    res = torchrun(3, [*args, "train.rounds=3", "runtime.resume=true"])
+    res = launch(3, [*args, "train.rounds=3", "runtime.resume=true"])
     assert res.returncode == 0, res.stdout[-4000:]
     assert metrics(out)[2]["cut_layers"] == {"1": 3, "2": 1}
 
@@ -311,7 +313,7 @@ def test_dropout_checkpoint_split_matches_unsplit(tmp_path, setup, shape):
         "split.cut_layers=2",
         "lora.dropout=0.1",
     ]
-    split = torchrun(2, ["torchrun_configs/tiny_cpu.yaml", *args])
+    split = launch(2, ["torchrun_configs/tiny_cpu.yaml", *args])
     assert split.returncode == 0, split.stdout[-4000:]
     local_args = [*args, f"output_dir={tmp_path / 'local'}"]
     local = run_local(load_config("torchrun_configs/tiny_cpu.yaml", local_args))
