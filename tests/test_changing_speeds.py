@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from tests.test_distributed import common_args, metrics, setup, torchrun  # noqa: F401  (fixture)
+from tests.ranks import launch
+from tests.test_distributed import common_args, metrics, setup  # noqa: F401  (fixture)
 
 
 def test_a_client_that_turns_slow_is_given_fewer_layers_within_replan_every(setup, tmp_path):
@@ -21,7 +22,7 @@ def test_a_client_that_turns_slow_is_given_fewer_layers_within_replan_every(setu
         "train.local_steps=4",
         "simulate.slowdown={1: 1, 2: [1, 40]}",
     ]
-    res = torchrun(3, [*args, "train.rounds=3"])
+    res = launch(3, [*args, "train.rounds=3"])
     assert res.returncode == 0, res.stdout[-4000:]
     records = metrics(out)
     first_probe = json.loads((out / "profiles.json").read_text())
@@ -41,7 +42,7 @@ def test_a_client_that_turns_slow_is_given_fewer_layers_within_replan_every(setu
 
     # The probe measures the speed of the round a launch starts with: round 1 (factor 1) at first,
     # round 4 (factor 40) after a resume.
-    res = torchrun(3, [*args, "train.rounds=4", "runtime.resume=true"])
+    res = launch(3, [*args, "train.rounds=4", "runtime.resume=true"])
     assert res.returncode == 0, res.stdout[-4000:]
     assert "resuming after round 3" in res.stdout
     probe = json.loads((out / "profiles.json").read_text())

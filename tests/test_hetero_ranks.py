@@ -1,5 +1,6 @@
-"""Heterogeneous ranks end to end (real torchrun, RPC, gloo): stack keeps one merged base at every
-holder through a move and a resume, and each round's eval loss is the loss of the exported model."""
+"""Heterogeneous ranks end to end (real RPC, gloo; ranks of ``tests.ranks.launch``): stack keeps one
+merged base at every holder through a move and a resume, and each round's eval loss is the loss of the
+exported model."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from models.stages import full_model
 from runtime.checkpoint import merged_weights, rounds
 from runtime.config import load_config
 from runtime.job import client_data
-from tests.test_distributed import common_args, metrics, setup, torchrun  # noqa: F401 (fixture)
+from tests.ranks import launch
+from tests.test_distributed import common_args, metrics, setup  # noqa: F401 (fixture)
 
 
 def exported_eval_loss(model: torch.nn.Module, args: list[str], model_path) -> float:
@@ -61,7 +63,7 @@ def test_stack_keeps_one_merged_base_through_a_move_and_a_resume(setup, tmp_path
         "split.schedule={1: [3, 1]}",
         "runtime.debug=true",
     ]
-    res = torchrun(3, [*args, "train.rounds=2"])
+    res = launch(3, [*args, "train.rounds=2"])
     assert res.returncode == 0, res.stdout[-4000:]
     records = metrics(out)
     assert [r["cut_layers"] for r in records] == [{"1": 1, "2": 3}, {"1": 3, "2": 1}]
@@ -71,7 +73,7 @@ def test_stack_keeps_one_merged_base_through_a_move_and_a_resume(setup, tmp_path
     assert _holders_agree(out / "debug" / "round2") > 0
     assert records[1]["eval_loss"] < records[0]["eval_loss"]
 
-    res = torchrun(3, [*args, "train.rounds=3", "runtime.resume=true"])
+    res = launch(3, [*args, "train.rounds=3", "runtime.resume=true"])
     assert res.returncode == 0, res.stdout[-4000:]
     assert "resuming after round 2" in res.stdout
     assert _holders_agree(out / "debug" / "round3") > 0
@@ -121,7 +123,7 @@ def test_importance_selection_and_client_ranks_evaluate_the_exported_adapter(
         "train.local_steps=6",
         "train.rounds=2",
     ]
-    res = torchrun(3, args)
+    res = launch(3, args)
     assert res.returncode == 0, res.stdout[-4000:]
     records = metrics(out)
     final = records[-1]

@@ -1,8 +1,9 @@
 """Training recipes on both sides of the split and in the unsplit reference: gradient accumulation,
 activation checkpointing and autocast (gradient clipping's parity is in test_distributed).
 
-Each test launches small one-client split runs with real torchrun, RPC and distributed autograd on
-gloo (the fixtures and helpers of test_distributed) and runs ``launch.train_local`` in-process.
+Each test launches small one-client split runs (``tests.ranks.launch``) with real RPC and distributed
+autograd on gloo (the fixtures and helpers of test_distributed) and runs ``launch.train_local``
+in-process.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from safetensors.torch import load_file
 
 from runtime.config import ConfigError, load_config
 from runtime.local import run_local
-from tests.test_distributed import common_args, metrics, setup, torchrun  # noqa: F401 (setup: a fixture)
+from tests.ranks import launch
+from tests.test_distributed import common_args, metrics, setup  # noqa: F401 (setup: a fixture)
 
 CONFIG = "torchrun_configs/tiny_cpu.yaml"
 
 
 def split_run(setup: dict, out: Path, settings: list[str]) -> tuple[list[float], dict[str, torch.Tensor]]:
     """A one-client split run: its step losses and its final adapter."""
-    res = torchrun(2, [*common_args(setup, out), *settings])
+    res = launch(2, [*common_args(setup, out), *settings])
     assert res.returncode == 0, res.stdout[-4000:]
     losses = [x for r in metrics(out) for x in r["clients"]["1"]["step_losses"]]
     return losses, load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -183,7 +185,7 @@ def test_float16_autocast_scales_the_loss_across_the_split(setup, tmp_path):
     # Resumed for a third round, the replica continues from the checkpoint's scale and tracker, and the
     # run is the uninterrupted one's.
     args = [*common_args(setup, tmp_path / "split"), *fp16]
-    res = torchrun(2, [*args, "train.rounds=3", "runtime.resume=true"])
+    res = launch(2, [*args, "train.rounds=3", "runtime.resume=true"])
     assert res.returncode == 0, res.stdout[-4000:]
     resumed = [x for r in metrics(tmp_path / "split") for x in r["clients"]["1"]["step_losses"]]
     whole = split_run(setup, tmp_path / "whole", [*fp16, "train.rounds=3"])

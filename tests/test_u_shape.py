@@ -1,5 +1,6 @@
-"""The U-shaped split (real torchrun, RPC, gloo): labels, token ids and logits never leave the client,
-one client still computes what the unsplit model computes, and cuts move under int8 on the wire."""
+"""The U-shaped split (real RPC, gloo; ranks of ``tests.ranks.launch``): labels, token ids and logits
+never leave the client, one client still computes what the unsplit model computes, and cuts move under
+int8 on the wire."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from safetensors.torch import load_file
 
 from runtime.config import load_config
 from runtime.local import run_local
-from tests.test_distributed import common_args, metrics, setup, torchrun  # noqa: F401 (fixture)
+from tests.ranks import launch
+from tests.test_distributed import common_args, metrics, setup  # noqa: F401 (fixture)
 
 VOCAB_HINT = "last=64"  # hidden size of the test model; its vocabulary is larger
 
@@ -25,7 +27,7 @@ def test_u_shape_one_client_matches_unsplit_and_keeps_labels_home(setup, tmp_pat
         "split.tail_layers=1",
     ]
     out = tmp_path / "u"
-    res = torchrun(2, [*common_args(setup, out), *settings, "runtime.debug=true"])
+    res = launch(2, [*common_args(setup, out), *settings, "runtime.debug=true"])
     assert res.returncode == 0, res.stdout[-4000:]
     local = run_local(
         load_config("torchrun_configs/tiny_cpu.yaml", [*common_args(setup, tmp_path / "l")[1:], *settings])
@@ -74,7 +76,7 @@ def test_u_shape_moves_cuts_with_int8_on_the_wire(setup, tmp_path):  # noqa: F81
         "train.rounds=2",
         "runtime.debug=true",
     ]
-    res = torchrun(3, args)
+    res = launch(3, args)
     assert res.returncode == 0, res.stdout[-4000:]
     records = metrics(out)
     assert [r["cut_layers"] for r in records] == [{"1": 1, "2": 2}, {"1": 2, "2": 1}]
