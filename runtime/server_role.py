@@ -12,7 +12,7 @@ import torch
 from models.aggregation import StackLayout
 from models.importance import Sensitivity, allocate_ranks, combine, uniform_params
 from models.lora import AdapterLayout, LoraSpec, reducible, write_adapter
-from partition.planner import PlanError
+from partition.planner import PlanError, Prediction
 from partition.sampling import WorkQueue, assign_clients, client_estimates, round_robin
 from runtime import checkpoint, dist, faults
 from runtime.checkpoint import CheckpointMismatch
@@ -69,6 +69,7 @@ class ServerRole(Role):
         self.worker_of: dict[int, int] = {}  # client -> the worker that trains it this round
         self.client_times: dict[int, float] = {}  # client -> its training time when it last trained
         self.predicted_round_s: float | None = None  # shared workers: the busiest worker's predicted time
+        self.prediction: Prediction | None = None  # the cost model's round (begin_round)
         # simulate.server_slowdown: hooked on the probe's layer and on every replica's layers
         self.throttle = Throttle(cfg.simulate.for_server(1), changing=cfg.simulate.changes)
 
@@ -269,9 +270,13 @@ class ServerRole(Role):
     def begin_round(self, rnd: int) -> None:
         for replica in self.server.replicas.values():
             replica.round = rnd  # its steps' learning rates (runtime.job.learning_rate)
+        # The cost model's round, once and before any client starts: over a thousand clients it is tens
+        # of milliseconds of Python, which would hold the GIL while the RPC threads serve the workers'
+        # first switches of the round.
+        self.prediction = self.scheduler.predict(self.cuts)
 
-    def predict(self):
-        return self.scheduler.predict(self.cuts)
+    def predict(self) -> Prediction:
+        return self.prediction
 
     def train(self) -> None:
         self._usage = CpuUsage()  # what the server process and the host used while the clients trained
@@ -309,7 +314,8 @@ class ServerRole(Role):
     def assign(self, rnd: int) -> Assignment:
         """Clients sharing workers: the round's clients onto the workers (``split.assignment``), each with
         its data position. A client's time is what it took when it last trained, else the cost model's."""
-        modelled = dict(zip(sorted(self.cut_map), self.scheduler.predict(self.cuts).client_time_s))
+        prediction = self.prediction if rnd > 0 else self.scheduler.predict(self.cuts)  # warm-up: no round
+        modelled = dict(zip(sorted(self.cut_map), prediction.client_time_s))
         predicted = client_estimates(modelled, self.client_times)
         if self.cfg.split.assignment == "round_robin":
             workers = round_robin(self.participants, self.workers)
