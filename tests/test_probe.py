@@ -87,7 +87,7 @@ def test_throttle_slows_time_not_math(layer_stage):
 
     # Handles removed: no hooks left, and the layer is back to its own pace.
     assert not layer._forward_pre_hooks and not layer._forward_hooks
-    after = statistics.median(fwd_bwd(layer_stage, hidden)[2] for _ in range(5))
+    after = min(fwd_bwd(layer_stage, hidden)[2] for _ in range(5))  # noise only adds time
     assert after < (statistics.median(plain) + statistics.median(slow)) / 2
     assert Throttle(1).attach(layer) == []
 
