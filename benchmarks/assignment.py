@@ -18,8 +18,6 @@ draws    the best a perfect split can do against round-robin for 8 of 100 client
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
 import math
 import random
@@ -28,23 +26,10 @@ from datetime import date
 from pathlib import Path
 
 from partition.sampling import WorkQueue, assign_clients, round_robin
+from tests.assignment_oracles import best_split, longest_first, makespan, play
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results" / "assignment.json"
-
-
-def longest_first(t: dict[int, float], m: int) -> float:
-    load = [0.0] * m
-    for c in sorted(t, key=lambda c: (-t[c], c)):
-        load[load.index(min(load))] += t[c]
-    return max(load)
-
-
-def best(t: dict[int, float], m: int) -> float:
-    return min(
-        max(sum(t[c] for c, w in zip(t, ws) if w == k) for k in range(m))
-        for ws in itertools.product(range(m), repeat=len(t))
-    )
 
 
 def search_part() -> dict:
@@ -55,7 +40,7 @@ def search_part() -> dict:
         t = {c: round(rng.lognormvariate(0, 1), 3) for c in range(1, n + 1)}
         _, load = assign_clients(list(t), t, list(range(1, m + 1)))
         if m**n <= 6561:
-            b = best(t, m)
+            b = best_split(t, m)
             ours.append(max(load.values()) / b)
             lpt.append(longest_first(t, m) / b)
     return {
@@ -63,21 +48,6 @@ def search_part() -> dict:
         "predicted_over_best": {"mean": statistics.mean(ours), "worst": max(ours)},
         "longest_first_over_best": {"mean": statistics.mean(lpt), "worst": max(lpt)},
     }
-
-
-def play(queue: WorkQueue, actual: dict[int, float], workers: list[int]) -> float:
-    """A round under the queue: each worker asks when it is free; when the last client ends."""
-    free = [(0.0, w) for w in workers]
-    end = 0.0
-    while free:
-        now, w = heapq.heappop(free)
-        c, wait = queue.take(w, now)
-        if c is not None:
-            heapq.heappush(free, (now + actual[c], w))
-            end = max(end, now + actual[c])
-        elif wait > 0:
-            heapq.heappush(free, (now + wait, w))
-    return end
 
 
 def queue_part() -> dict:
@@ -89,8 +59,7 @@ def queue_part() -> dict:
         t = {c: round(rng.lognormvariate(0, 1), 3) for c in range(1, n + 1)}
         assigned, _ = assign_clients(list(t), t, workers)
         actual = {c: t[c] * rng.lognormvariate(0, 1) for c in t}
-        static = max(sum(actual[c] for c in cs) for cs in assigned.values())
-        gains.append(static / play(WorkQueue(assigned, t), actual, workers))
+        gains.append(makespan(assigned, actual) / play(WorkQueue(assigned, t), actual, workers))
     return {"static_over_dynamic": {"mean": statistics.mean(gains), "min": min(gains), "max": max(gains)}}
 
 
@@ -99,8 +68,8 @@ def perfect_over_round_robin(slowdown: list[float], share: float) -> float:
     for r in range(4000):
         drawn = sorted(random.Random(r).sample(range(1, len(slowdown) + 1), 8))
         t = {c: 1 + share * slowdown[c - 1] for c in drawn}
-        rr = max(sum(t[c] for c in cs) for cs in round_robin(drawn, [1, 2]).values())
-        ratios.append(rr / best(t, 2))
+        rr = makespan(round_robin(drawn, [1, 2]), t)
+        ratios.append(rr / best_split(t, 2))
     return statistics.mean(ratios)
 
 

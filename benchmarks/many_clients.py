@@ -118,6 +118,7 @@ def scale_part(root: Path) -> dict:
             "startup_s": wall - recs[-1]["elapsed_s"],  # launch to the first round, and the shutdown
             "switch_share_of_training": switch / trained,
             "median_switch_s": statistics.median(c["switch_s"] for r in recs for c in r["clients"].values()),
+            "largest_switch_s": max(c["switch_s"] for r in recs for c in r["clients"].values()),
         }
     # the switch's share at a longer local round: the same switch against more steps of training
     fed = ["split.clients=100", "split.cut_layers=2", "train.clients_per_round=8"]

@@ -69,7 +69,7 @@ class ServerRole(Role):
         self.worker_of: dict[int, int] = {}  # client -> the worker that trains it this round
         self.client_times: dict[int, float] = {}  # client -> its training time when it last trained
         self.predicted_round_s: float | None = None  # shared workers: the busiest worker's predicted time
-        self.prediction: Prediction | None = None  # the cost model's round (begin_round)
+        self.prediction: Prediction | None = None  # the cost model's round (begin_round, prepare_warmup)
         # simulate.server_slowdown: hooked on the probe's layer and on every replica's layers
         self.throttle = Throttle(cfg.simulate.for_server(1), changing=cfg.simulate.changes)
 
@@ -211,6 +211,7 @@ class ServerRole(Role):
     def prepare_warmup(self) -> None:
         for replica in self.server.replicas.values():
             replica.scorer = Sensitivity()
+        self.prediction = self.scheduler.predict(self.cuts)  # what the warm-up's assignment starts from
 
     def choose(self, scores: list[WarmupScores | UserError | None]) -> dict | UserError:
         """Combines the warm-up clients' chain scores (client part + its replica's), weighted, summed in
@@ -314,8 +315,7 @@ class ServerRole(Role):
     def assign(self, rnd: int) -> Assignment:
         """Clients sharing workers: the round's clients onto the workers (``split.assignment``), each with
         its data position. A client's time is what it took when it last trained, else the cost model's."""
-        prediction = self.prediction if rnd > 0 else self.scheduler.predict(self.cuts)  # warm-up: no round
-        modelled = dict(zip(sorted(self.cut_map), prediction.client_time_s))
+        modelled = dict(zip(sorted(self.cut_map), self.prediction.client_time_s))
         predicted = client_estimates(modelled, self.client_times)
         if self.cfg.split.assignment == "round_robin":
             workers = round_robin(self.participants, self.workers)

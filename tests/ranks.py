@@ -10,6 +10,7 @@ attempt (``runtime.dist``). Every rank has a timeout; none outlives the call.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import signal
@@ -19,6 +20,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from pathlib import Path
 
 import torch.distributed as dist
@@ -72,31 +74,24 @@ def _rank_main(
     main(argv)
 
 
-_CONTEXT: mp.context.ForkServerContext | None = None
-
-
+@functools.cache
 def _context() -> mp.context.ForkServerContext:
     """A fork server that has imported ``launch.train`` (torch, transformers, peft: seconds of CPU a
     process) once, with one OpenMP thread as torchrun's ranks have; every rank forks from it. It
     imports and nothing more (no thread pool, no process group), so each rank starts as a spawned
     one would, without the import. It ends with the test session."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["launch.train"])
-        before = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"  # read by OpenMP when the fork server loads torch
-        try:
-            from multiprocessing import forkserver
-
-            forkserver.ensure_running()
-        finally:
-            if before is None:
-                os.environ.pop("OMP_NUM_THREADS")
-            else:
-                os.environ["OMP_NUM_THREADS"] = before
-        _CONTEXT = ctx
-    return _CONTEXT
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["launch.train"])
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by OpenMP when the fork server loads torch
+    try:
+        forkserver.ensure_running()
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+    return ctx
 
 
 def run_ranks(world_size: int, argv: list[str], log_dir: Path, timeout_s: float = 240) -> Ranks:

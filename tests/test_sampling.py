@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import random
 from collections import Counter
 
@@ -17,6 +15,7 @@ from partition.sampling import (
     round_weights,
     sample_clients,
 )
+from tests.assignment_oracles import best_split, longest_first, makespan, play
 
 COUNTS = {c: n for c, n in enumerate([10, 10, 10, 10, 10, 50], start=1)}
 
@@ -89,38 +88,14 @@ def test_moves_and_swaps_take_the_assignment_below_lpt_and_never_above_it():
         for w, cs in got.items():
             assert load[w] == pytest.approx(sum(t[c] for c in cs))
             assert cs == sorted(cs, key=lambda c: (-t[c], c))  # longest first on each worker
-        lpt = [0.0] * m
-        for c in sorted(t, key=lambda c: (-t[c], c)):
-            lpt[lpt.index(min(lpt))] += t[c]
-        assert max(load.values()) <= max(lpt) + 1e-9
-        best = (
-            min(  # brute force over every assignment
-                max(sum(t[c] for c, w in zip(t, ws) if w == k) for k in range(m))
-                for ws in itertools.product(range(m), repeat=n)
-            )
-            if m**n <= 6561
-            else None
-        )
-        if best is not None:
+        lpt = longest_first(t, m)
+        assert max(load.values()) <= lpt + 1e-9
+        if m**n <= 6561:  # brute force over every assignment
+            best = best_split(t, m)
             assert max(load.values()) <= 4 / 3 * best + 1e-9
             ours.append(max(load.values()) / best)
-            theirs.append(max(lpt) / best)
+            theirs.append(lpt / best)
     assert sum(ours) < sum(theirs) and max(ours) < max(theirs)  # the search finds what LPT misses
-
-
-def _run(queue: WorkQueue, actual: dict[int, float], workers: list[int]) -> float:
-    """Plays a round: each worker asks the queue when it is free; returns when the last client ends."""
-    free = [(0.0, w) for w in workers]
-    end = 0.0
-    while free:
-        now, w = heapq.heappop(free)
-        c, wait = queue.take(w, now)
-        if c is not None:
-            heapq.heappush(free, (now + actual[c], w))
-            end = max(end, now + actual[c])
-        elif wait > 0:
-            heapq.heappush(free, (now + wait, w))
-    return end
 
 
 def test_a_worker_that_runs_out_takes_queued_clients_off_one_that_runs_late():
@@ -128,9 +103,9 @@ def test_a_worker_that_runs_out_takes_queued_clients_off_one_that_runs_late():
     actual = {**predicted, 1: 6.0}  # but client 1 is six times slower
     assigned, _ = assign_clients(list(predicted), predicted, [1, 2])
     assert assigned[1][0] == 1  # client 1 starts first on worker 1, three more queued behind it
-    static = max(sum(actual[c] for c in cs) for cs in assigned.values())
+    static = makespan(assigned, actual)
     queue = WorkQueue(assigned, predicted)
-    dynamic = _run(queue, actual, [1, 2])
+    dynamic = play(queue, actual, [1, 2])
     # worker 2 ends its own four at 4 s, then takes two of the three queued behind client 1; worker 1
     # ends client 1 at 6 s and trains the last: 7 s, the best there is (13 s of work, 6 in one client)
     assert static == 9.0 and dynamic == 7.0
@@ -147,12 +122,12 @@ def test_the_queue_trains_every_client_once_and_never_ends_later_when_prediction
         t = {c: round(rng.lognormvariate(0, 1), 3) for c in range(1, n + 1)}
         assigned, load = assign_clients(list(t), t, workers)
         queue = WorkQueue(assigned, t)
-        assert _run(queue, t, workers) <= max(load.values()) + 1e-9  # exact predictions: never later
+        assert play(queue, t, workers) <= max(load.values()) + 1e-9  # exact predictions: never later
         assert sorted(queue.trained_by) == list(t)
         # predictions off by a lognormal factor: the queue against the static lists, on the same times
         actual = {c: t[c] * rng.lognormvariate(0, 1) for c in t}
         queue = WorkQueue(assigned, t)
-        took = _run(queue, actual, workers)
+        took = play(queue, actual, workers)
         assert sorted(queue.trained_by) == list(t)
-        gains.append(max(sum(actual[c] for c in cs) for cs in assigned.values()) / took)
+        gains.append(makespan(assigned, actual) / took)
     assert sum(gains) / len(gains) > 1.05 and max(gains) > 1.5
